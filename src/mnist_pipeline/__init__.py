@@ -1,0 +1,1 @@
+"""mnist-pipeline: a reproducible MNIST training pipeline (PyTorch, DVC, MLflow)."""

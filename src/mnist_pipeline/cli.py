@@ -1,0 +1,42 @@
+"""The ``mnist-pipeline`` command."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+from mnist_pipeline.errors import run_main
+
+
+def _ui(args: argparse.Namespace) -> None:
+    from mnist_pipeline import tracking
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking.default_tracking_uri(tracking.project_root())
+    print(f"MLflow UI on http://{args.host}:{args.port} for {uri}", file=sys.stderr)
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
+    sys.exit(subprocess.call(cmd))
+
+
+def _store(args: argparse.Namespace) -> None:
+    from mnist_pipeline import tracking
+
+    print(os.environ.get("MLFLOW_TRACKING_URI") or tracking.default_tracking_uri(tracking.project_root()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="mnist-pipeline", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    ui = commands.add_parser("ui", help="open the MLflow UI on the project's store (bound to 127.0.0.1)")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.set_defaults(func=_ui)
+    store = commands.add_parser("store", help="print the MLflow tracking URI the pipeline logs to")
+    store.set_defaults(func=_store)
+    args = parser.parse_args()
+    run_main(lambda: args.func(args))
+
+
+if __name__ == "__main__":
+    main()

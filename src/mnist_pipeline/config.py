@@ -1,0 +1,229 @@
+"""Typed, validated params: one frozen dataclass per section of params.yaml.
+
+Construction is strict: an unknown key, a missing key, a wrong type or an out-of-range value raises
+ConfigError with one line naming the key, the bad value and what is allowed. Stages build their config before
+doing any work, so a bad param never leaves half-written outputs or an MLflow run behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mnist_pipeline.data import FILE_NAMES
+from mnist_pipeline.errors import PipelineError
+
+
+class ConfigError(PipelineError):
+    pass
+
+
+def _allowed(options: tuple[str, ...]) -> str:
+    return " | ".join(options)
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"params.yaml: {key} = {value!r} is not allowed; expected {allowed}")
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check ``value`` against a field's type; ints are accepted where floats are expected."""
+    origin = typing.get_origin(annotation)
+    if origin is tuple:  # tuple[int, ...]: a YAML list of ints
+        (item_type, _) = typing.get_args(annotation)
+        _check(isinstance(value, list), key, value, f"a list of {item_type.__name__}")
+        return tuple(_coerce(v, item_type, key) for v in value)
+    if origin is dict:  # dict[str, str]
+        _check(isinstance(value, dict), key, value, "a mapping")
+        return types.MappingProxyType({str(k): _coerce(v, str, f"{key}.{k}") for k, v in value.items()})
+    if annotation is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, value, "a number")
+        return float(value)
+    if annotation is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), key, value, "an integer")
+        return value
+    if annotation is bool:
+        _check(isinstance(value, bool), key, value, "true or false")
+        return value
+    if annotation is str:
+        _check(isinstance(value, str), key, value, "a string")
+        return value
+    raise TypeError(f"unsupported config type {annotation!r} for {key}")
+
+
+class Section:
+    """Base of the config dataclasses: strict construction from a params.yaml section."""
+
+    SECTION: typing.ClassVar[str]
+
+    @classmethod
+    def from_dict(cls, raw: Any):
+        name = cls.SECTION
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"params.yaml: section {name!r} must be a mapping of keys to values, got {raw!r}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - set(fields))
+        if unknown:
+            raise ConfigError(
+                f"params.yaml: unknown key {name}.{unknown[0]}; {name} takes {', '.join(fields)}"
+            )
+        missing = [k for k in fields if k not in raw]
+        if missing:
+            raise ConfigError(f"params.yaml: missing key {name}.{missing[0]}")
+        hints = typing.get_type_hints(cls)
+        return cls(**{k: _coerce(raw[k], hints[k], f"{name}.{k}") for k in fields})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain YAML/JSON types, the same shape as in params.yaml."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, tuple):
+                value = list(value)
+            elif isinstance(value, Mapping):
+                value = dict(value)
+            out[f.name] = value
+        return out
+
+
+_MD5 = re.compile(r"^[0-9a-f]{32}$")
+DEVICES = ("auto", "cpu", "cuda")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+LR_SCHEDULES = ("constant", "onecycle")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig(Section):
+    SECTION = "data"
+    expected_md5: dict[str, str]  # file name -> MD5 of its decompressed content; empty = published MNIST
+
+    def __post_init__(self):
+        for name, md5 in self.expected_md5.items():
+            _check(name in FILE_NAMES, f"data.expected_md5.{name}", md5, f"a key among {_allowed(FILE_NAMES)}")
+            _check(bool(_MD5.match(md5)), f"data.expected_md5.{name}", md5, "32 lowercase hex digits")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig(Section):
+    SECTION = "model"
+    conv_channels: tuple[int, ...]  # one conv + ReLU + 2x2 max-pool block per entry
+    kernel_size: int
+    hidden: int  # width of the first linear layer
+    dropout: float  # before the last linear layer
+
+    def __post_init__(self):
+        _check(1 <= len(self.conv_channels) <= 2, "model.conv_channels", list(self.conv_channels),
+               "a list of 1 or 2 channel counts (28x28 digits allow two 2x2 poolings)")
+        for c in self.conv_channels:
+            _check(1 <= c <= 1024, "model.conv_channels", list(self.conv_channels), "channel counts in 1..1024")
+        _check(self.kernel_size in (3, 5), "model.kernel_size", self.kernel_size, "3 or 5")
+        _check(1 <= self.hidden <= 8192, "model.hidden", self.hidden, "an integer in 1..8192")
+        _check(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "a number in [0, 1)")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(Section):
+    SECTION = "train"
+    seed: int
+    device: str
+    epochs: int
+    batch_size: int
+    optimizer: str
+    lr: float  # peak learning rate when lr_schedule is onecycle
+    weight_decay: float
+    lr_schedule: str
+    threads: int  # CPU threads for torch; 0 = one per core
+    log_every: int  # print the running loss every this many batches
+
+    def __post_init__(self):
+        _check(self.seed >= 0, "train.seed", self.seed, "an integer >= 0")
+        _check(self.device in DEVICES, "train.device", self.device, _allowed(DEVICES))
+        _check(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
+        _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
+        _check(self.optimizer in OPTIMIZERS, "train.optimizer", self.optimizer, _allowed(OPTIMIZERS))
+        _check(0.0 < self.lr <= 10.0, "train.lr", self.lr, "a number in (0, 10]")
+        _check(self.weight_decay >= 0.0, "train.weight_decay", self.weight_decay, "a number >= 0")
+        _check(self.lr_schedule in LR_SCHEDULES, "train.lr_schedule", self.lr_schedule, _allowed(LR_SCHEDULES))
+        _check(self.threads >= 0, "train.threads", self.threads, "an integer >= 0 (0 = one per core)")
+        _check(self.log_every >= 1, "train.log_every", self.log_every, "an integer >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateConfig(Section):
+    SECTION = "evaluate"
+    batch_size: int
+    examples: int  # test digits shown in the predictions figure
+
+    def __post_init__(self):
+        _check(self.batch_size >= 1, "evaluate.batch_size", self.batch_size, "an integer >= 1")
+        _check(1 <= self.examples <= 100, "evaluate.examples", self.examples, "an integer in 1..100")
+
+
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig(Section):
+    SECTION = "export"
+    model_name: str  # registered model name in MLflow
+    parity_samples: int  # real test digits the exported model is checked on
+    parity_tolerance: float  # max absolute logit difference allowed against the eager model
+
+    def __post_init__(self):
+        _check(bool(_MODEL_NAME.match(self.model_name)), "export.model_name", self.model_name,
+               "letters, digits, '_', '.', '-' (starting with a letter or digit)")
+        _check(self.parity_samples >= 1, "export.parity_samples", self.parity_samples, "an integer >= 1")
+        _check(0.0 < self.parity_tolerance < 1.0, "export.parity_tolerance", self.parity_tolerance,
+               "a number in (0, 1)")
+
+
+SECTIONS = {cls.SECTION: cls for cls in (DataConfig, ModelConfig, TrainConfig, EvaluateConfig, ExportConfig)}
+
+
+def read_params(path: Path) -> dict[str, Any]:
+    """Parse params.yaml into a dict; a missing or malformed file is a ConfigError."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path} does not exist") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must be a mapping of sections, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown section {unknown[0]!r}; sections are {', '.join(SECTIONS)}")
+    return raw
+
+
+def load(path: Path, *sections: str) -> tuple:
+    """Build the config objects of ``sections`` from params.yaml, in that order; every section is validated."""
+    raw = read_params(path)
+    for name in SECTIONS:
+        if name not in raw:
+            raise ConfigError(f"{path}: missing section {name!r}")
+    built = {name: cls.from_dict(raw[name]) for name, cls in SECTIONS.items()}
+    return tuple(built[name] for name in sections)
+
+
+def flatten(configs: typing.Iterable[Section]) -> dict[str, Any]:
+    """{"train.lr": 0.001, "model.conv_channels": "[32, 64]", ...}: one flat dict, for MLflow params."""
+    flat = {}
+    for cfg in configs:
+        for key, value in cfg.to_dict().items():
+            if isinstance(value, dict):
+                for sub, v in value.items():
+                    flat[f"{cfg.SECTION}.{key}.{sub}"] = v
+            else:
+                flat[f"{cfg.SECTION}.{key}"] = value
+    return flat

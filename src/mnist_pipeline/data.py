@@ -1,0 +1,193 @@
+"""Download, verify and read the MNIST IDX files.
+
+The download stage stores the four files decompressed in ``data/raw/`` so later stages read them without
+unzipping. A file is accepted only when it matches a known checksum: the MD5 of the published ``.gz``, or else
+the MD5 of its decompressed content (mirrors often recompress, which changes the ``.gz`` bytes but not the data).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+
+from mnist_pipeline.errors import PipelineError
+
+MIRROR_ENV = "MNIST_MIRROR"
+
+DEFAULT_MIRRORS = (
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "http://yann.lecun.com/exdb/mnist/",
+)
+
+
+@dataclass(frozen=True)
+class IdxFile:
+    name: str  # decompressed file name; the mirrors serve it as ``name + ".gz"``
+    gz_md5: str  # MD5 of the original .gz as published
+    md5: str  # MD5 of the decompressed content
+
+
+MNIST_FILES = (
+    IdxFile("train-images-idx3-ubyte", "f68b3c2dcbeaaa9fbdd348bbdeb94873", "6bbc9ace898e44ae57da46a324031adb"),
+    IdxFile("train-labels-idx1-ubyte", "d53e105ee54ea40749a09fcbcd1e9432", "a25bea736e30d166cdddb491f175f624"),
+    IdxFile("t10k-images-idx3-ubyte", "9fb629c4189551a2d022fa330f9573f3", "2646ac647ad5339dbf082846283269ea"),
+    IdxFile("t10k-labels-idx1-ubyte", "ec29112dd5afa0611ce80d1b7f02629c", "27ae3e4e09519cfbb04c329615203637"),
+)
+FILE_NAMES = tuple(f.name for f in MNIST_FILES)
+
+DOWNLOAD_TIMEOUT_S = 30
+MAX_GZ_BYTES = 64 * 2**20  # the largest MNIST .gz is under 10 MiB; refuse anything absurd
+
+
+def expected_files(md5_overrides: Mapping[str, str] | None = None) -> tuple[IdxFile, ...]:
+    """The four files with their checksums; an override replaces a file's content MD5 (and drops its gz MD5)."""
+    overrides = md5_overrides or {}
+    return tuple(IdxFile(f.name, "", overrides[f.name]) if f.name in overrides else f for f in MNIST_FILES)
+
+
+def mirrors(environ: Mapping[str, str] = os.environ) -> list[str]:
+    """Mirrors in the order they are tried: ``$MNIST_MIRROR`` first when set, then the public ones."""
+    local = environ.get(MIRROR_ENV, "").strip()
+    return ([local] if local else []) + list(DEFAULT_MIRRORS)
+
+
+def md5_of(data: bytes) -> str:
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+def verify(file: IdxFile, gz_bytes: bytes) -> bytes:
+    """Return the decompressed content of ``gz_bytes`` if it is the expected file, else raise PipelineError."""
+    try:
+        content = gzip.decompress(gz_bytes)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise PipelineError(f"{file.name}.gz is not a complete gzip file ({exc})") from None
+    if file.gz_md5 and md5_of(gz_bytes) == file.gz_md5:
+        return content
+    if md5_of(content) == file.md5:
+        return content
+    raise PipelineError(f"{file.name}.gz has the wrong content (MD5 {md5_of(content)}, expected {file.md5})")
+
+
+def is_valid(path: Path, file: IdxFile) -> bool:
+    return path.is_file() and md5_of(path.read_bytes()) == file.md5
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp file in the same folder, then rename: readers never see a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def fetch(mirror: str, filename: str) -> bytes:
+    """Read ``filename`` from a mirror: a local folder, a ``file://`` URL or an HTTP(S) URL."""
+    if "://" not in mirror:
+        path = Path(mirror).expanduser() / filename
+        if not path.is_file():
+            raise PipelineError(f"{path} does not exist")
+        return path.read_bytes()
+    url = mirror.rstrip("/") + "/" + filename
+    request = urllib.request.Request(url, headers={"User-Agent": "mnist-pipeline"})
+    with urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_S) as response:
+        data = response.read(MAX_GZ_BYTES + 1)
+    if len(data) > MAX_GZ_BYTES:
+        raise PipelineError(f"{url} is larger than {MAX_GZ_BYTES} bytes")
+    return data
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, urllib.error.HTTPError):
+        return f"HTTP {exc.code} {exc.reason}"
+    if isinstance(exc, urllib.error.URLError):
+        return str(exc.reason)
+    return str(exc) or type(exc).__name__
+
+
+def download(
+    out_dir: Path,
+    files: tuple[IdxFile, ...] = MNIST_FILES,
+    mirror_list: list[str] | None = None,
+    log: TextIO = sys.stderr,
+) -> None:
+    """Make ``out_dir`` hold every file of ``files``, verified; files already there and valid are kept."""
+    mirror_list = mirrors() if mirror_list is None else mirror_list
+    for file in files:
+        target = out_dir / file.name
+        if is_valid(target, file):
+            print(f"{file.name}: present and valid", file=log)
+            continue
+        failures = []
+        for mirror in mirror_list:
+            start = time.perf_counter()
+            try:
+                content = verify(file, fetch(mirror, file.name + ".gz"))
+            except (PipelineError, OSError, ValueError) as exc:
+                failures.append(f"{mirror} ({_reason(exc)})")
+                continue
+            atomic_write_bytes(target, content)
+            print(f"{file.name}: {len(content) / 1e6:.1f} MB from {mirror} in {time.perf_counter() - start:.1f} s",
+                  file=log)
+            break
+        else:
+            raise PipelineError(
+                f"could not get {file.name}.gz from any mirror: {'; '.join(failures)}. "
+                f"Set {MIRROR_ENV} to a folder or URL holding the four MNIST .gz files to use another source."
+            )
+
+
+# IDX format: 2 zero bytes, a type code (0x08 = unsigned byte), the number of dimensions, then one big-endian
+# uint32 per dimension, then the data.
+_IDX_UBYTE = 0x08
+
+
+def read_idx(path: Path, ndim: int) -> np.ndarray:
+    """Read an unsigned-byte IDX file with ``ndim`` dimensions into a uint8 array."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise PipelineError(f"{path} is missing: run the download stage (`dvc repro download`)") from None
+    header = 4 + 4 * ndim
+    if len(raw) < header or raw[0] != 0 or raw[1] != 0 or raw[2] != _IDX_UBYTE or raw[3] != ndim:
+        raise PipelineError(f"{path} is not an IDX file of {ndim}-D unsigned bytes (bad header)")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    expected = header + int(np.prod(shape))
+    if len(raw) != expected:
+        raise PipelineError(f"{path} holds {len(raw)} bytes but its header {shape} implies {expected}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+@dataclass(frozen=True)
+class Split:
+    images: np.ndarray  # (N, 28, 28) uint8
+    labels: np.ndarray  # (N,) uint8
+
+
+def load_split(data_dir: Path, split: str) -> Split:
+    """Read the ``train`` or ``test`` split from a folder written by the download stage."""
+    prefix = {"train": "train", "test": "t10k"}[split]
+    images = read_idx(data_dir / f"{prefix}-images-idx3-ubyte", 3)
+    labels = read_idx(data_dir / f"{prefix}-labels-idx1-ubyte", 1)
+    if len(images) != len(labels):
+        raise PipelineError(f"{data_dir}: {split} split has {len(images)} images but {len(labels)} labels")
+    if labels.size and labels.max() > 9:
+        raise PipelineError(f"{data_dir}: {split} labels must be digits 0-9, found {labels.max()}")
+    return Split(images, labels)

@@ -1,0 +1,127 @@
+"""Metrics, the confusion matrix, the per-class table and the figures of the evaluate stage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mnist_pipeline.model import NUM_CLASSES
+
+
+@torch.inference_mode()
+def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """(N, 1, 28, 28) pixels -> (N, 10) logits, in batches."""
+    model.eval()
+    return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    loss: float
+    accuracy: float
+    predicted: np.ndarray  # (N,) predicted digit per test image
+    confusion: np.ndarray  # (10, 10) counts, rows = actual, columns = predicted
+
+    def metrics(self) -> dict[str, float]:
+        return {"test_loss": self.loss, "test_accuracy": self.accuracy}
+
+
+def confusion_matrix(actual: np.ndarray, predicted: np.ndarray, num_classes: int = NUM_CLASSES) -> np.ndarray:
+    """Counts with rows = actual class, columns = predicted class."""
+    flat = actual.astype(np.int64) * num_classes + predicted.astype(np.int64)
+    return np.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def evaluate(logits: torch.Tensor, labels: torch.Tensor) -> Evaluation:
+    predicted = logits.argmax(dim=1)
+    loss = F.cross_entropy(logits, labels).item()
+    accuracy = (predicted == labels).double().mean().item()
+    actual_np, predicted_np = labels.cpu().numpy(), predicted.cpu().numpy()
+    return Evaluation(loss, accuracy, predicted_np, confusion_matrix(actual_np, predicted_np))
+
+
+def per_class_report(confusion: np.ndarray) -> pd.DataFrame:
+    """Precision, recall, F1 and support per digit; a class never predicted gets precision 0, not NaN."""
+    true_pos = np.diag(confusion).astype(float)
+    predicted = confusion.sum(axis=0)
+    support = confusion.sum(axis=1)
+    precision = np.divide(true_pos, predicted, out=np.zeros_like(true_pos), where=predicted > 0)
+    recall = np.divide(true_pos, support, out=np.zeros_like(true_pos), where=support > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(true_pos), where=denom > 0)
+    return pd.DataFrame(
+        {"digit": range(len(confusion)), "precision": precision, "recall": recall, "f1": f1, "support": support}
+    )
+
+
+def write_report_tables(report: pd.DataFrame, csv_path: Path, markdown_path: Path) -> None:
+    report.to_csv(csv_path, index=False, float_format="%.4f")
+    markdown_path.write_text(report.to_markdown(index=False, floatfmt=".4f") + "\n")
+
+
+def write_confusion_pairs(actual: np.ndarray, predicted: np.ndarray, path: Path) -> None:
+    """One row per test digit (actual, predicted): the input of DVC's confusion-matrix plot template."""
+    pd.DataFrame({"actual": actual, "predicted": predicted}).to_csv(path, index=False)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never open a window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_confusion_matrix(confusion: np.ndarray, path: Path) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    # Log-scaled colour so the few off-diagonal errors are visible next to ~1,000 correct per class.
+    image = ax.imshow(np.log1p(confusion), cmap="Blues")
+    for (row, col), count in np.ndenumerate(confusion):
+        if count:
+            colour = "white" if np.log1p(count) > 0.6 * np.log1p(confusion.max()) else "black"
+            ax.text(col, row, str(count), ha="center", va="center", fontsize=7, color=colour)
+    ax.set(xticks=range(10), yticks=range(10), xlabel="predicted", ylabel="actual")
+    accuracy = np.trace(confusion) / max(confusion.sum(), 1)
+    ax.set_title(f"Confusion matrix: {confusion.sum()} test digits, accuracy {100 * accuracy:.2f}%")
+    fig.colorbar(image, ax=ax, label="log(1 + count)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_predictions(
+    images: np.ndarray, predicted: np.ndarray, actual: np.ndarray, path: Path, count: int, seed: int
+) -> None:
+    """Random test digits titled "predicted / actual"; misclassified ones in red with a red frame."""
+    plt = _pyplot()
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(len(images), size=min(count, len(images)), replace=False)
+    cols = min(8, len(chosen))
+    rows = -(-len(chosen) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.4 * cols, 1.6 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, chosen):
+        wrong = predicted[i] != actual[i]
+        ax.imshow(images[i], cmap="gray_r")
+        ax.set_title(f"{predicted[i]} / {actual[i]}", color="red" if wrong else "black", fontsize=10)
+        if wrong:
+            ax.axis("on")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_edgecolor("red")
+                spine.set_linewidth(2.5)
+    errors = int((predicted[chosen] != actual[chosen]).sum())
+    fig.suptitle(f"predicted / actual ({errors} of {len(chosen)} wrong, in red)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

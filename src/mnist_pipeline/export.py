@@ -1,0 +1,69 @@
+"""Export the trained model to TorchScript and prove the export computes what the eager model computes."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mnist_pipeline.errors import PipelineError
+
+
+def to_torchscript(model: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
+    """Trace the model (its forward has no data-dependent control flow, so tracing is exact)."""
+    model.eval()
+    with torch.no_grad():
+        return torch.jit.trace(model, example)
+
+
+def save_torchscript(module: torch.jit.ScriptModule, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    module.save(str(tmp))
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class Parity:
+    format: str
+    samples: int
+    max_abs_diff: float
+    argmax_mismatches: int
+    tolerance: float
+
+    @property
+    def ok(self) -> bool:
+        return self.argmax_mismatches == 0 and self.max_abs_diff <= self.tolerance
+
+    def to_dict(self) -> dict:
+        return {
+            "samples": self.samples,
+            "max_abs_logit_diff": self.max_abs_diff,
+            "argmax_mismatches": self.argmax_mismatches,
+            "tolerance": self.tolerance,
+        }
+
+
+@torch.inference_mode()
+def check_parity(reference: nn.Module, exported, x: torch.Tensor, tolerance: float, fmt: str) -> Parity:
+    """Compare the logits of ``exported`` (any callable on a tensor) with the eager ``reference`` on ``x``."""
+    reference.eval()
+    want = reference(x)  # (N, 10)
+    got = torch.as_tensor(exported(x))
+    if got.shape != want.shape:
+        raise PipelineError(f"{fmt} export returns shape {tuple(got.shape)}, the model {tuple(want.shape)}")
+    diff = (got - want).abs().max().item()
+    mismatches = int((got.argmax(dim=1) != want.argmax(dim=1)).sum().item())
+    return Parity(fmt, len(x), diff, mismatches, tolerance)
+
+
+def require_parity(parity: Parity) -> None:
+    if not parity.ok:
+        raise PipelineError(
+            f"{parity.format} export differs from the trained model on {parity.samples} test digits: "
+            f"max |logit difference| {parity.max_abs_diff:.3g} (tolerance {parity.tolerance:g}), "
+            f"{parity.argmax_mismatches} different predictions; nothing was registered"
+        )

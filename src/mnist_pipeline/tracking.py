@@ -1,0 +1,264 @@
+"""Every MLflow call of the project: where the store is, the run shared by the stages, and the registry.
+
+Store: ``MLFLOW_TRACKING_URI`` when set; otherwise an embedded SQLite database ``mlruns/mlflow.db`` with
+artifacts in ``mlruns/artifacts``, both resolved to absolute paths from the project root. ``dvc exp run
+--temp/--queue`` runs stages in a copy under ``<root>/.dvc/tmp/exps/``; the root is found from that copy, so
+those experiments still log to the user's store rather than into a copy that is deleted afterwards.
+
+Run handoff: the train stage starts the run and writes its id to a small JSON file (a DVC out) that the
+evaluate and export stages read to log into the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+
+from mnist_pipeline.errors import PipelineError
+
+EXPERIMENT_NAME = "mnist-pipeline"
+STORE_DIR = "mlruns"
+ALIAS_CANDIDATE = "candidate"
+ALIAS_CHAMPION = "champion"
+
+
+def project_root(cwd: Path | None = None) -> Path:
+    """The user's project root, also from inside a DVC experiment's temporary copy of it."""
+    root = Path(os.environ.get("DVC_ROOT") or cwd or Path.cwd()).resolve()
+    parts = root.parts
+    for i in range(len(parts) - 3):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return root
+
+
+def default_tracking_uri(root: Path) -> str:
+    return f"sqlite:///{root / STORE_DIR / 'mlflow.db'}"
+
+
+def configure(root: Path | None = None) -> str:
+    """Point MLflow at the store (see the module docstring), make sure the experiment exists, return the URI."""
+    root = project_root(root)
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(root)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI") or uri)
+    artifact_location = None
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        (root / STORE_DIR).mkdir(exist_ok=True)
+        artifact_location = (root / STORE_DIR / "artifacts").as_uri()
+    client = MlflowClient()
+    try:
+        if client.get_experiment_by_name(EXPERIMENT_NAME) is None:
+            client.create_experiment(EXPERIMENT_NAME, artifact_location=artifact_location)
+    except MlflowException as exc:
+        # Another pipeline may have created it a moment ago; anything else is a store we cannot use.
+        if client.get_experiment_by_name(EXPERIMENT_NAME) is None:
+            raise PipelineError(f"MLflow store {uri} is not usable: {exc.message.splitlines()[0]}") from None
+    except Exception as exc:  # connection refused, unreadable database, ...
+        raise PipelineError(
+            f"cannot reach the MLflow store {uri} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+            "check MLFLOW_TRACKING_URI or unset it to use the local store in mlruns/"
+        ) from None
+    mlflow.set_experiment(EXPERIMENT_NAME)
+    return uri
+
+
+def git_commit() -> str:
+    """The commit the code ran from: the experiment's baseline under `dvc exp run`, else HEAD."""
+    if os.environ.get("DVC_EXP_BASELINE_REV"):
+        return os.environ["DVC_EXP_BASELINE_REV"]
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def run_tags(device: str, torch_version: str) -> dict[str, str]:
+    commit = git_commit()
+    tags = {
+        "mlflow.source.git.commit": commit,
+        "git_commit": commit,
+        "device": device,
+        "torch_version": torch_version,
+    }
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
+        tags["mlflow.runName"] = os.environ["DVC_EXP_NAME"]
+    return tags
+
+
+# --- the run shared by the train, evaluate and export stages ---------------------------------------------
+
+
+def write_run_file(path: Path, run_id: str, tracking_uri: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({"run_id": run_id, "tracking_uri": tracking_uri}, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def read_run_file(path: Path) -> str:
+    try:
+        return json.loads(Path(path).read_text())["run_id"]
+    except FileNotFoundError:
+        raise PipelineError(f"{path} is missing: run the train stage first (`dvc repro train`)") from None
+    except (ValueError, KeyError, TypeError):
+        raise PipelineError(f"{path} is not a run file written by the train stage; rerun `dvc repro -f train`") from None
+
+
+@contextmanager
+def start_run(params: Mapping[str, Any], tags: Mapping[str, str]) -> Iterator[str]:
+    """Start the pipeline's MLflow run (train stage); yields its id. A failure inside marks the run FAILED."""
+    with mlflow.start_run(tags=dict(tags)) as run:
+        mlflow.log_params(dict(params))
+        yield run.info.run_id
+
+
+@contextmanager
+def resume_run(run_id: str) -> Iterator[str]:
+    """Reopen the run the train stage started (evaluate and export stages)."""
+    client = MlflowClient()
+    try:
+        client.get_run(run_id)
+    except MlflowException:
+        raise PipelineError(
+            f"MLflow run {run_id} is not in the store {mlflow.get_tracking_uri()}; "
+            "was MLFLOW_TRACKING_URI changed? Rerun the whole pipeline with `dvc repro -f train`"
+        ) from None
+    with mlflow.start_run(run_id=run_id):
+        yield run_id
+
+
+def log_params(params: Mapping[str, Any]) -> None:
+    """Log params into the active run, keeping earlier values: MLflow forbids changing a logged param.
+
+    A stage rerun alone (say, export after an export param changed) logs into the run that trained the model;
+    a value that differs from the one logged at training is recorded as a tag ``rerun.<key>`` instead.
+    """
+    run = mlflow.active_run()
+    logged = MlflowClient().get_run(run.info.run_id).data.params
+    new = {k: v for k, v in params.items() if k not in logged}
+    changed = {f"rerun.{k}": str(v) for k, v in params.items() if k in logged and logged[k] != str(v)}
+    if new:
+        mlflow.log_params(new)
+    if changed:
+        mlflow.set_tags(changed)
+
+
+def log_epoch(epoch: int, metrics: Mapping[str, float]) -> None:
+    """One batched call per epoch: tracking stays a small fraction of training time."""
+    now = int(time.time() * 1000)
+    run_id = mlflow.active_run().info.run_id
+    MlflowClient().log_batch(run_id, metrics=[Metric(k, float(v), now, epoch) for k, v in metrics.items()])
+
+
+def log_metrics(metrics: Mapping[str, float]) -> None:
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+
+
+def log_artifacts(paths: list[Path], artifact_path: str | None = None) -> None:
+    for path in paths:
+        mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+def set_tags(tags: Mapping[str, Any]) -> None:
+    mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+
+# --- the model registry ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Registration:
+    name: str
+    version: int
+    model_uri: str
+    aliases: tuple[str, ...]
+    champion_reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "model_uri": self.model_uri,
+            "aliases": list(self.aliases),
+            "champion_reason": self.champion_reason,
+        }
+
+
+def _champion_accuracy(client: MlflowClient, name: str) -> tuple[int, float] | None:
+    """(version, test accuracy) of the current champion, or None when there is none."""
+    try:
+        champion = client.get_model_version_by_alias(name, ALIAS_CHAMPION)
+    except MlflowException:
+        return None
+    return int(champion.version), float(champion.tags.get("test_accuracy", "nan"))
+
+
+def log_model(model, input_example: np.ndarray, pip_requirements: list[str]) -> str:
+    """Log ``model`` to the active run with signature and input example; returns its ``models:/<id>`` URI."""
+    import mlflow.pytorch  # heavy; only the export stage needs it
+    from mlflow.models import infer_signature
+
+    with torch.inference_mode():
+        output = model(torch.from_numpy(input_example)).numpy()
+    info = mlflow.pytorch.log_model(
+        model,
+        name="model",
+        signature=infer_signature(input_example, output),
+        input_example=input_example,
+        serialization_format="pt2",  # torch.export: loads without pickle and without this project's code
+        pip_requirements=pip_requirements,
+    )
+    return info.model_uri
+
+
+def load_model(model_uri: str):
+    import mlflow.pytorch
+
+    return mlflow.pytorch.load_model(model_uri, map_location="cpu")
+
+
+def register(model_uri: str, name: str, test_accuracy: float, log=sys.stderr) -> Registration:
+    """Register a logged model as a new version of ``name`` and move the aliases.
+
+    ``candidate`` always moves to the new version; ``champion`` moves when the new version's test accuracy is
+    at least the current champion's, or when there is no champion yet.
+    """
+    version = int(mlflow.register_model(model_uri, name).version)
+    client = MlflowClient()
+    client.set_model_version_tag(name, str(version), "test_accuracy", f"{test_accuracy:.6f}")
+    client.set_model_version_tag(name, str(version), "run_id", mlflow.active_run().info.run_id)
+
+    champion = _champion_accuracy(client, name)
+    client.set_registered_model_alias(name, ALIAS_CANDIDATE, str(version))
+    aliases = [ALIAS_CANDIDATE]
+    if champion is None:
+        reason = "no champion yet"
+    elif test_accuracy >= champion[1]:
+        reason = f"test accuracy {test_accuracy:.4f} >= champion v{champion[0]}'s {champion[1]:.4f}"
+    else:
+        reason = f"kept champion v{champion[0]}: test accuracy {test_accuracy:.4f} < its {champion[1]:.4f}"
+    if champion is None or test_accuracy >= champion[1]:
+        client.set_registered_model_alias(name, ALIAS_CHAMPION, str(version))
+        aliases.append(ALIAS_CHAMPION)
+    client.set_model_version_tag(name, str(version), "champion_decision", reason)
+    print(f"registered {name} version {version} ({', '.join(aliases)}): {reason}", file=log)
+    return Registration(name, version, f"models:/{name}/{version}", tuple(aliases), reason)
