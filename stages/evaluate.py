@@ -34,7 +34,7 @@ def main() -> None:
     tracking.configure()
 
     labels = torch.from_numpy(test.labels.astype("int64"))
-    logits = evaluation.predict_logits(model, to_pixels(torch.from_numpy(test.images.copy())), eval_cfg.batch_size)
+    logits = evaluation.predict_logits(model, to_pixels(torch.from_numpy(test.images)), eval_cfg.batch_size)
     result = evaluation.evaluate(logits, labels)
     report = evaluation.per_class_report(result.confusion)
 

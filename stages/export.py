@@ -33,7 +33,7 @@ def main() -> None:
     tracking.configure()
 
     export.save_torchscript(export.to_torchscript(model, digits[:2]), args.torchscript)
-    parity = export.check_parity(model, torch.jit.load(str(args.torchscript)), digits, export_cfg.parity_tolerance,
+    parity = export.check_parity(model, export.load_torchscript(args.torchscript), digits, export_cfg.parity_tolerance,
                                  "TorchScript")
     export.require_parity(parity)  # a failed check stops here: nothing is logged or registered
     print(f"TorchScript parity on {parity.samples} test digits: max |logit diff| {parity.max_abs_diff:.2e}")

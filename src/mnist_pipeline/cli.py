@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 
@@ -13,7 +12,7 @@ from mnist_pipeline.errors import run_main
 def _ui(args: argparse.Namespace) -> None:
     from mnist_pipeline import tracking
 
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or tracking.default_tracking_uri(tracking.project_root())
+    uri = tracking.tracking_uri()
     print(f"MLflow UI on http://{args.host}:{args.port} for {uri}", file=sys.stderr)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
     sys.exit(subprocess.call(cmd))
@@ -22,7 +21,7 @@ def _ui(args: argparse.Namespace) -> None:
 def _store(args: argparse.Namespace) -> None:
     from mnist_pipeline import tracking
 
-    print(os.environ.get("MLFLOW_TRACKING_URI") or tracking.default_tracking_uri(tracking.project_root()))
+    print(tracking.tracking_uri())
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ doing any work, so a bad param never leaves half-written outputs or an MLflow ru
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import types
 import typing
@@ -217,13 +218,9 @@ def load(path: Path, *sections: str) -> tuple:
 
 
 def flatten(configs: typing.Iterable[Section]) -> dict[str, Any]:
-    """{"train.lr": 0.001, "model.conv_channels": "[32, 64]", ...}: one flat dict, for MLflow params."""
-    flat = {}
-    for cfg in configs:
-        for key, value in cfg.to_dict().items():
-            if isinstance(value, dict):
-                for sub, v in value.items():
-                    flat[f"{cfg.SECTION}.{key}.{sub}"] = v
-            else:
-                flat[f"{cfg.SECTION}.{key}"] = value
-    return flat
+    """{"train.lr": 0.001, "model.conv_channels": "[16, 32]", ...}: one flat dict, for MLflow params."""
+    return {
+        f"{cfg.SECTION}.{key}": json.dumps(value) if isinstance(value, (list, dict)) else value
+        for cfg in configs
+        for key, value in cfg.to_dict().items()
+    }

@@ -126,10 +126,11 @@ def download(
     out_dir: Path,
     files: tuple[IdxFile, ...] = MNIST_FILES,
     mirror_list: list[str] | None = None,
-    log: TextIO = sys.stderr,
+    log: TextIO | None = None,
 ) -> None:
     """Make ``out_dir`` hold every file of ``files``, verified; files already there and valid are kept."""
     mirror_list = mirrors() if mirror_list is None else mirror_list
+    log = log or sys.stderr
     for file in files:
         target = out_dir / file.name
         if is_valid(target, file):
@@ -162,17 +163,17 @@ _IDX_UBYTE = 0x08
 def read_idx(path: Path, ndim: int) -> np.ndarray:
     """Read an unsigned-byte IDX file with ``ndim`` dimensions into a uint8 array."""
     try:
-        raw = path.read_bytes()
+        raw = np.fromfile(path, dtype=np.uint8)  # writable, no copy: tensors can share its memory
     except FileNotFoundError:
         raise PipelineError(f"{path} is missing: run the download stage (`dvc repro download`)") from None
     header = 4 + 4 * ndim
     if len(raw) < header or raw[0] != 0 or raw[1] != 0 or raw[2] != _IDX_UBYTE or raw[3] != ndim:
         raise PipelineError(f"{path} is not an IDX file of {ndim}-D unsigned bytes (bad header)")
-    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i].tobytes(), "big") for i in range(ndim))
     expected = header + int(np.prod(shape))
     if len(raw) != expected:
         raise PipelineError(f"{path} holds {len(raw)} bytes but its header {shape} implies {expected}")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+    return raw[header:].reshape(shape)
 
 
 @dataclass(frozen=True)

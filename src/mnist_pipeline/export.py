@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,8 +16,17 @@ from mnist_pipeline.errors import PipelineError
 def to_torchscript(model: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
     """Trace the model (its forward has no data-dependent control flow, so tracing is exact)."""
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # TorchScript is deprecated in favour of torch.export, yet it is still the format most C++/Java/mobile
+        # runtimes load; the MLflow model is the torch.export one.
+        warnings.simplefilter("ignore", FutureWarning)
         return torch.jit.trace(model, example)
+
+
+def load_torchscript(path: Path) -> torch.jit.ScriptModule:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.load(str(path), map_location="cpu")
 
 
 def save_torchscript(module: torch.jit.ScriptModule, path: Path) -> None:

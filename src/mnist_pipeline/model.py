@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -71,7 +72,7 @@ def load_checkpoint(path: Path) -> tuple[ConvNet, dict]:
         model.load_state_dict(payload["state_dict"])
     except FileNotFoundError:
         raise PipelineError(f"{path} is missing: run the train stage first (`dvc repro train`)") from None
-    except (RuntimeError, KeyError, TypeError, ValueError, EOFError) as exc:
+    except (RuntimeError, KeyError, TypeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
         detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise PipelineError(f"{path} is not a valid checkpoint ({detail}); rerun `dvc repro -f train`") from None
     return model.eval(), payload

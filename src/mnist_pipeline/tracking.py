@@ -20,7 +20,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import mlflow
 import numpy as np
@@ -48,35 +48,50 @@ def project_root(cwd: Path | None = None) -> Path:
     return root
 
 
-def default_tracking_uri(root: Path) -> str:
-    return f"sqlite:///{root / STORE_DIR / 'mlflow.db'}"
-
-
 def configure(root: Path | None = None) -> str:
     """Point MLflow at the store (see the module docstring), make sure the experiment exists, return the URI."""
-    root = project_root(root)
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(root)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI") or uri)
-    artifact_location = None
+    uri = tracking_uri(root)
     if not os.environ.get("MLFLOW_TRACKING_URI"):
-        (root / STORE_DIR).mkdir(exist_ok=True)
-        artifact_location = (root / STORE_DIR / "artifacts").as_uri()
-    client = MlflowClient()
+        # The embedded store; MLflow keeps the artifacts beside the database, in mlruns/<experiment id>/.
+        (project_root(root) / STORE_DIR).mkdir(exist_ok=True)
+    _check_sqlite_path(uri)
+    mlflow.set_tracking_uri(uri)
     try:
+        client = MlflowClient()
         if client.get_experiment_by_name(EXPERIMENT_NAME) is None:
-            client.create_experiment(EXPERIMENT_NAME, artifact_location=artifact_location)
-    except MlflowException as exc:
-        # Another pipeline may have created it a moment ago; anything else is a store we cannot use.
-        if client.get_experiment_by_name(EXPERIMENT_NAME) is None:
-            raise PipelineError(f"MLflow store {uri} is not usable: {exc.message.splitlines()[0]}") from None
+            try:
+                client.create_experiment(EXPERIMENT_NAME)
+            except MlflowException:
+                # Another pipeline may have created it a moment ago; anything else is a store we cannot use.
+                if client.get_experiment_by_name(EXPERIMENT_NAME) is None:
+                    raise
+        mlflow.set_experiment(EXPERIMENT_NAME)
     except Exception as exc:  # connection refused, unreadable database, ...
+        first_line = (str(exc).splitlines() or [""])[0][:200]
         raise PipelineError(
-            f"cannot reach the MLflow store {uri} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-            "check MLFLOW_TRACKING_URI or unset it to use the local store in mlruns/"
+            f"cannot use the MLflow store {uri} ({type(exc).__name__}: {first_line}); "
+            "check MLFLOW_TRACKING_URI, or unset it to use the local store in mlruns/"
         ) from None
-    mlflow.set_experiment(EXPERIMENT_NAME)
     return uri
+
+
+def _check_sqlite_path(uri: str) -> None:
+    """Fail at once on an unusable SQLite path; MLflow itself retries for about two minutes."""
+    if not uri.startswith("sqlite:///"):
+        return
+    path = Path(uri.removeprefix("sqlite:///"))
+    if path.exists() and not path.is_file():
+        problem = "is not a file"
+    elif not path.exists() and not (path.parent.is_dir() and os.access(path.parent, os.W_OK)):
+        problem = "cannot be created (its folder is missing or not writable)"
+    else:
+        return
+    raise PipelineError(f"MLflow store {uri}: {path} {problem}; check MLFLOW_TRACKING_URI")
+
+
+def tracking_uri(root: Path | None = None) -> str:
+    """The URI `configure` uses, without touching the store."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root(root) / STORE_DIR / 'mlflow.db'}"
 
 
 def git_commit() -> str:
@@ -236,12 +251,13 @@ def load_model(model_uri: str):
     return mlflow.pytorch.load_model(model_uri, map_location="cpu")
 
 
-def register(model_uri: str, name: str, test_accuracy: float, log=sys.stderr) -> Registration:
+def register(model_uri: str, name: str, test_accuracy: float, log: TextIO | None = None) -> Registration:
     """Register a logged model as a new version of ``name`` and move the aliases.
 
     ``candidate`` always moves to the new version; ``champion`` moves when the new version's test accuracy is
     at least the current champion's, or when there is no champion yet.
     """
+    log = log or sys.stderr
     version = int(mlflow.register_model(model_uri, name).version)
     client = MlflowClient()
     client.set_model_version_tag(name, str(version), "test_accuracy", f"{test_accuracy:.6f}")

@@ -52,7 +52,7 @@ class Tensors:
 
     @classmethod
     def from_split(cls, split: Split, device: torch.device) -> Tensors:
-        x = to_pixels(torch.from_numpy(np.ascontiguousarray(split.images)))
+        x = to_pixels(torch.from_numpy(split.images))
         y = torch.from_numpy(split.labels.astype(np.int64))
         return cls(x.to(device), y.to(device))
 
@@ -112,9 +112,10 @@ def train(
     test_data: Tensors,
     device: torch.device,
     on_epoch: Callable[[EpochMetrics], None] | None = None,
-    log: TextIO = sys.stderr,
+    log: TextIO | None = None,
 ) -> TrainResult:
     """Train a fresh model; after each epoch measure it on the test split and call ``on_epoch``."""
+    log = log or sys.stderr
     torch.manual_seed(cfg.seed)  # weight init and dropout
     # channels_last keeps conv and max-pool on their vectorised paths (on CPU and on CUDA tensor cores);
     # with a single input channel the input tensor's layout is the same either way.

@@ -1,0 +1,54 @@
+"""Shared fixtures: synthetic MNIST-format data, served from a folder or over HTTP on 127.0.0.1."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import threading
+from pathlib import Path
+
+import pytest
+
+from synthetic import write_mirror
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def mirror_dir(tmp_path_factory) -> Path:
+    """A folder holding the four synthetic .gz files."""
+    folder = tmp_path_factory.mktemp("mirror")
+    write_mirror(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def mirror_md5(mirror_dir) -> dict[str, str]:
+    return write_mirror(mirror_dir)  # deterministic: rewrites the same bytes, returns their checksums
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="session")
+def http_mirror(mirror_dir):
+    """The synthetic files served over HTTP on 127.0.0.1, on a free port; yields the base URL."""
+    handler = functools.partial(_QuietHandler, directory=str(mirror_dir))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="session")
+def raw_dir(tmp_path_factory, mirror_dir, mirror_md5) -> Path:
+    """data/raw as the download stage leaves it, for the synthetic data."""
+    from mnist_pipeline import data
+
+    out = tmp_path_factory.mktemp("raw")
+    data.download(out, data.expected_files(mirror_md5), mirror_list=[str(mirror_dir)])
+    return out

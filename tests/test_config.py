@@ -1,0 +1,89 @@
+"""params.yaml parsing and validation."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from mnist_pipeline import config
+from mnist_pipeline.config import ConfigError
+from conftest import REPO_ROOT
+
+
+@pytest.fixture
+def params() -> dict:
+    return yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+
+
+def _load(tmp_path, params):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return config.load(path, *config.SECTIONS)
+
+
+def test_repository_params_are_valid():
+    data, model, train, evaluate, export = config.load(REPO_ROOT / "params.yaml", *config.SECTIONS)
+    assert train.device in config.DEVICES and export.model_name == "mnist-cnn"
+    assert model.conv_channels and isinstance(model.conv_channels, tuple)
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "message"),
+    [
+        ("train", "lr", 0, "train.lr = 0.0 is not allowed; expected a number in (0, 10]"),
+        ("train", "lr", -0.1, "train.lr = -0.1 is not allowed"),
+        ("train", "lr", "fast", "train.lr = 'fast' is not allowed; expected a number"),
+        ("train", "batch_size", 0, "train.batch_size = 0 is not allowed; expected an integer >= 1"),
+        ("train", "batch_size", 1.5, "train.batch_size = 1.5 is not allowed; expected an integer"),
+        ("train", "epochs", 0, "train.epochs = 0 is not allowed; expected an integer >= 1"),
+        ("train", "epochs", True, "train.epochs = True is not allowed; expected an integer"),
+        ("train", "optimizer", "adagrad", "train.optimizer = 'adagrad' is not allowed; expected adam | adamw | sgd"),
+        ("train", "device", "tpu", "train.device = 'tpu' is not allowed; expected auto | cpu | cuda"),
+        ("model", "conv_channels", [], "model.conv_channels = [] is not allowed"),
+        ("model", "kernel_size", 4, "model.kernel_size = 4 is not allowed; expected 3 or 5"),
+        ("model", "dropout", 1.0, "model.dropout = 1.0 is not allowed"),
+        ("data", "expected_md5", {"foo": "0" * 32}, "data.expected_md5.foo = '000"),
+        ("export", "model_name", "", "export.model_name = '' is not allowed"),
+    ],
+)
+def test_bad_value_names_key_value_and_what_is_allowed(tmp_path, params, section, key, value, message):
+    params[section][key] = value
+    with pytest.raises(ConfigError) as exc:
+        _load(tmp_path, params)
+    assert message in str(exc.value)
+    assert "\n" not in str(exc.value)
+
+
+def test_unknown_and_missing_keys(tmp_path, params):
+    params["train"]["learning_rate"] = 0.1
+    with pytest.raises(ConfigError, match="unknown key train.learning_rate; train takes seed, device"):
+        _load(tmp_path, params)
+    del params["train"]["learning_rate"]
+    del params["train"]["seed"]
+    with pytest.raises(ConfigError, match="missing key train.seed"):
+        _load(tmp_path, params)
+    params["extra"] = {}
+    with pytest.raises(ConfigError, match="unknown section 'extra'"):
+        _load(tmp_path, params)
+
+
+def test_malformed_yaml_and_missing_file(tmp_path):
+    (tmp_path / "params.yaml").write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="is not valid YAML at line"):
+        config.load(tmp_path / "params.yaml", "train")
+    with pytest.raises(ConfigError, match="does not exist"):
+        config.load(tmp_path / "nope.yaml", "train")
+
+
+def test_ints_accepted_for_floats_and_configs_are_frozen(tmp_path, params):
+    params["train"]["lr"] = 1
+    train = _load(tmp_path, params)[2]
+    assert train.lr == 1.0 and isinstance(train.lr, float)
+    with pytest.raises(AttributeError):
+        train.lr = 2.0
+
+
+def test_flatten_covers_every_key_of_params(params):
+    flat = config.flatten(config.load(REPO_ROOT / "params.yaml", *config.SECTIONS))
+    assert set(flat) == {f"{s}.{k}" for s, section in params.items() for k in section}
+    assert flat["model.conv_channels"] == str(params["model"]["conv_channels"])

@@ -1,0 +1,53 @@
+"""Metric math and the evaluate stage's figures."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mnist_pipeline import evaluation
+
+
+def test_confusion_matrix_rows_are_actual():
+    cm = evaluation.confusion_matrix(np.array([0, 0, 1, 2]), np.array([0, 1, 1, 1]), num_classes=3)
+    np.testing.assert_array_equal(cm, [[1, 1, 0], [0, 1, 0], [0, 1, 0]])
+
+
+def test_per_class_report_matches_hand_computation():
+    # actual 0: 8 right, 2 called 1; actual 1: 5 right; class 2 never predicted nor present
+    cm = np.zeros((3, 3), dtype=int)
+    cm[0, 0], cm[0, 1], cm[1, 1] = 8, 2, 5
+    report = evaluation.per_class_report(cm)
+    p1, r1 = 5 / 7, 1.0
+    assert report.loc[0, "precision"] == 1.0 and report.loc[0, "recall"] == 0.8
+    assert report.loc[1, "precision"] == pytest.approx(p1) and report.loc[1, "recall"] == r1
+    assert report.loc[1, "f1"] == pytest.approx(2 * p1 * r1 / (p1 + r1))
+    assert report.loc[2, ["precision", "recall", "f1"]].tolist() == [0.0, 0.0, 0.0]
+    assert report["support"].tolist() == [10, 5, 0]
+
+
+def test_evaluate_loss_and_accuracy():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 3.0], [1.0, 0.0]])
+    labels = torch.tensor([0, 1, 1])
+    result = evaluation.evaluate(logits, labels)
+    assert result.accuracy == pytest.approx(2 / 3)
+    assert result.loss == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item())
+    assert result.metrics() == {"test_loss": result.loss, "test_accuracy": result.accuracy}
+
+
+def test_figures_and_tables_are_written(tmp_path):
+    rng = np.random.default_rng(0)
+    actual = rng.integers(0, 10, 200)
+    predicted = np.where(rng.random(200) < 0.9, actual, (actual + 1) % 10)
+    cm = evaluation.confusion_matrix(actual, predicted)
+    evaluation.plot_confusion_matrix(cm, tmp_path / "cm.png")
+    images = rng.integers(0, 255, (200, 28, 28), dtype=np.uint8)
+    evaluation.plot_predictions(images, predicted, actual, tmp_path / "pred.png", count=24, seed=0)
+    evaluation.write_report_tables(evaluation.per_class_report(cm), tmp_path / "t.csv", tmp_path / "t.md")
+    evaluation.write_confusion_pairs(actual, predicted, tmp_path / "pairs.csv")
+    for name in ("cm.png", "pred.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "t.csv").read_text().startswith("digit,precision,recall,f1,support")
+    assert (tmp_path / "t.md").read_text().startswith("|   digit |")
+    assert len((tmp_path / "pairs.csv").read_text().splitlines()) == 201

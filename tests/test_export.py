@@ -1,0 +1,48 @@
+"""TorchScript export and the parity check that guards registration."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from mnist_pipeline import export
+from mnist_pipeline.config import ModelConfig
+from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.model import build
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return build(ModelConfig((8, 16), 3, 32, 0.0)).eval()
+
+
+def test_torchscript_matches_eager_model(tmp_path, model):
+    x = torch.rand(64, 1, 28, 28)
+    export.save_torchscript(export.to_torchscript(model, x[:2]), tmp_path / "m.pt")
+    parity = export.check_parity(model, export.load_torchscript(tmp_path / "m.pt"), x, 1e-4, "TorchScript")
+    assert parity.ok and parity.samples == 64 and parity.max_abs_diff <= 1e-5
+    export.require_parity(parity)
+
+
+def test_broken_export_is_refused(tmp_path, model):
+    x = torch.rand(64, 1, 28, 28)
+    traced = export.to_torchscript(copy.deepcopy(model), x[:2])
+    with torch.no_grad():
+        model.classifier[-1].bias[3] += 0.5  # the export no longer matches the model it is checked against
+    parity = export.check_parity(model, traced, x, 1e-4, "TorchScript")
+    assert not parity.ok and parity.max_abs_diff == pytest.approx(0.5, abs=1e-5)
+    with pytest.raises(PipelineError, match=r"TorchScript export differs .* max \|logit difference\| 0.5"):
+        export.require_parity(parity)
+
+
+def test_argmax_disagreement_fails_even_within_tolerance(model):
+    x = torch.rand(8, 1, 28, 28)
+
+    def swapped(inputs):
+        return model(inputs).roll(1, dims=1)  # the right logits under the wrong digits
+
+    parity = export.check_parity(model, swapped, x, tolerance=1e9, fmt="test")
+    assert parity.argmax_mismatches > 0 and not parity.ok

@@ -1,0 +1,95 @@
+"""Store location, run handoff and the registry's alias rule, against a real MLflow SQLite store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from mnist_pipeline import tracking
+from mnist_pipeline.config import ModelConfig
+from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.model import build
+
+
+def test_project_root_escapes_dvc_experiment_copies(monkeypatch):
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    assert tracking.project_root(Path("/home/u/proj")) == Path("/home/u/proj")
+    assert tracking.project_root(Path("/home/u/proj/.dvc/tmp/exps/tmpab12cd")) == Path("/home/u/proj")
+    assert tracking.project_root(Path("/home/u/proj/.dvc/tmp/exps/run/x/y")) == Path("/home/u/proj")
+
+
+def test_default_store_is_absolute_sqlite_under_mlruns(monkeypatch, tmp_path):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    copy = tmp_path / ".dvc" / "tmp" / "exps" / "tmp123"
+    assert tracking.tracking_uri(copy) == f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking.tracking_uri(copy) == "http://127.0.0.1:5000"
+
+
+def test_run_file_round_trip_and_errors(tmp_path):
+    tracking.write_run_file(tmp_path / "run.json", "abc123", "sqlite:///x.db")
+    assert tracking.read_run_file(tmp_path / "run.json") == "abc123"
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(PipelineError, match="not a run file"):
+        tracking.read_run_file(tmp_path / "bad.json")
+    with pytest.raises(PipelineError, match="missing: run the train stage"):
+        tracking.read_run_file(tmp_path / "none.json")
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.chdir(tmp_path)  # artifacts of this store land beside it
+    uri = tracking.configure(tmp_path)
+    yield uri
+    mlflow.set_tracking_uri(None)
+
+
+def test_unreachable_store_is_one_clear_line(monkeypatch, tmp_path):
+    (tmp_path / "mlflow.db").mkdir()  # a folder where the database file should be
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    with pytest.raises(PipelineError) as exc:
+        tracking.configure(tmp_path)
+    assert "MLFLOW_TRACKING_URI" in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_rerun_with_changed_param_keeps_the_first_value(store):
+    with tracking.start_run({"export.parity_samples": 512}, {"device": "cpu"}) as run_id:
+        pass
+    with tracking.resume_run(run_id):
+        tracking.log_params({"export.parity_samples": 256, "evaluate.examples": 24})
+    run = MlflowClient().get_run(run_id)
+    assert run.data.params == {"export.parity_samples": "512", "evaluate.examples": "24"}
+    assert run.data.tags["rerun.export.parity_samples"] == "256"
+    with pytest.raises(PipelineError, match="is not in the store"):
+        with tracking.resume_run("0" * 32):
+            pass
+
+
+def test_candidate_always_moves_champion_only_when_not_worse(store):
+    torch.manual_seed(0)
+    model = build(ModelConfig((4,), 3, 8, 0.0)).eval()
+    with tracking.start_run({}, {}) as run_id:
+        uri = tracking.log_model(model, torch.rand(2, 1, 28, 28).numpy(), ["torch"])
+        first = tracking.register(uri, "m", 0.95)
+        better = tracking.register(uri, "m", 0.97)
+        worse = tracking.register(uri, "m", 0.96)
+        equal = tracking.register(uri, "m", 0.97)
+    assert (first.version, first.aliases) == (1, ("candidate", "champion"))
+    assert first.champion_reason == "no champion yet"
+    assert better.aliases == ("candidate", "champion")
+    assert worse.aliases == ("candidate",) and "kept champion v2" in worse.champion_reason
+    assert equal.aliases == ("candidate", "champion")
+    client = MlflowClient()
+    assert int(client.get_model_version_by_alias("m", "champion").version) == 4
+    assert int(client.get_model_version_by_alias("m", "candidate").version) == 4
+    version = client.get_model_version("m", "3")
+    assert version.tags["test_accuracy"] == "0.960000" and version.tags["run_id"] == run_id
+    loaded = tracking.load_model("models:/m@champion")
+    x = torch.rand(3, 1, 28, 28)
+    torch.testing.assert_close(loaded(x), model(x))

@@ -1,0 +1,78 @@
+"""The training loop on small synthetic data."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+
+import pytest
+import torch
+
+from mnist_pipeline import training
+from mnist_pipeline.config import ModelConfig, TrainConfig
+from mnist_pipeline.data import load_split
+from mnist_pipeline.errors import PipelineError
+
+MODEL = ModelConfig((8,), 3, 32, 0.0)
+TRAIN = TrainConfig(
+    seed=0, device="cpu", epochs=2, batch_size=50, optimizer="adam", lr=0.003, weight_decay=0.0,
+    lr_schedule="onecycle", threads=0, log_every=5,
+)
+
+
+@pytest.fixture(scope="module")
+def tensors(raw_dir):
+    cpu = torch.device("cpu")
+    return (training.Tensors.from_split(load_split(raw_dir, "train"), cpu),
+            training.Tensors.from_split(load_split(raw_dir, "test"), cpu))
+
+
+def test_training_lowers_the_loss_and_learns(tensors):
+    train, test = tensors
+    untrained = training.build(MODEL)
+    before, _ = training.evaluate_loss_accuracy(untrained, test)
+    log = io.StringIO()
+    epochs = []
+    result = training.train(MODEL, TRAIN, train, test, torch.device("cpu"), on_epoch=epochs.append, log=log)
+    assert [m.epoch for m in result.history] == [1, 2] and epochs == result.history
+    assert result.history[-1].test_loss < before
+    assert result.history[-1].train_loss < result.history[0].train_loss
+    assert result.history[-1].test_accuracy > 0.8  # 10 well-separated synthetic classes
+    # progress: a line every log_every batches and one per epoch
+    assert "epoch 1/2  batch 5/20  [250/1000]  loss" in log.getvalue()
+    assert "epoch 2/2: train loss" in log.getvalue() and "test accuracy" in log.getvalue()
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_other_optimizers_and_constant_schedule_train(tensors, optimizer):
+    cfg = dataclasses.replace(TRAIN, optimizer=optimizer, lr_schedule="constant", epochs=1, lr=0.01)
+    result = training.train(MODEL, cfg, *tensors, torch.device("cpu"), log=io.StringIO())
+    assert result.history[0].test_accuracy > 0.3
+
+
+def test_same_seed_same_result_different_seed_different_weights(tensors):
+    cfg = dataclasses.replace(TRAIN, epochs=1)
+    runs = [training.train(MODEL, dataclasses.replace(cfg, seed=s), *tensors, torch.device("cpu"), log=io.StringIO())
+            for s in (7, 7, 8)]
+    assert runs[0].history[0].test_accuracy == runs[1].history[0].test_accuracy
+    assert runs[0].history[0].test_loss == runs[1].history[0].test_loss
+    for a, b in zip(runs[0].model.state_dict().values(), runs[1].model.state_dict().values()):
+        assert torch.equal(a, b)
+    w0, w2 = runs[0].model.classifier[1].weight, runs[2].model.classifier[1].weight
+    assert not torch.equal(w0, w2)
+
+
+def test_device_resolution():
+    assert training.resolve_device("cpu").type == "cpu"
+    assert training.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(PipelineError, match="no CUDA device is available"):
+            training.resolve_device("cuda")
+
+
+def test_history_file(tmp_path, tensors):
+    result = training.train(MODEL, dataclasses.replace(TRAIN, epochs=1), *tensors, torch.device("cpu"),
+                            log=io.StringIO())
+    training.write_history(tmp_path / "h.csv", result.history)
+    lines = (tmp_path / "h.csv").read_text().splitlines()
+    assert lines[0] == "epoch,train_loss,test_loss,test_accuracy,seconds" and len(lines) == 2
