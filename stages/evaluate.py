@@ -52,7 +52,9 @@ def main() -> None:
     with tracking.resume_run(run_id):
         tracking.log_params(config.flatten([eval_cfg]))
         tracking.log_metrics({f"final_{k}": v for k, v in result.metrics().items()})
-        tracking.log_artifacts([args.confusion_png, args.predictions_png, args.per_class, args.per_class_md], "evaluation")
+        tracking.log_artifacts(
+            [args.confusion_png, args.predictions_png, args.per_class, args.per_class_md], "evaluation"
+        )
 
 
 if __name__ == "__main__":

@@ -33,8 +33,9 @@ def main() -> None:
     tracking.configure()
 
     export.save_torchscript(export.to_torchscript(model, digits[:2]), args.torchscript)
-    parity = export.check_parity(model, export.load_torchscript(args.torchscript), digits, export_cfg.parity_tolerance,
-                                 "TorchScript")
+    parity = export.check_parity(
+        model, export.load_torchscript(args.torchscript), digits, export_cfg.parity_tolerance, "TorchScript"
+    )
     export.require_parity(parity)  # a failed check stops here: nothing is logged or registered
     print(f"TorchScript parity on {parity.samples} test digits: max |logit diff| {parity.max_abs_diff:.2e}")
 
@@ -42,12 +43,17 @@ def main() -> None:
         tracking.log_params(config.flatten([export_cfg]))
         tracking.log_artifacts([args.torchscript], "torchscript")
         model_uri = tracking.log_model(model, digits[:4].numpy(), [f"torch>={torch.__version__.split('+')[0]}"])
-        logged = export.check_parity(model, tracking.load_model(model_uri), digits, export_cfg.parity_tolerance,
-                                     "MLflow (torch.export)")
+        logged = export.check_parity(
+            model, tracking.load_model(model_uri), digits, export_cfg.parity_tolerance, "MLflow (torch.export)"
+        )
         export.require_parity(logged)
         print(f"MLflow model parity: max |logit diff| {logged.max_abs_diff:.2e}")
-        tracking.log_metrics({"torchscript_max_abs_logit_diff": parity.max_abs_diff,
-                              "mlflow_model_max_abs_logit_diff": logged.max_abs_diff})
+        tracking.log_metrics(
+            {
+                "torchscript_max_abs_logit_diff": parity.max_abs_diff,
+                "mlflow_model_max_abs_logit_diff": logged.max_abs_diff,
+            }
+        )
         registration = tracking.register(model_uri, export_cfg.model_name, test_accuracy)
     report = {"torchscript": parity.to_dict(), "mlflow_model": logged.to_dict(), "registered": registration.to_dict()}
     args.report.parent.mkdir(parents=True, exist_ok=True)

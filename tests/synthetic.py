@@ -36,7 +36,7 @@ def write_mirror(folder: Path, n_train: int = 1000, n_test: int = 300) -> dict[s
     md5 = {}
     for split, n, seed in (("train", n_train, 1), ("test", n_test, 2)):
         images, labels = digits(n, seed)
-        for name, array in zip(FILES[split], (images, labels)):
+        for name, array in zip(FILES[split], (images, labels), strict=False):
             raw = idx_bytes(array)
             (folder / f"{name}.gz").write_bytes(gzip.compress(raw, mtime=0))
             md5[name] = hashlib.md5(raw).hexdigest()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from conftest import REPO_ROOT
 from mnist_pipeline import config
 from mnist_pipeline.config import ConfigError
-from conftest import REPO_ROOT
 
 
 @pytest.fixture

@@ -15,16 +15,26 @@ from mnist_pipeline.errors import PipelineError
 
 MODEL = ModelConfig((8,), 3, 32, 0.0)
 TRAIN = TrainConfig(
-    seed=0, device="cpu", epochs=2, batch_size=50, optimizer="adam", lr=0.003, weight_decay=0.0,
-    lr_schedule="onecycle", threads=0, log_every=5,
+    seed=0,
+    device="cpu",
+    epochs=2,
+    batch_size=50,
+    optimizer="adam",
+    lr=0.003,
+    weight_decay=0.0,
+    lr_schedule="onecycle",
+    threads=0,
+    log_every=5,
 )
 
 
 @pytest.fixture(scope="module")
 def tensors(raw_dir):
     cpu = torch.device("cpu")
-    return (training.Tensors.from_split(load_split(raw_dir, "train"), cpu),
-            training.Tensors.from_split(load_split(raw_dir, "test"), cpu))
+    return (
+        training.Tensors.from_split(load_split(raw_dir, "train"), cpu),
+        training.Tensors.from_split(load_split(raw_dir, "test"), cpu),
+    )
 
 
 def test_training_lowers_the_loss_and_learns(tensors):
@@ -52,11 +62,13 @@ def test_other_optimizers_and_constant_schedule_train(tensors, optimizer):
 
 def test_same_seed_same_result_different_seed_different_weights(tensors):
     cfg = dataclasses.replace(TRAIN, epochs=1)
-    runs = [training.train(MODEL, dataclasses.replace(cfg, seed=s), *tensors, torch.device("cpu"), log=io.StringIO())
-            for s in (7, 7, 8)]
+    runs = [
+        training.train(MODEL, dataclasses.replace(cfg, seed=s), *tensors, torch.device("cpu"), log=io.StringIO())
+        for s in (7, 7, 8)
+    ]
     assert runs[0].history[0].test_accuracy == runs[1].history[0].test_accuracy
     assert runs[0].history[0].test_loss == runs[1].history[0].test_loss
-    for a, b in zip(runs[0].model.state_dict().values(), runs[1].model.state_dict().values()):
+    for a, b in zip(runs[0].model.state_dict().values(), runs[1].model.state_dict().values(), strict=False):
         assert torch.equal(a, b)
     w0, w2 = runs[0].model.classifier[1].weight, runs[2].model.classifier[1].weight
     assert not torch.equal(w0, w2)
@@ -71,8 +83,9 @@ def test_device_resolution():
 
 
 def test_history_file(tmp_path, tensors):
-    result = training.train(MODEL, dataclasses.replace(TRAIN, epochs=1), *tensors, torch.device("cpu"),
-                            log=io.StringIO())
+    result = training.train(
+        MODEL, dataclasses.replace(TRAIN, epochs=1), *tensors, torch.device("cpu"), log=io.StringIO()
+    )
     training.write_history(tmp_path / "h.csv", result.history)
     lines = (tmp_path / "h.csv").read_text().splitlines()
     assert lines[0] == "epoch,train_loss,test_loss,test_accuracy,seconds" and len(lines) == 2

@@ -14,7 +14,18 @@ def _ui(args: argparse.Namespace) -> None:
 
     uri = tracking.tracking_uri()
     print(f"MLflow UI on http://{args.host}:{args.port} for {uri}", file=sys.stderr)
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+    ]
     sys.exit(subprocess.call(cmd))
 
 

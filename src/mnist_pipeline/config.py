@@ -73,9 +73,7 @@ class Section:
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(raw) - set(fields))
         if unknown:
-            raise ConfigError(
-                f"params.yaml: unknown key {name}.{unknown[0]}; {name} takes {', '.join(fields)}"
-            )
+            raise ConfigError(f"params.yaml: unknown key {name}.{unknown[0]}; {name} takes {', '.join(fields)}")
         missing = [k for k in fields if k not in raw]
         if missing:
             raise ConfigError(f"params.yaml: missing key {name}.{missing[0]}")
@@ -121,8 +119,12 @@ class ModelConfig(Section):
     dropout: float  # before the last linear layer
 
     def __post_init__(self):
-        _check(1 <= len(self.conv_channels) <= 2, "model.conv_channels", list(self.conv_channels),
-               "a list of 1 or 2 channel counts (28x28 digits allow two 2x2 poolings)")
+        _check(
+            1 <= len(self.conv_channels) <= 2,
+            "model.conv_channels",
+            list(self.conv_channels),
+            "a list of 1 or 2 channel counts (28x28 digits allow two 2x2 poolings)",
+        )
         for c in self.conv_channels:
             _check(1 <= c <= 1024, "model.conv_channels", list(self.conv_channels), "channel counts in 1..1024")
         _check(self.kernel_size in (3, 5), "model.kernel_size", self.kernel_size, "3 or 5")
@@ -179,11 +181,16 @@ class ExportConfig(Section):
     parity_tolerance: float  # max absolute logit difference allowed against the eager model
 
     def __post_init__(self):
-        _check(bool(_MODEL_NAME.match(self.model_name)), "export.model_name", self.model_name,
-               "letters, digits, '_', '.', '-' (starting with a letter or digit)")
+        _check(
+            bool(_MODEL_NAME.match(self.model_name)),
+            "export.model_name",
+            self.model_name,
+            "letters, digits, '_', '.', '-' (starting with a letter or digit)",
+        )
         _check(self.parity_samples >= 1, "export.parity_samples", self.parity_samples, "an integer >= 1")
-        _check(0.0 < self.parity_tolerance < 1.0, "export.parity_tolerance", self.parity_tolerance,
-               "a number in (0, 1)")
+        _check(
+            0.0 < self.parity_tolerance < 1.0, "export.parity_tolerance", self.parity_tolerance, "a number in (0, 1)"
+        )
 
 
 SECTIONS = {cls.SECTION: cls for cls in (DataConfig, ModelConfig, TrainConfig, EvaluateConfig, ExportConfig)}

@@ -145,8 +145,10 @@ def download(
                 failures.append(f"{mirror} ({_reason(exc)})")
                 continue
             atomic_write_bytes(target, content)
-            print(f"{file.name}: {len(content) / 1e6:.1f} MB from {mirror} in {time.perf_counter() - start:.1f} s",
-                  file=log)
+            print(
+                f"{file.name}: {len(content) / 1e6:.1f} MB from {mirror} in {time.perf_counter() - start:.1f} s",
+                file=log,
+            )
             break
         else:
             raise PipelineError(

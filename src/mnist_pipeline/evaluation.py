@@ -109,7 +109,7 @@ def plot_predictions(
     fig, axes = plt.subplots(rows, cols, figsize=(1.4 * cols, 1.6 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, i in zip(axes.flat, chosen):
+    for ax, i in zip(axes.flat, chosen, strict=False):
         wrong = predicted[i] != actual[i]
         ax.imshow(images[i], cmap="gray_r")
         ax.set_title(f"{predicted[i]} / {actual[i]}", color="red" if wrong else "black", fontsize=10)

@@ -29,7 +29,6 @@ from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-
 from mnist_pipeline.errors import PipelineError
 
 EXPERIMENT_NAME = "mnist-pipeline"
@@ -135,7 +134,9 @@ def read_run_file(path: Path) -> str:
     except FileNotFoundError:
         raise PipelineError(f"{path} is missing: run the train stage first (`dvc repro train`)") from None
     except (ValueError, KeyError, TypeError):
-        raise PipelineError(f"{path} is not a run file written by the train stage; rerun `dvc repro -f train`") from None
+        raise PipelineError(
+            f"{path} is not a run file written by the train stage; rerun `dvc repro -f train`"
+        ) from None
 
 
 @contextmanager

@@ -1,0 +1,199 @@
+"""End to end: the real `dvc repro` in a temporary copy of the repository, data served over HTTP on 127.0.0.1,
+a real MLflow store, tiny params."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from conftest import REPO_ROOT
+
+pytestmark = pytest.mark.e2e
+
+# What a fresh clone holds that the pipeline needs (no dvc.lock: the copy starts with nothing run).
+PROJECT_FILES = [
+    "dvc.yaml",
+    "params.yaml",
+    ".dvcignore",
+    ".gitignore",
+    ".dvc/config",
+    ".dvc/.gitignore",
+    "mlruns/.gitignore",
+    "stages",
+    "src",
+]
+TINY = {
+    "model": {"conv_channels": [4], "kernel_size": 3, "hidden": 16, "dropout": 0.0},
+    "train": {"epochs": 2, "batch_size": 100, "log_every": 5},
+    "evaluate": {"examples": 8},
+    "export": {"parity_samples": 64},
+}
+
+
+def make_repo(tmp_path: Path, md5: dict[str, str], **overrides) -> Path:
+    repo = tmp_path / "project"
+    for name in PROJECT_FILES:
+        src, dst = REPO_ROOT / name, repo / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            shutil.copy2(src, dst)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["data"]["expected_md5"] = md5
+    for section, values in {**TINY, **overrides}.items():
+        params[section].update(values)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    git(repo, "init", "-q")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "project")
+    return repo
+
+
+def git(repo: Path, *args: str) -> str:
+    env = {
+        **os.environ,
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
+    return subprocess.run(["git", *args], cwd=repo, env=env, check=True, capture_output=True, text=True).stdout
+
+
+def run(repo: Path, mirror: str, *args: str) -> subprocess.CompletedProcess:
+    """Run a command of this environment's bin/ (dvc, python) the way a user would, from the repo root."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env.update(
+        MNIST_MIRROR=mirror,
+        DVC_NO_ANALYTICS="1",
+        PYTHONUNBUFFERED="1",
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        GIT_AUTHOR_NAME="t",
+        GIT_AUTHOR_EMAIL="t@t",
+        GIT_COMMITTER_NAME="t",
+        GIT_COMMITTER_EMAIL="t@t",
+    )
+    return subprocess.run(list(args), cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+
+
+def ran_stages(result: subprocess.CompletedProcess) -> list[str]:
+    return [line.split("'")[1] for line in result.stdout.splitlines() if line.startswith("Running stage '")]
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, http_mirror, mirror_md5):
+    """The repository copy after a first `dvc repro`; the tests below read from it in order."""
+    repo = make_repo(tmp_path_factory.mktemp("e2e"), mirror_md5)
+    first = run(repo, http_mirror, "dvc", "repro")
+    assert first.returncode == 0, first.stdout + first.stderr
+    return repo, first
+
+
+def client(repo: Path) -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{repo}/mlruns/mlflow.db")
+
+
+def runs(repo: Path):
+    c = client(repo)
+    experiment = c.get_experiment_by_name("mnist-pipeline")
+    return c.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+def test_first_repro_runs_all_four_stages(pipeline):
+    repo, first = pipeline
+    assert ran_stages(first) == ["download", "train", "evaluate", "export"]
+    assert "epoch 2/2: train loss" in first.stderr  # progress and per-epoch test metrics
+    assert "Traceback" not in first.stderr
+
+
+def test_one_mlflow_run_with_params_metrics_tags_and_artifacts(pipeline):
+    repo, _ = pipeline
+    (run,) = runs(repo)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    assert set(run.data.params) == {f"{s}.{k}" for s, section in params.items() for k in section}
+    assert run.data.params["train.lr"] == str(params["train"]["lr"])
+    history = client(repo).get_metric_history(run.info.run_id, "test_accuracy")
+    assert [m.step for m in history] == [1, 2]
+    metrics = json.loads((repo / "reports/metrics.json").read_text())
+    assert run.data.metrics["final_test_accuracy"] == pytest.approx(metrics["test_accuracy"])
+    assert metrics["test_accuracy"] > 0.5  # learnable synthetic classes
+    assert run.data.tags["git_commit"] == git(repo, "rev-parse", "HEAD").strip()
+    assert run.data.tags["device"] == "cpu" and run.data.tags["torch_version"]
+    artifacts = {a.path for a in client(repo).list_artifacts(run.info.run_id, "evaluation")}
+    assert {"evaluation/confusion_matrix.png", "evaluation/predictions.png", "evaluation/per_class.csv"} <= artifacts
+    assert run.info.status == "FINISHED"
+
+
+def test_model_registered_as_version_1_with_both_aliases(pipeline):
+    repo, _ = pipeline
+    c = client(repo)
+    version = c.get_model_version_by_alias("mnist-cnn", "champion")
+    assert int(version.version) == 1 and set(version.aliases) == {"candidate", "champion"}
+    assert version.run_id == runs(repo)[0].info.run_id
+
+
+def test_reports_and_plots_are_written(pipeline):
+    repo, _ = pipeline
+    for name in ("confusion_matrix.png", "predictions.png"):
+        assert (repo / "reports" / name).read_bytes()[:4] == b"\x89PNG"
+    assert (repo / "reports/per_class.md").read_text().count("\n") == 12  # header, rule, 10 digits
+    assert len((repo / "reports/confusion.csv").read_text().splitlines()) == 301
+    history = (repo / "reports/history.csv").read_text().splitlines()
+    assert history[0].startswith("epoch,train_loss,test_loss,test_accuracy") and len(history) == 3
+    export = json.loads((repo / "reports/export.json").read_text())
+    assert export["torchscript"]["max_abs_logit_diff"] <= 1e-4
+    assert export["registered"]["version"] == 1
+
+
+def test_torchscript_predicts_in_a_process_that_cannot_import_the_project(pipeline):
+    repo, _ = pipeline
+    script = (
+        "import sys; sys.modules['mnist_pipeline'] = None  # any import of the project now fails\n"
+        "import numpy as np, torch\n"
+        "x = np.fromfile(sys.argv[2], np.uint8, offset=16).reshape(-1, 1, 28, 28)[:5]\n"
+        "m = torch.jit.load(sys.argv[1])\n"
+        "print(m(torch.from_numpy(x.copy()) / 255).argmax(1).tolist())\n"
+    )
+    args = [str(repo / "models/model.torchscript.pt"), str(repo / "data/raw/t10k-images-idx3-ubyte")]
+    out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, cwd=repo.parent)
+    assert out.returncode == 0, out.stderr
+    predicted = json.loads(out.stdout)
+    assert len(predicted) == 5 and all(0 <= d <= 9 for d in predicted)
+
+
+def test_second_repro_runs_nothing(pipeline, http_mirror):
+    repo, _ = pipeline
+    again = run(repo, http_mirror, "dvc", "repro")
+    assert again.returncode == 0, again.stderr
+    assert ran_stages(again) == []
+    assert len(runs(repo)) == 1
+
+
+def test_exp_run_with_a_train_param_reruns_train_evaluate_export_only(pipeline, http_mirror):
+    repo, _ = pipeline
+    exp = run(repo, http_mirror, "dvc", "exp", "run", "-S", "train.lr=0.002", "-n", "lower-lr")
+    assert exp.returncode == 0, exp.stdout + exp.stderr
+    assert ran_stages(exp) == ["train", "evaluate", "export"]
+    first, second = runs(repo)
+    assert second.data.tags["dvc_exp_name"] == "lower-lr" and second.data.params["train.lr"] == "0.002"
+    assert int(client(repo).get_model_version_by_alias("mnist-cnn", "candidate").version) == 2
+    shown = run(repo, http_mirror, "dvc", "exp", "show", "--csv")
+    assert "lower-lr" in shown.stdout and "test_accuracy" in shown.stdout
+
+
+def test_bad_param_stops_before_any_work(tmp_path, http_mirror, mirror_md5):
+    repo = make_repo(tmp_path, mirror_md5, train={"lr": -1})
+    result = run(repo, http_mirror, "dvc", "repro")
+    assert result.returncode != 0
+    assert "error: params.yaml: train.lr = -1.0 is not allowed; expected a number in (0, 10]" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (repo / "models").exists() and not (repo / "mlruns/mlflow.db").exists()
