@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from synthetic import write_mirror
+from mnist_pipeline.synthetic import write_mirror
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

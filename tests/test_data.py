@@ -9,7 +9,7 @@ import pytest
 
 from mnist_pipeline import data
 from mnist_pipeline.errors import PipelineError
-from synthetic import idx_bytes
+from mnist_pipeline.synthetic import idx_bytes
 
 
 def test_read_idx_round_trip(tmp_path):

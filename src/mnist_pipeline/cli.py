@@ -44,7 +44,18 @@ def main() -> None:
     ui.set_defaults(func=_ui)
     store = commands.add_parser("store", help="print the MLflow tracking URI the pipeline logs to")
     store.set_defaults(func=_store)
-    args = parser.parse_args()
+    bench = commands.add_parser(
+        "bench", help="benchmark the pipeline's training against the classic tutorial", add_help=False
+    )
+    bench.set_defaults(func=None)
+    args, rest = parser.parse_known_args()
+    if args.command == "bench":
+        from mnist_pipeline import bench as benchmark
+
+        run_main(lambda: benchmark.main(rest))
+        return
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     run_main(lambda: args.func(args))
 
 
