@@ -16,7 +16,7 @@ from mnist_pipeline.model import build
 @pytest.fixture
 def model():
     torch.manual_seed(0)
-    return build(ModelConfig((8, 16), 3, 32, 0.0)).eval()
+    return build(ModelConfig((8, 16), 3, 32, 0.0, False)).eval()
 
 
 def test_torchscript_matches_eager_model(tmp_path, model):

@@ -73,7 +73,7 @@ def test_rerun_with_changed_param_keeps_the_first_value(store):
 
 def test_candidate_always_moves_champion_only_when_not_worse(store):
     torch.manual_seed(0)
-    model = build(ModelConfig((4,), 3, 8, 0.0)).eval()
+    model = build(ModelConfig((4,), 3, 8, 0.0, False)).eval()
     with tracking.start_run({}, {}) as run_id:
         uri = tracking.log_model(model, torch.rand(2, 1, 28, 28).numpy(), ["torch"])
         first = tracking.register(uri, "m", 0.95)

@@ -13,7 +13,7 @@ from mnist_pipeline.config import ModelConfig, TrainConfig
 from mnist_pipeline.data import load_split
 from mnist_pipeline.errors import PipelineError
 
-MODEL = ModelConfig((8,), 3, 32, 0.0)
+MODEL = ModelConfig((8,), 3, 32, 0.0, False)
 TRAIN = TrainConfig(
     seed=0,
     device="cpu",
@@ -23,6 +23,9 @@ TRAIN = TrainConfig(
     lr=0.003,
     weight_decay=0.0,
     lr_schedule="onecycle",
+    label_smoothing=0.0,
+    augment_shift=0,
+    precision="auto",
     threads=0,
     log_every=5,
 )
@@ -89,3 +92,28 @@ def test_history_file(tmp_path, tensors):
     training.write_history(tmp_path / "h.csv", result.history)
     lines = (tmp_path / "h.csv").read_text().splitlines()
     assert lines[0] == "epoch,train_loss,test_loss,test_accuracy,seconds" and len(lines) == 2
+
+
+def test_random_shift_moves_each_digit_within_bounds_and_keeps_it_whole():
+    images = torch.zeros(64, 1, 28, 28, dtype=torch.uint8)
+    images[:, 0, 14, 14] = 255  # one lit pixel in the middle of each image
+    shifted = training.random_shift(images, 2, torch.Generator().manual_seed(0))
+    assert shifted.shape == images.shape and shifted.dtype == torch.uint8
+    assert torch.equal(shifted.sum(dim=(1, 2, 3)), images.sum(dim=(1, 2, 3)).to(shifted.dtype))
+    rows, cols = (shifted[:, 0] == 255).nonzero()[:, 1:].T
+    assert ((rows - 14).abs() <= 2).all() and ((cols - 14).abs() <= 2).all()
+    assert len({(int(r), int(c)) for r, c in zip(rows, cols, strict=True)}) > 10  # offsets differ per image
+
+
+def test_augmentation_label_smoothing_batch_norm_and_bf16_train(tensors):
+    cfg = dataclasses.replace(TRAIN, epochs=1, augment_shift=2, label_smoothing=0.1, precision="bf16")
+    model_cfg = dataclasses.replace(MODEL, batch_norm=True)
+    result = training.train(model_cfg, cfg, *tensors, torch.device("cpu"), log=io.StringIO())
+    assert result.history[0].test_accuracy > 0.5
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in result.model.modules())
+
+
+def test_precision_auto_is_bf16_on_cuda_only():
+    assert training.autocast_dtype("auto", torch.device("cpu")) is None
+    assert training.autocast_dtype("auto", torch.device("cuda")) is torch.bfloat16
+    assert training.autocast_dtype("fp32", torch.device("cuda")) is None

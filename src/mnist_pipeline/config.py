@@ -97,6 +97,7 @@ _MD5 = re.compile(r"^[0-9a-f]{32}$")
 DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("constant", "onecycle")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +118,7 @@ class ModelConfig(Section):
     kernel_size: int
     hidden: int  # width of the first linear layer
     dropout: float  # before the last linear layer
+    batch_norm: bool  # BatchNorm after each conv
 
     def __post_init__(self):
         _check(
@@ -143,6 +145,9 @@ class TrainConfig(Section):
     lr: float  # peak learning rate when lr_schedule is onecycle
     weight_decay: float
     lr_schedule: str
+    label_smoothing: float
+    augment_shift: int  # shift each training digit by up to this many pixels (0 = no augmentation)
+    precision: str  # auto = bf16 autocast on CUDA, fp32 on CPU
     threads: int  # CPU threads for torch; 0 = one per core
     log_every: int  # print the running loss every this many batches
 
@@ -155,6 +160,9 @@ class TrainConfig(Section):
         _check(0.0 < self.lr <= 10.0, "train.lr", self.lr, "a number in (0, 10]")
         _check(self.weight_decay >= 0.0, "train.weight_decay", self.weight_decay, "a number >= 0")
         _check(self.lr_schedule in LR_SCHEDULES, "train.lr_schedule", self.lr_schedule, _allowed(LR_SCHEDULES))
+        _check(0.0 <= self.label_smoothing < 1.0, "train.label_smoothing", self.label_smoothing, "a number in [0, 1)")
+        _check(0 <= self.augment_shift <= 8, "train.augment_shift", self.augment_shift, "an integer in 0..8")
+        _check(self.precision in PRECISIONS, "train.precision", self.precision, _allowed(PRECISIONS))
         _check(self.threads >= 0, "train.threads", self.threads, "an integer >= 0 (0 = one per core)")
         _check(self.log_every >= 1, "train.log_every", self.log_every, "an integer >= 1")
 

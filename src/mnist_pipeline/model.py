@@ -29,7 +29,11 @@ class ConvNet(nn.Module):
         blocks: list[nn.Module] = []
         channels, size = 1, IMAGE_SIZE
         for out_channels in cfg.conv_channels:
-            blocks += [nn.Conv2d(channels, out_channels, cfg.kernel_size), nn.MaxPool2d(2), nn.ReLU()]
+            # Pooling before the ReLU gives the same result (both are monotonic) on a quarter of the values.
+            blocks.append(nn.Conv2d(channels, out_channels, cfg.kernel_size, bias=not cfg.batch_norm))
+            if cfg.batch_norm:
+                blocks.append(nn.BatchNorm2d(out_channels))
+            blocks += [nn.MaxPool2d(2), nn.ReLU()]
             channels, size = out_channels, (size - cfg.kernel_size + 1) // 2
         self.features = nn.Sequential(*blocks)  # (B, C, size, size), e.g. (B, 32, 13, 13) for one 3x3 block
         self.classifier = nn.Sequential(

@@ -55,12 +55,36 @@ class Tensors:
         images = torch.from_numpy(split.images).unsqueeze(1)
         return cls(images.to(device), torch.from_numpy(split.labels.astype(np.int64)).to(device))
 
-    def x(self, index: torch.Tensor | slice) -> torch.Tensor:
-        """Float pixels in [0, 1] of the selected images, the model's input."""
-        return self.images[index].float().div_(255.0)
+    def x(self, index: torch.Tensor | slice, shift: int = 0, generator: torch.Generator | None = None):
+        """Float pixels in [0, 1] of the selected images (randomly shifted when ``shift``), the model's input."""
+        images = self.images[index]
+        if shift:
+            images = random_shift(images, shift, generator)
+        return images.float().div_(255.0)
 
     def __len__(self) -> int:
         return len(self.y)
+
+
+def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Translate each image by its own random offset of up to ``max_shift`` pixels in x and y, zero-filled.
+
+    Runs on the images' device as one gather, so augmentation costs no trip through Python per sample.
+    """
+    b, _, h, w = images.shape  # (B, 1, 28, 28)
+    padded = F.pad(images, (max_shift,) * 4)  # (B, 1, 28 + 2s, 28 + 2s)
+    offsets = torch.randint(0, 2 * max_shift + 1, (2, b, 1), generator=generator, device=images.device)
+    rows = torch.arange(h, device=images.device) + offsets[0]  # (B, 28)
+    cols = torch.arange(w, device=images.device) + offsets[1]  # (B, 28)
+    batch = torch.arange(b, device=images.device)[:, None, None]
+    return padded[batch, 0, rows[:, :, None], cols[:, None, :]].unsqueeze(1)  # (B, 1, 28, 28)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA under ``auto`` (tensor cores); on CPU it rarely pays, so fp32 there."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
 
 
 @torch.inference_mode()
@@ -129,7 +153,8 @@ def train(
     optimizer = make_optimizer(model, cfg)
     steps_per_epoch = -(-len(train_data) // cfg.batch_size)
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)  # batch order, separate from init
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)  # batch order and shifts
+    amp_dtype = autocast_dtype(cfg.precision, device)
 
     history: list[EpochMetrics] = []
     start = time.perf_counter()
@@ -140,7 +165,9 @@ def train(
         order = torch.randperm(len(train_data), generator=generator, device=device)
         for step, first in enumerate(range(0, len(train_data), cfg.batch_size), start=1):
             idx = order[first : first + cfg.batch_size]
-            loss = F.cross_entropy(model(train_data.x(idx)), train_data.y[idx])
+            x = train_data.x(idx, cfg.augment_shift, generator)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                loss = F.cross_entropy(model(x), train_data.y[idx], label_smoothing=cfg.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -155,7 +182,7 @@ def train(
                     file=log,
                     flush=True,
                 )
-        test_loss, test_accuracy = evaluate_loss_accuracy(model, test_data)
+        test_loss, test_accuracy = evaluate_loss_accuracy(model, test_data)  # in fp32, like the evaluate stage
         metrics = EpochMetrics(epoch, loss_sum.item() / seen, test_loss, test_accuracy, time.perf_counter() - start)
         history.append(metrics)
         print(
