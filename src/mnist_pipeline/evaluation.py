@@ -17,7 +17,7 @@ from mnist_pipeline.model import NUM_CLASSES
 @torch.inference_mode()
 def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
     """(N, 1, 28, 28) pixels -> (N, 10) logits, in batches."""
-    model.eval()
+    model.eval().to(memory_format=torch.channels_last)  # the layout the convolutions are fastest in
     return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
@@ -92,7 +92,7 @@ def plot_confusion_matrix(confusion: np.ndarray, path: Path) -> None:
     accuracy = np.trace(confusion) / max(confusion.sum(), 1)
     ax.set_title(f"Confusion matrix: {confusion.sum()} test digits, accuracy {100 * accuracy:.2f}%")
     fig.colorbar(image, ax=ax, label="log(1 + count)")
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.1, right=0.98, bottom=0.1, top=0.93)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -106,7 +106,8 @@ def plot_predictions(
     chosen = rng.choice(len(images), size=min(count, len(images)), replace=False)
     cols = min(8, len(chosen))
     rows = -(-len(chosen) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.4 * cols, 1.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.4 * cols, 1.6 * rows + 0.4), squeeze=False)
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=1 - 0.5 / (1.6 * rows + 0.4), hspace=0.35)
     for ax in axes.flat:
         ax.axis("off")
     for ax, i in zip(axes.flat, chosen, strict=False):
@@ -122,6 +123,5 @@ def plot_predictions(
                 spine.set_linewidth(2.5)
     errors = int((predicted[chosen] != actual[chosen]).sum())
     fig.suptitle(f"predicted / actual ({errors} of {len(chosen)} wrong, in red)", fontsize=10)
-    fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -20,7 +20,8 @@ def to_torchscript(model: nn.Module, example: torch.Tensor) -> torch.jit.ScriptM
         # TorchScript is deprecated in favour of torch.export, yet it is still the format most C++/Java/mobile
         # runtimes load; the MLflow model is the torch.export one.
         warnings.simplefilter("ignore", FutureWarning)
-        return torch.jit.trace(model, example)
+        # check_trace=False: the trace's own re-run check costs a second; check_parity below is stricter.
+        return torch.jit.trace(model, example, check_trace=False)
 
 
 def load_torchscript(path: Path) -> torch.jit.ScriptModule:
