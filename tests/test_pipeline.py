@@ -190,6 +190,18 @@ def test_exp_run_with_a_train_param_reruns_train_evaluate_export_only(pipeline, 
     assert "lower-lr" in shown.stdout and "test_accuracy" in shown.stdout
 
 
+def test_temp_experiment_logs_to_the_projects_store(pipeline, http_mirror):
+    """`dvc exp run --temp` runs in a copy under .dvc/tmp/exps/; its run must land in the project's mlruns/."""
+    repo, _ = pipeline
+    before = len(runs(repo))
+    exp = run(repo, http_mirror, "dvc", "exp", "run", "--temp", "-S", "train.seed=1", "-n", "in-temp")
+    assert exp.returncode == 0, exp.stdout + exp.stderr
+    latest = runs(repo)[-1]
+    assert len(runs(repo)) == before + 1 and latest.data.tags["dvc_exp_name"] == "in-temp"
+    assert latest.info.artifact_uri.startswith(str(repo / "mlruns"))
+    assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))
+
+
 def test_bad_param_stops_before_any_work(tmp_path, http_mirror, mirror_md5):
     repo = make_repo(tmp_path, mirror_md5, train={"lr": -1})
     result = run(repo, http_mirror, "dvc", "repro")

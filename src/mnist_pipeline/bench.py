@@ -109,6 +109,25 @@ def prepare_data(folder: Path) -> str:
     return "SYNTHETIC data (MNIST_MIRROR is not set): only the timings mean anything, not the accuracies"
 
 
+def write_params(base: Path, overrides: list[str], out: Path) -> Path:
+    """params.yaml with ``KEY=VALUE`` overrides applied (values parsed as YAML), validated before any run."""
+    import yaml
+
+    from mnist_pipeline import config
+    from mnist_pipeline.errors import PipelineError
+
+    raw = config.read_params(base)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        section, _, name = key.partition(".")
+        if not sep or not name or section not in raw:
+            raise PipelineError(f"-S {item!r}: expected SECTION.KEY=VALUE, e.g. train.epochs=3")
+        raw[section][name] = yaml.safe_load(value)
+    out.write_text(yaml.safe_dump(raw))
+    config.load(out, *config.SECTIONS)
+    return out
+
+
 def summarise(history: list[dict]) -> dict:
     reached = next((m["seconds"] for m in history if m["test_accuracy"] >= TARGET_ACCURACY), None)
     return {"test_accuracy": history[-1]["test_accuracy"], "train_s": history[-1]["seconds"], "to_99_s": reached}
@@ -119,6 +138,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=1, help="run each contender with seeds 0..N-1")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="the pipeline's params")
     parser.add_argument("--only", choices=["baseline", "pipeline"], help="run one contender only")
+    parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a param, as `dvc exp run -S` does (e.g. -S train.epochs=3)")  # fmt: skip
     args = parser.parse_args(argv)
 
     import pandas as pd
@@ -126,12 +147,13 @@ def main(argv: list[str] | None = None) -> None:
     contenders = [args.only] if args.only else ["baseline", "pipeline"]
     rows = []
     with tempfile.TemporaryDirectory(prefix="mnist-bench-") as tmp:
+        params = write_params(args.params, args.set, Path(tmp) / "params.yaml")
         what = prepare_data(Path(tmp))
         print(f"data: {what}", file=sys.stderr)
         for seed in range(args.seeds):
             for contender in contenders:
                 cmd = [sys.executable, "-m", "mnist_pipeline.bench", "--worker", contender, tmp, str(seed),
-                       str(args.params.resolve())]  # fmt: skip
+                       str(params)]  # fmt: skip
                 out = subprocess.run(cmd, capture_output=True, text=True, check=False)
                 if out.returncode != 0:
                     raise SystemExit(f"{contender} seed {seed} failed:\n{out.stderr[-2000:]}")
