@@ -1,4 +1,4 @@
-"""Stage export: TorchScript file, parity check against the trained model, then log + register in MLflow."""
+"""Stage export: TorchScript and ONNX files, each checked against the trained model, then log + register in MLflow."""
 
 import argparse
 import json
@@ -20,6 +20,7 @@ def main() -> None:
     parser.add_argument("--run-file", type=Path, required=True)
     parser.add_argument("--metrics", type=Path, required=True, help="the evaluate stage's metrics JSON")
     parser.add_argument("--torchscript", type=Path, required=True)
+    parser.add_argument("--onnx", type=Path, required=True)
     parser.add_argument("--report", type=Path, required=True, help="parity figures and registered version (JSON)")
     args = parser.parse_args()
 
@@ -32,30 +33,27 @@ def main() -> None:
     digits = to_pixels(torch.from_numpy(test.images[: export_cfg.parity_samples].copy()))  # (N, 1, 28, 28)
     tracking.configure()
 
+    def parity(exported, fmt: str) -> export.Parity:
+        result = export.check_parity(model, exported, digits, export_cfg.parity_tolerance, fmt)
+        export.require_parity(result)  # a failed check stops here: nothing more is logged or registered
+        print(f"{fmt} parity on {result.samples} test digits: max |logit diff| {result.max_abs_diff:.2e}")
+        return result
+
     export.save_torchscript(export.to_torchscript(model, digits[:2]), args.torchscript)
-    parity = export.check_parity(
-        model, export.load_torchscript(args.torchscript), digits, export_cfg.parity_tolerance, "TorchScript"
-    )
-    export.require_parity(parity)  # a failed check stops here: nothing is logged or registered
-    print(f"TorchScript parity on {parity.samples} test digits: max |logit diff| {parity.max_abs_diff:.2e}")
+    export.save_onnx(model, digits[:2], args.onnx)
+    checks = {
+        "torchscript": parity(export.load_torchscript(args.torchscript), "TorchScript"),
+        "onnx": parity(export.load_onnx(args.onnx), "ONNX"),
+    }
 
     with tracking.resume_run(run_id):
         tracking.log_params(config.flatten([export_cfg]))
-        tracking.log_artifacts([args.torchscript], "torchscript")
+        tracking.log_artifacts([args.torchscript, args.onnx], "exported")
         model_uri = tracking.log_model(model, digits[:4].numpy(), [f"torch>={torch.__version__.split('+')[0]}"])
-        logged = export.check_parity(
-            model, tracking.load_model(model_uri), digits, export_cfg.parity_tolerance, "MLflow (torch.export)"
-        )
-        export.require_parity(logged)
-        print(f"MLflow model parity: max |logit diff| {logged.max_abs_diff:.2e}")
-        tracking.log_metrics(
-            {
-                "torchscript_max_abs_logit_diff": parity.max_abs_diff,
-                "mlflow_model_max_abs_logit_diff": logged.max_abs_diff,
-            }
-        )
-        registration = tracking.register(model_uri, export_cfg.model_name, test_accuracy)
-    report = {"torchscript": parity.to_dict(), "mlflow_model": logged.to_dict(), "registered": registration.to_dict()}
+        checks["mlflow_model"] = parity(tracking.load_model(model_uri), "MLflow model (torch.export)")
+        tracking.log_metrics({f"{name}_max_abs_logit_diff": check.max_abs_diff for name, check in checks.items()})
+        registration = tracking.register(model_uri, export_cfg.model_name, test_accuracy, export_cfg.promote_min_delta)
+    report = {**{name: check.to_dict() for name, check in checks.items()}, "registered": registration.to_dict()}
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text(json.dumps(report, indent=2) + "\n")
 

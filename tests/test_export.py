@@ -46,3 +46,16 @@ def test_argmax_disagreement_fails_even_within_tolerance(model):
 
     parity = export.check_parity(model, swapped, x, tolerance=1e9, fmt="test")
     assert parity.argmax_mismatches > 0 and not parity.ok
+
+
+def test_onnx_matches_eager_model_and_a_broken_one_is_refused(tmp_path, model):
+    x = torch.rand(300, 1, 28, 28)  # also a batch size the export never saw: the batch dimension is dynamic
+    export.save_onnx(model, x[:2], tmp_path / "m.onnx")
+    onnx_model = export.load_onnx(tmp_path / "m.onnx")
+    parity = export.check_parity(model, onnx_model, x, 1e-4, "ONNX")
+    assert parity.ok and parity.samples == 300
+    with torch.no_grad():
+        model.features[0].weight.mul_(1.01)  # the model moved on; the file did not
+    broken = export.check_parity(model, onnx_model, x, 1e-4, "ONNX")
+    with pytest.raises(PipelineError, match=r"^ONNX export differs from the trained model on 300 test digits"):
+        export.require_parity(broken)

@@ -6,13 +6,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
 from conftest import REPO_ROOT
 
@@ -138,7 +144,11 @@ def test_model_registered_as_version_1_with_both_aliases(pipeline):
     c = client(repo)
     version = c.get_model_version_by_alias("mnist-cnn", "champion")
     assert int(version.version) == 1 and set(version.aliases) == {"candidate", "champion"}
-    assert version.run_id == runs(repo)[0].info.run_id
+    run = runs(repo)[0]
+    assert version.run_id == run.info.run_id
+    assert version.tags["run_id"] == run.info.run_id and version.tags["git_commit"] == run.data.tags["git_commit"]
+    assert float(version.tags["test_accuracy"]) == run.data.metrics["final_test_accuracy"]
+    assert version.tags["promotion"] == "no champion yet" and version.description.startswith("MNIST CNN")
 
 
 def test_reports_and_plots_are_written(pipeline):
@@ -150,7 +160,8 @@ def test_reports_and_plots_are_written(pipeline):
     history = (repo / "reports/history.csv").read_text().splitlines()
     assert history[0].startswith("epoch,train_loss,test_loss,test_accuracy") and len(history) == 3
     export = json.loads((repo / "reports/export.json").read_text())
-    assert export["torchscript"]["max_abs_logit_diff"] <= 1e-4
+    for fmt in ("torchscript", "onnx", "mlflow_model"):
+        assert export[fmt]["max_abs_logit_diff"] <= 1e-4 and export[fmt]["argmax_mismatches"] == 0
     assert export["registered"]["version"] == 1
 
 
@@ -168,6 +179,56 @@ def test_torchscript_predicts_in_a_process_that_cannot_import_the_project(pipeli
     assert out.returncode == 0, out.stderr
     predicted = json.loads(out.stdout)
     assert len(predicted) == 5 and all(0 <= d <= 9 for d in predicted)
+
+
+def evaluated_predictions(repo: Path, n: int) -> list[int]:
+    """The evaluate stage's predicted digit for the first n test images."""
+    rows = (repo / "reports/confusion.csv").read_text().splitlines()[1 : n + 1]
+    return [int(row.split(",")[1]) for row in rows]
+
+
+def test_predict_on_png_files_agrees_with_the_evaluate_stage(pipeline, http_mirror, tmp_path):
+    repo, _ = pipeline
+    images = np.fromfile(repo / "data/raw/t10k-images-idx3-ubyte", np.uint8, offset=16).reshape(-1, 28, 28)
+    paths = []
+    for i in range(40):
+        paths.append(tmp_path / f"{i:03d}.png")
+        Image.fromarray(images[i]).save(paths[-1])
+    out = run(repo, http_mirror, "mnist-pipeline", "predict", "--json", *map(str, paths))  # champion, by default
+    assert out.returncode == 0, out.stderr
+    predicted = [json.loads(line)["digit"] for line in out.stdout.splitlines()]
+    assert predicted == evaluated_predictions(repo, 40)
+
+
+def test_rest_serving_round_trip(pipeline, http_mirror):
+    repo, _ = pipeline
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    server = subprocess.Popen(["mnist-pipeline", "serve", "--port", str(port)], cwd=repo, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, server.stderr.read().decode()[-2000:]
+                assert time.monotonic() < deadline, "the model server did not start within 120 s"
+                time.sleep(0.5)
+        images = np.fromfile(repo / "data/raw/t10k-images-idx3-ubyte", np.uint8, offset=16).reshape(-1, 1, 28, 28)
+        body = json.dumps({"inputs": (images[:16] / 255.0).astype("float32").tolist()}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", body,
+                                         {"Content-Type": "application/json"})  # fmt: skip
+        logits = np.array(json.loads(urllib.request.urlopen(request, timeout=30).read())["predictions"])
+        assert logits.shape == (16, 10)
+        assert logits.argmax(1).tolist() == evaluated_predictions(repo, 16)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
 
 
 def test_second_repro_runs_nothing(pipeline, http_mirror):

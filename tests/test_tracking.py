@@ -71,6 +71,22 @@ def test_rerun_with_changed_param_keeps_the_first_value(store):
             pass
 
 
+@pytest.mark.parametrize(
+    ("accuracy", "champion", "delta", "promote", "reason"),
+    [
+        (0.95, None, 0.001, True, "no champion yet"),
+        (0.97, (2, 0.96), 0.0, True, "test accuracy 0.9700 >= champion v2's 0.9600 + 0"),
+        (0.96, (2, 0.96), 0.0, True, ">= champion v2's"),
+        (0.95, (2, 0.96), 0.0, False, "kept champion v2: test accuracy 0.9500 < its 0.9600 + 0"),
+        (0.9605, (2, 0.96), 0.001, False, "kept champion v2"),
+        (0.9610, (2, 0.96), 0.001, True, ">= champion v2's 0.9600 + 0.001"),
+    ],
+)
+def test_promotion_rule(accuracy, champion, delta, promote, reason):
+    decision, why = tracking.promotion(accuracy, champion, delta)
+    assert decision is promote and reason in why
+
+
 def test_candidate_always_moves_champion_only_when_not_worse(store):
     torch.manual_seed(0)
     model = build(ModelConfig((4,), 3, 8, 0.0, False)).eval()
@@ -90,6 +106,11 @@ def test_candidate_always_moves_champion_only_when_not_worse(store):
     assert int(client.get_model_version_by_alias("m", "candidate").version) == 4
     version = client.get_model_version("m", "3")
     assert version.tags["test_accuracy"] == "0.960000" and version.tags["run_id"] == run_id
+    assert version.tags["promotion"].startswith("kept champion v2") and version.tags["git_commit"]
+    assert version.description.startswith("MNIST CNN, test accuracy 96.00%")
+    with tracking.start_run({}, {}):
+        margin = tracking.register(uri, "m", 0.9705, min_delta=0.001)
+    assert margin.aliases == ("candidate",)
     loaded = tracking.load_model("models:/m@champion")
     x = torch.rand(3, 1, 28, 28)
     torch.testing.assert_close(loaded(x), model(x))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+from pathlib import Path
 
 from mnist_pipeline.errors import run_main
 
@@ -35,6 +36,24 @@ def _store(args: argparse.Namespace) -> None:
     print(tracking.tracking_uri())
 
 
+def _predict(args: argparse.Namespace) -> None:
+    from mnist_pipeline import predict
+
+    sys.exit(predict.main(args.inputs, args.model, args.json, args.top_k))
+
+
+def _serve(args: argparse.Namespace) -> None:
+    import os
+
+    from mnist_pipeline import tracking
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri()}
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", args.model, "--env-manager", "local",
+           "--host", args.host, "--port", str(args.port)]  # fmt: skip
+    print(f"serving {args.model} on http://{args.host}:{args.port}/invocations", file=sys.stderr)
+    sys.exit(subprocess.call(cmd, env=env))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="mnist-pipeline", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -42,6 +61,21 @@ def main() -> None:
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
     ui.set_defaults(func=_ui)
+    predict = commands.add_parser("predict", help="predict the digit in images, .npy arrays or IDX files")
+    predict.add_argument("inputs", nargs="+", type=Path, help="PNG/JPEG/... images, .npy arrays, IDX files")
+    predict.add_argument(
+        "--model",
+        default="models:/mnist-cnn@champion",
+        help="a registry URI, version number or run id, or a local .onnx / TorchScript file",
+    )
+    predict.add_argument("--json", action="store_true", help="one JSON object per line")
+    predict.add_argument("--top-k", type=int, default=1, help="show the K most likely digits")
+    predict.set_defaults(func=_predict)
+    serve = commands.add_parser("serve", help="serve a registered model over REST with `mlflow models serve`")
+    serve.add_argument("--model", default="models:/mnist-cnn@champion")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=5001)
+    serve.set_defaults(func=_serve)
     store = commands.add_parser("store", help="print the MLflow tracking URI the pipeline logs to")
     store.set_defaults(func=_store)
     bench = commands.add_parser(

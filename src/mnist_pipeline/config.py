@@ -187,6 +187,7 @@ class ExportConfig(Section):
     model_name: str  # registered model name in MLflow
     parity_samples: int  # real test digits the exported model is checked on
     parity_tolerance: float  # max absolute logit difference allowed against the eager model
+    promote_min_delta: float  # champion moves to a new version only if its accuracy >= champion's + this
 
     def __post_init__(self):
         _check(
@@ -198,6 +199,12 @@ class ExportConfig(Section):
         _check(self.parity_samples >= 1, "export.parity_samples", self.parity_samples, "an integer >= 1")
         _check(
             0.0 < self.parity_tolerance < 1.0, "export.parity_tolerance", self.parity_tolerance, "a number in (0, 1)"
+        )
+        _check(
+            0.0 <= self.promote_min_delta < 1.0,
+            "export.promote_min_delta",
+            self.promote_min_delta,
+            "a number in [0, 1)",
         )
 
 

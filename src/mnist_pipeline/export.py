@@ -30,6 +30,42 @@ def load_torchscript(path: Path) -> torch.jit.ScriptModule:
         return torch.jit.load(str(path), map_location="cpu")
 
 
+ONNX_OPSET = 18  # the torch.export-based exporter's default; onnxruntime >= 1.14 runs it
+ONNX_INPUT, ONNX_OUTPUT = "pixels", "logits"
+
+
+def save_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    """Export with the torch.export-based ONNX exporter, the batch dimension dynamic; atomic."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    model.eval()
+    torch.onnx.export(
+        model,
+        (example,),
+        str(tmp),
+        dynamo=True,
+        opset_version=ONNX_OPSET,
+        input_names=[ONNX_INPUT],
+        output_names=[ONNX_OUTPUT],
+        dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
+        external_data=False,  # one self-contained file
+        verbose=False,
+    )
+    os.replace(tmp, path)
+
+
+def load_onnx(path: Path):
+    """An onnxruntime session wrapped as a callable on a (N, 1, 28, 28) tensor, returning logits as a tensor."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(session.run([ONNX_OUTPUT], {ONNX_INPUT: x.numpy()})[0])
+
+    return run
+
+
 def save_torchscript(module: torch.jit.ScriptModule, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")

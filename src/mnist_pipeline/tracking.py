@@ -252,30 +252,47 @@ def load_model(model_uri: str):
     return mlflow.pytorch.load_model(model_uri, map_location="cpu")
 
 
-def register(model_uri: str, name: str, test_accuracy: float, log: TextIO | None = None) -> Registration:
+def promotion(test_accuracy: float, champion: tuple[int, float] | None, min_delta: float) -> tuple[bool, str]:
+    """Should a new version with ``test_accuracy`` become champion? Returns (decision, reason in one line)."""
+    if champion is None:
+        return True, "no champion yet"
+    version, accuracy = champion
+    if test_accuracy >= accuracy + min_delta:
+        return True, f"test accuracy {test_accuracy:.4f} >= champion v{version}'s {accuracy:.4f} + {min_delta:g}"
+    return False, f"kept champion v{version}: test accuracy {test_accuracy:.4f} < its {accuracy:.4f} + {min_delta:g}"
+
+
+def register(
+    model_uri: str, name: str, test_accuracy: float, min_delta: float = 0.0, log: TextIO | None = None
+) -> Registration:
     """Register a logged model as a new version of ``name`` and move the aliases.
 
-    ``candidate`` always moves to the new version; ``champion`` moves when the new version's test accuracy is
-    at least the current champion's, or when there is no champion yet.
+    ``candidate`` always moves to the new version; ``champion`` moves when the new version's test accuracy is at
+    least the current champion's plus ``min_delta``, or when there is no champion yet. The decision and its reason
+    are printed and kept as the version's ``promotion`` tag.
     """
     log = log or sys.stderr
-    version = int(mlflow.register_model(model_uri, name).version)
     client = MlflowClient()
-    client.set_model_version_tag(name, str(version), "test_accuracy", f"{test_accuracy:.6f}")
-    client.set_model_version_tag(name, str(version), "run_id", mlflow.active_run().info.run_id)
-
-    champion = _champion_accuracy(client, name)
+    champion = _champion_accuracy(client, name)  # before registering: the new version must not compete with itself
+    run = mlflow.active_run()
+    version = int(mlflow.register_model(model_uri, name).version)
+    promote, reason = promotion(test_accuracy, champion, min_delta)
+    tags = {
+        "test_accuracy": f"{test_accuracy:.6f}",
+        "run_id": run.info.run_id,
+        "git_commit": run.data.tags.get("git_commit", "unknown"),
+        "dvc_exp_name": run.data.tags.get("dvc_exp_name", ""),
+        "promotion": reason,
+    }
+    for key, value in tags.items():
+        client.set_model_version_tag(name, str(version), key, value)
+    client.update_model_version(
+        name, str(version), description=f"MNIST CNN, test accuracy {100 * test_accuracy:.2f}%, run {run.info.run_id}"
+    )
     client.set_registered_model_alias(name, ALIAS_CANDIDATE, str(version))
     aliases = [ALIAS_CANDIDATE]
-    if champion is None:
-        reason = "no champion yet"
-    elif test_accuracy >= champion[1]:
-        reason = f"test accuracy {test_accuracy:.4f} >= champion v{champion[0]}'s {champion[1]:.4f}"
-    else:
-        reason = f"kept champion v{champion[0]}: test accuracy {test_accuracy:.4f} < its {champion[1]:.4f}"
-    if champion is None or test_accuracy >= champion[1]:
+    if promote:
         client.set_registered_model_alias(name, ALIAS_CHAMPION, str(version))
         aliases.append(ALIAS_CHAMPION)
-    client.set_model_version_tag(name, str(version), "champion_decision", reason)
     print(f"registered {name} version {version} ({', '.join(aliases)}): {reason}", file=log)
     return Registration(name, version, f"models:/{name}/{version}", tuple(aliases), reason)

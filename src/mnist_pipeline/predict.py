@@ -1,0 +1,206 @@
+"""`mnist-pipeline predict`: digits for image files, .npy arrays or IDX files, with any exported form of the model.
+
+Preprocessing, the way MNIST itself was made, so that a photo or a drawing looks like a training digit:
+
+1. read as greyscale (RGB and RGBA are converted; .npy floats in [0, 1] are scaled to 0-255);
+2. invert when the background is light (MNIST digits are light on black): the border's median decides;
+3. a 28x28 image is taken as already MNIST-normalised and kept as it is; any other size is cropped to its ink,
+   scaled so that its longer side is 20 pixels (aspect kept), and placed in a 28x28 frame with its centre of mass
+   at the centre.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mnist_pipeline.errors import PipelineError
+
+DEFAULT_MODEL = "models:/mnist-cnn@champion"
+IMAGE_SIZE, DIGIT_BOX = 28, 20
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+def preprocess(image: np.ndarray, name: str) -> np.ndarray:
+    """(H, W) greyscale 0-255 -> (28, 28) float32 in [0, 1], light digit on black, MNIST-style."""
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim != 2 or min(image.shape) < 1:
+        raise PipelineError(f"{name}: expected a 2-D image, got shape {image.shape}")
+    if image.max() - image.min() < 1:
+        raise PipelineError(f"{name}: the image is blank (every pixel is {image.max():.0f})")
+    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
+    if np.median(border) > 127:  # dark digit on a light background
+        image = 255.0 - image
+    if image.shape == (IMAGE_SIZE, IMAGE_SIZE):
+        return image / 255.0
+    return _normalise_size(image) / 255.0
+
+
+def _normalise_size(image: np.ndarray) -> np.ndarray:
+    from PIL import Image
+
+    ink = image > 0.2 * image.max()
+    rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
+    crop = image[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    scale = DIGIT_BOX / max(crop.shape)
+    height, width = max(1, round(crop.shape[0] * scale)), max(1, round(crop.shape[1] * scale))
+    digit = np.asarray(Image.fromarray(crop).resize((width, height), Image.Resampling.LANCZOS)).clip(0, 255)
+    # centre of mass of the scaled digit -> centre of the 28x28 frame
+    total = digit.sum()
+    cy = (digit.sum(axis=1) * np.arange(height)).sum() / total
+    cx = (digit.sum(axis=0) * np.arange(width)).sum() / total
+    top = int(np.clip(round(IMAGE_SIZE / 2 - cy), 0, IMAGE_SIZE - height))
+    left = int(np.clip(round(IMAGE_SIZE / 2 - cx), 0, IMAGE_SIZE - width))
+    frame = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
+    frame[top : top + height, left : left + width] = digit
+    return frame
+
+
+def _idx_images(raw: bytes, name: str) -> np.ndarray:
+    if len(raw) < 16 or raw[:4] != b"\x00\x00\x08\x03":
+        raise PipelineError(f"{name}: not an IDX file of images (expected magic 0x00000803)")
+    n, h, w = (int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(3))
+    if len(raw) != 16 + n * h * w:
+        raise PipelineError(f"{name}: IDX header says {n}x{h}x{w} but the file holds {len(raw) - 16} bytes of data")
+    return np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(n, h, w)
+
+
+def read_inputs(path: Path) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (label, 2-D greyscale array) for each image in ``path``; PipelineError names the file on failure."""
+    name = str(path)
+    if not path.is_file():
+        raise PipelineError(f"{name}: no such file")
+    if path.stat().st_size == 0:
+        raise PipelineError(f"{name}: the file is empty")
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        try:
+            array = np.load(path, allow_pickle=False)  # never unpickle a file given on the command line
+        except (ValueError, OSError) as exc:
+            raise PipelineError(f"{name}: not a readable .npy array ({exc})") from None
+        if array.dtype.kind == "f" and array.max() <= 1.0:
+            array = array * 255.0
+        array = array.squeeze() if array.ndim == 4 else array
+        if array.ndim == 2:
+            yield name, array
+        elif array.ndim == 3:
+            yield from ((f"{name}[{i}]", a) for i, a in enumerate(array))
+        else:
+            raise PipelineError(f"{name}: expected an array of shape (H, W) or (N, H, W), got {array.shape}")
+        return
+    with path.open("rb") as f:
+        head = f.read(4)
+    if head[:2] == b"\x1f\x8b" or head == b"\x00\x00\x08\x03" or re.search(r"idx\d", path.name):
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            try:
+                raw = gzip.decompress(raw)
+            except (OSError, EOFError) as exc:
+                raise PipelineError(f"{name}: not a complete gzip file ({exc})") from None
+        yield from ((f"{name}[{i}]", a) for i, a in enumerate(_idx_images(raw, name)))
+        return
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            if image.mode in ("RGBA", "LA") or "transparency" in image.info:
+                # transparent strokes on nothing: composite on white first
+                background = Image.new("RGBA", image.size, "white")
+                image = Image.alpha_composite(background, image.convert("RGBA"))
+            yield name, np.asarray(image.convert("L"))
+    except (UnidentifiedImageError, OSError) as exc:
+        kind = "image" if suffix in IMAGE_SUFFIXES else "image, .npy or IDX file"
+        raise PipelineError(f"{name}: not a readable {kind} ({exc})") from None
+
+
+def load_model(reference: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A callable from (N, 1, 28, 28) pixels to logits.
+
+    ``reference``: a local ``.onnx`` or TorchScript file, a registry version number (of mnist-cnn), an MLflow run
+    id, or any MLflow model URI (``models:/mnist-cnn@champion``, ``models:/mnist-cnn/3``, ``runs:/<id>/model``).
+    None of these unpickle Python objects: TorchScript and ONNX are data formats, and the registered model is a
+    torch.export archive.
+    """
+    from mnist_pipeline import export, tracking
+
+    path = Path(reference)
+    if path.suffix == ".onnx":
+        if not path.is_file():
+            raise PipelineError(f"model {reference}: no such file")
+        return export.load_onnx(path)
+    if path.suffix in (".pt", ".pth", ".ts") or path.is_file():
+        if not path.is_file():
+            raise PipelineError(f"model {reference}: no such file")
+        try:
+            return export.load_torchscript(path)
+        except RuntimeError as exc:
+            raise PipelineError(f"model {reference}: not a TorchScript file ({str(exc).splitlines()[0]})") from None
+    if reference.isdigit():
+        reference = f"models:/mnist-cnn/{reference}"
+    elif re.fullmatch(r"[0-9a-f]{32}", reference):
+        reference = f"runs:/{reference}/model"
+    tracking.configure()
+    try:
+        return tracking.load_model(reference)
+    except Exception as exc:  # MlflowException and friends: say which model and why, in one line
+        raise PipelineError(f"model {reference}: {str(exc).splitlines()[0][:300]}") from None
+
+
+@dataclass(frozen=True)
+class Prediction:
+    input: str
+    digit: int
+    probability: float
+    top_k: list[tuple[int, float]]
+
+    def line(self, show_top_k: bool) -> str:
+        if show_top_k:
+            return f"{self.input}\t" + "  ".join(f"{d} ({p:.4f})" for d, p in self.top_k)
+        return f"{self.input}\t{self.digit}\t{self.probability:.4f}"
+
+    def json(self) -> str:
+        top = [{"digit": d, "probability": round(p, 6)} for d, p in self.top_k]
+        return json.dumps({"input": self.input, "digit": self.digit, "probability": round(self.probability, 6),
+                           "top_k": top})  # fmt: skip
+
+
+@torch.inference_mode()
+def predict(model: Callable, labels: list[str], images: np.ndarray, top_k: int) -> list[Prediction]:
+    """images: (N, 28, 28) float32 in [0, 1]."""
+    if not labels:
+        return []
+    x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).unsqueeze(1)  # (N, 1, 28, 28)
+    logits = torch.cat([torch.as_tensor(model(x[i : i + 1000])) for i in range(0, len(x), 1000)])
+    probabilities = logits.float().softmax(dim=1)
+    values, digits = probabilities.topk(top_k, dim=1)
+    return [
+        Prediction(label, int(d[0]), float(v[0]), [(int(a), float(b)) for a, b in zip(d, v, strict=True)])
+        for label, d, v in zip(labels, digits, values, strict=True)
+    ]
+
+
+def main(inputs: list[Path], model_ref: str, as_json: bool, top_k: int) -> int:
+    """Print one line per input; return 0, or 1 when any input could not be read."""
+    if not 1 <= top_k <= 10:
+        raise PipelineError(f"--top-k {top_k}: expected 1..10")
+    labels, images, failed = [], [], 0
+    for path in inputs:
+        try:
+            for label, image in read_inputs(path):
+                images.append(preprocess(image, label))
+                labels.append(label)
+        except PipelineError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            failed += 1
+    model = load_model(model_ref) if labels else None
+    for prediction in predict(model, labels, np.stack(images) if images else np.empty((0, 28, 28)), top_k):
+        print(prediction.json() if as_json else prediction.line(top_k > 1))
+    return 1 if failed else 0
