@@ -12,7 +12,7 @@ def main() -> None:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--out", type=Path, required=True, help="folder for the decompressed IDX files")
     args = parser.parse_args()
-    (data_cfg,) = config.load(args.params, "data")
+    data_cfg = config.load(args.params).data
     data.download(args.out, data.expected_files(data_cfg.expected_md5))
 
 

@@ -26,8 +26,8 @@ def main() -> None:
     parser.add_argument("--predictions-png", type=Path, required=True)
     args = parser.parse_args()
 
-    configs = config.load(args.params, *config.SECTIONS)
-    eval_cfg, train_cfg = configs[3], configs[2]
+    params = config.load(args.params)
+    eval_cfg = params.evaluate
     model, _ = load_checkpoint(args.checkpoint)
     run_id = tracking.read_run_file(args.run_file)
     test = load_split(args.data, "test")
@@ -45,7 +45,7 @@ def main() -> None:
     evaluation.write_confusion_pairs(test.labels, result.predicted, args.confusion)
     evaluation.plot_confusion_matrix(result.confusion, args.confusion_png)
     evaluation.plot_predictions(
-        test.images, result.predicted, test.labels, args.predictions_png, eval_cfg.examples, train_cfg.seed
+        test.images, result.predicted, test.labels, args.predictions_png, eval_cfg.examples, params.train.seed
     )
     print(f"test accuracy {100 * result.accuracy:.2f}%  test loss {result.loss:.4f}  ({len(labels)} digits)")
 

@@ -24,8 +24,7 @@ def main() -> None:
     parser.add_argument("--report", type=Path, required=True, help="parity figures and registered version (JSON)")
     args = parser.parse_args()
 
-    configs = config.load(args.params, *config.SECTIONS)
-    export_cfg = configs[4]
+    export_cfg = config.load(args.params).export
     model, _ = load_checkpoint(args.checkpoint)
     run_id = tracking.read_run_file(args.run_file)
     test_accuracy = json.loads(args.metrics.read_text())["test_accuracy"]

@@ -20,8 +20,8 @@ def main() -> None:
     parser.add_argument("--run-file", type=Path, required=True, help="where to write the MLflow run id")
     args = parser.parse_args()
 
-    configs = config.load(args.params, *config.SECTIONS)  # all validated, so a typo anywhere stops us now
-    model_cfg, train_cfg = configs[1], configs[2]
+    params = config.load(args.params)
+    model_cfg, train_cfg = params.model, params.train
     threads = training.configure_threads(train_cfg.threads)
     device = training.resolve_device(train_cfg.device)
     train_data = training.Tensors.from_split(load_split(args.data, "train"), device)
@@ -29,7 +29,7 @@ def main() -> None:
     uri = tracking.configure()
 
     tags = tracking.run_tags(device.type, torch.__version__)
-    with tracking.start_run(config.flatten(configs), {**tags, "cpu_threads": str(threads)}) as run_id:
+    with tracking.start_run(config.flatten(params.sections()), {**tags, "cpu_threads": str(threads)}) as run_id:
         result = training.train(
             model_cfg,
             train_cfg,

@@ -18,11 +18,12 @@ def params() -> dict:
 def _load(tmp_path, params):
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
-    return config.load(path, *config.SECTIONS)
+    return config.load(path).sections()
 
 
 def test_repository_params_are_valid():
-    data, model, train, evaluate, export = config.load(REPO_ROOT / "params.yaml", *config.SECTIONS)
+    params = config.load(REPO_ROOT / "params.yaml")
+    model, train, export = params.model, params.train, params.export
     assert train.device in config.DEVICES and export.model_name == "mnist-cnn"
     assert model.conv_channels and isinstance(model.conv_channels, tuple)
 
@@ -70,9 +71,9 @@ def test_unknown_and_missing_keys(tmp_path, params):
 def test_malformed_yaml_and_missing_file(tmp_path):
     (tmp_path / "params.yaml").write_text("train: [unclosed\n")
     with pytest.raises(ConfigError, match="is not valid YAML at line"):
-        config.load(tmp_path / "params.yaml", "train")
+        config.load(tmp_path / "params.yaml")
     with pytest.raises(ConfigError, match="does not exist"):
-        config.load(tmp_path / "nope.yaml", "train")
+        config.load(tmp_path / "nope.yaml")
 
 
 def test_ints_accepted_for_floats_and_configs_are_frozen(tmp_path, params):
@@ -84,6 +85,6 @@ def test_ints_accepted_for_floats_and_configs_are_frozen(tmp_path, params):
 
 
 def test_flatten_covers_every_key_of_params(params):
-    flat = config.flatten(config.load(REPO_ROOT / "params.yaml", *config.SECTIONS))
+    flat = config.flatten(config.load(REPO_ROOT / "params.yaml").sections())
     assert set(flat) == {f"{s}.{k}" for s, section in params.items() for k in section}
     assert flat["model.conv_channels"] == str(params["model"]["conv_channels"])

@@ -3,6 +3,7 @@ a real MLflow store, tiny params."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -261,6 +263,18 @@ def test_temp_experiment_logs_to_the_projects_store(pipeline, http_mirror):
     assert len(runs(repo)) == before + 1 and latest.data.tags["dvc_exp_name"] == "in-temp"
     assert latest.info.artifact_uri.startswith(str(repo / "mlruns"))
     assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))
+
+
+def test_compare_shows_the_runs_and_only_the_params_that_differ(pipeline, http_mirror):
+    repo, _ = pipeline
+    out = run(repo, http_mirror, "mnist-pipeline", "compare", "--csv", "--sort", "test_loss")
+    assert out.returncode == 0, out.stderr
+    table = pd.read_csv(io.StringIO(out.stdout))
+    assert len(table) == 3 and {"lower-lr", "in-temp"} <= set(table["run"])
+    assert {"train.lr", "train.seed"} <= set(table.columns) and "model.hidden" not in table.columns
+    assert list(table["test_loss"]) == sorted(table["test_loss"])
+    candidate = table.loc[table["run"] == "in-temp", "registered"].item()
+    assert candidate.startswith("mnist-cnn v3") and "candidate" in candidate
 
 
 def test_bad_param_stops_before_any_work(tmp_path, http_mirror, mirror_md5):

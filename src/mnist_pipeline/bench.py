@@ -73,8 +73,8 @@ def run_pipeline(data_dir: Path, seed: int, params: Path) -> list[dict]:
 
     from mnist_pipeline import config, training
 
-    _, model_cfg, train_cfg, _, _ = config.load(params, *config.SECTIONS)
-    train_cfg = dataclasses.replace(train_cfg, seed=seed)
+    loaded = config.load(params)
+    model_cfg, train_cfg = loaded.model, dataclasses.replace(loaded.train, seed=seed)
     training.configure_threads(train_cfg.threads)
     device = training.resolve_device(train_cfg.device)
     raw = data_dir / "MNIST" / "raw"
@@ -124,7 +124,7 @@ def write_params(base: Path, overrides: list[str], out: Path) -> Path:
             raise PipelineError(f"-S {item!r}: expected SECTION.KEY=VALUE, e.g. train.epochs=3")
         raw[section][name] = yaml.safe_load(value)
     out.write_text(yaml.safe_dump(raw))
-    config.load(out, *config.SECTIONS)
+    config.load(out)
     return out
 
 

@@ -42,6 +42,12 @@ def _predict(args: argparse.Namespace) -> None:
     sys.exit(predict.main(args.inputs, args.model, args.json, args.top_k))
 
 
+def _compare(args: argparse.Namespace) -> None:
+    from mnist_pipeline import compare
+
+    compare.main(args.last, args.sort, args.format)
+
+
 def _serve(args: argparse.Namespace) -> None:
     import os
 
@@ -76,6 +82,15 @@ def main() -> None:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=5001)
     serve.set_defaults(func=_serve)
+    compare = commands.add_parser(
+        "compare", help="the experiment's runs as a table: differing params, metrics, versions"
+    )
+    compare.add_argument("--last", type=int, help="only the N most recent runs")
+    compare.add_argument("--sort", default="test_accuracy", help="test_accuracy (default) | test_loss | train_seconds")
+    output = compare.add_mutually_exclusive_group()
+    output.add_argument("--csv", dest="format", action="store_const", const="csv")
+    output.add_argument("--markdown", dest="format", action="store_const", const="markdown")
+    compare.set_defaults(func=_compare, format="text")
     store = commands.add_parser("store", help="print the MLflow tracking URI the pipeline logs to")
     store.set_defaults(func=_store)
     bench = commands.add_parser(

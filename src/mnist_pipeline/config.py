@@ -229,14 +229,27 @@ def read_params(path: Path) -> dict[str, Any]:
     return raw
 
 
-def load(path: Path, *sections: str) -> tuple:
-    """Build the config objects of ``sections`` from params.yaml, in that order; every section is validated."""
+@dataclasses.dataclass(frozen=True)
+class Params:
+    """The whole of params.yaml, validated: one typed, frozen object per section."""
+
+    data: DataConfig
+    model: ModelConfig
+    train: TrainConfig
+    evaluate: EvaluateConfig
+    export: ExportConfig
+
+    def sections(self) -> tuple[Section, ...]:
+        return tuple(getattr(self, name) for name in SECTIONS)
+
+
+def load(path: Path) -> Params:
+    """Build and validate every section of params.yaml: a typo anywhere stops any stage before it starts work."""
     raw = read_params(path)
     for name in SECTIONS:
         if name not in raw:
             raise ConfigError(f"{path}: missing section {name!r}")
-    built = {name: cls.from_dict(raw[name]) for name, cls in SECTIONS.items()}
-    return tuple(built[name] for name in sections)
+    return Params(**{name: cls.from_dict(raw[name]) for name, cls in SECTIONS.items()})
 
 
 def flatten(configs: typing.Iterable[Section]) -> dict[str, Any]:

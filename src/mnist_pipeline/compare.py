@@ -1,0 +1,78 @@
+"""`mnist-pipeline compare`: the experiment's runs side by side, with only the params that differ."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from mnist_pipeline import tracking
+from mnist_pipeline.errors import PipelineError
+
+METRICS = {
+    "test_accuracy": "metrics.final_test_accuracy",
+    "test_loss": "metrics.final_test_loss",
+    "train_seconds": "metrics.train_seconds",
+}
+
+
+def runs_table(last: int | None = None, sort_by: str = "test_accuracy") -> pd.DataFrame:
+    """One row per run of the experiment (newest first before sorting): name, commit, differing params, metrics,
+    registry versions with their aliases."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    if sort_by not in METRICS:
+        raise PipelineError(f"--sort {sort_by}: expected one of {', '.join(METRICS)}")
+    tracking.configure()
+    runs = mlflow.search_runs(
+        experiment_names=[tracking.EXPERIMENT_NAME],
+        order_by=["attributes.start_time DESC"],
+        max_results=last or 10_000,
+    )
+    if runs.empty:
+        return pd.DataFrame()
+    table = pd.DataFrame(
+        {
+            "run": runs.get("tags.dvc_exp_name", pd.Series(index=runs.index, dtype=object)).fillna(
+                runs["tags.mlflow.runName"]
+            ),
+            "run_id": runs["run_id"].str[:8],
+            "commit": runs.get("tags.git_commit", pd.Series("", index=runs.index)).fillna("").str[:7],
+            "started": runs["start_time"].dt.strftime("%Y-%m-%d %H:%M"),
+        }
+    )
+    params = runs.filter(like="params.")
+    differing = [c for c in params.columns if params[c].nunique(dropna=False) > 1]
+    for column in sorted(differing):
+        table[column.removeprefix("params.")] = params[column]
+    for name, column in METRICS.items():
+        table[name] = runs[column] if column in runs else float("nan")
+    table["registered"] = runs["run_id"].map(_registered_versions(MlflowClient())).fillna("")
+    return table.sort_values(sort_by, ascending=sort_by == "test_loss" or sort_by == "train_seconds",
+                             na_position="last", kind="stable").reset_index(drop=True)  # fmt: skip
+
+
+def _registered_versions(client) -> dict[str, str]:
+    """run id -> "mnist-cnn v3 (candidate, champion)" for every registered version logged by that run."""
+    versions = client.search_model_versions()
+    aliases: dict[tuple[str, str], list[str]] = {}
+    for name in {v.name for v in versions}:  # search results carry no aliases; the registered model does
+        for alias, version in client.get_registered_model(name).aliases.items():
+            aliases.setdefault((name, str(version)), []).append(alias)
+    out: dict[str, list[str]] = {}
+    for v in sorted(versions, key=lambda v: int(v.version), reverse=True):
+        named = sorted(aliases.get((v.name, str(v.version)), []))
+        out.setdefault(v.run_id, []).append(f"{v.name} v{v.version}" + (f" ({', '.join(named)})" if named else ""))
+    return {run_id: "; ".join(items) for run_id, items in out.items()}
+
+
+def main(last: int | None, sort_by: str, fmt: str) -> None:
+    table = runs_table(last, sort_by)
+    if table.empty:
+        print(f"no runs yet in the experiment {tracking.EXPERIMENT_NAME!r} of {tracking.tracking_uri()}")
+    elif fmt == "csv":
+        print(table.to_csv(index=False), end="")
+    elif fmt == "markdown":
+        print(table.to_markdown(index=False, floatfmt=".4f"))
+    else:
+        with pd.option_context("display.width", 200, "display.max_columns", None, "display.max_colwidth", 40):
+            print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
