@@ -13,7 +13,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder for the decompressed IDX files")
     args = parser.parse_args()
     data_cfg = config.load(args.params).data
-    data.download(args.out, data.expected_files(data_cfg.expected_md5))
+    data.download(args.out, data.expected_files(data_cfg.dataset, data_cfg.expected_md5))
 
 
 if __name__ == "__main__":

@@ -50,5 +50,5 @@ def raw_dir(tmp_path_factory, mirror_dir, mirror_md5) -> Path:
     from mnist_pipeline import data
 
     out = tmp_path_factory.mktemp("raw")
-    data.download(out, data.expected_files(mirror_md5), mirror_list=[str(mirror_dir)])
+    data.download(out, data.expected_files("mnist", mirror_md5), mirror_list=[str(mirror_dir)])
     return out

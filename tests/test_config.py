@@ -44,6 +44,12 @@ def test_repository_params_are_valid():
         ("model", "kernel_size", 4, "model.kernel_size = 4 is not allowed; expected 3 or 5"),
         ("model", "dropout", 1.0, "model.dropout = 1.0 is not allowed"),
         ("data", "expected_md5", {"foo": "0" * 32}, "data.expected_md5.foo = '000"),
+        (
+            "data",
+            "dataset",
+            "cifar10",
+            "data.dataset = 'cifar10' is not allowed; expected mnist | fashion_mnist | kmnist",
+        ),
         ("export", "model_name", "", "export.model_name = '' is not allowed"),
     ],
 )

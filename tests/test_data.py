@@ -52,7 +52,7 @@ def test_verify_accepts_published_gz_md5_or_recompressed_content():
 
 def test_verify_rejects_wrong_content_and_truncated_gz():
     spec = _file(b"expected")
-    with pytest.raises(PipelineError, match=r"x-idx1-ubyte.gz has the wrong content \(MD5"):
+    with pytest.raises(PipelineError, match=r"x-idx1-ubyte.gz is not mnist's file: wrong content \(MD5"):
         data.verify(spec, gzip.compress(b"something else"))
     truncated = gzip.compress(b"expected" * 1000)[:-20]
     with pytest.raises(PipelineError, match="x-idx1-ubyte.gz is not a complete gzip file"):
@@ -60,7 +60,7 @@ def test_verify_rejects_wrong_content_and_truncated_gz():
 
 
 def test_download_from_http_mirror_then_keeps_valid_files(tmp_path, http_mirror, mirror_md5, capsys):
-    files = data.expected_files(mirror_md5)
+    files = data.expected_files("mnist", mirror_md5)
     data.download(tmp_path, files, mirror_list=[http_mirror])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(data.FILE_NAMES)
     for f in files:
@@ -71,7 +71,9 @@ def test_download_from_http_mirror_then_keeps_valid_files(tmp_path, http_mirror,
 
 
 def test_download_falls_back_to_the_next_mirror(tmp_path, mirror_dir, mirror_md5, http_mirror):
-    data.download(tmp_path, data.expected_files(mirror_md5), mirror_list=[str(tmp_path / "nowhere"), http_mirror])
+    data.download(
+        tmp_path, data.expected_files("mnist", mirror_md5), mirror_list=[str(tmp_path / "nowhere"), http_mirror]
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(data.FILE_NAMES)
 
 
@@ -84,25 +86,30 @@ def test_download_rejects_corrupt_file_and_names_every_mirror(tmp_path, mirror_d
     out = tmp_path / "raw"
     dead_http = "http://127.0.0.1:9/mnist/"
     with pytest.raises(PipelineError) as exc:
-        data.download(out, data.expected_files(mirror_md5), mirror_list=[str(bad), dead_http])
+        data.download(out, data.expected_files("mnist", mirror_md5), mirror_list=[str(bad), dead_http])
     message = str(exc.value)
     assert "\n" not in message
     assert "could not get train-images-idx3-ubyte.gz from any mirror" in message
-    assert f"{bad} (train-images-idx3-ubyte.gz has the wrong content" in message
+    assert f"{bad} (train-images-idx3-ubyte.gz is not mnist's file: wrong content" in message
     assert dead_http in message and "MNIST_MIRROR" in message
     # nothing half-written: no file for the rejected download and no temp files left behind
     assert not (out / "train-images-idx3-ubyte").exists()
     assert not list(out.glob(".*tmp")) if out.exists() else True
 
 
-def test_published_checksums_reject_synthetic_data(tmp_path, mirror_dir):
-    with pytest.raises(PipelineError, match="wrong content"):
-        data.download(tmp_path, data.MNIST_FILES[:1], mirror_list=[str(mirror_dir)])
+@pytest.mark.parametrize("dataset", ["mnist", "fashion_mnist", "kmnist"])
+def test_each_dataset_refuses_files_that_are_not_its_own(tmp_path, mirror_dir, dataset):
+    with pytest.raises(PipelineError) as exc:
+        data.download(tmp_path, data.expected_files(dataset)[:1], mirror_list=[str(mirror_dir)])
+    assert f"train-images-idx3-ubyte.gz is not {dataset}'s file: wrong content" in str(exc.value)
+    assert f"the four {dataset} .gz files" in str(exc.value)
+    assert not (tmp_path / "train-images-idx3-ubyte").exists()
 
 
 def test_mirror_env_is_tried_first():
-    assert data.mirrors({"MNIST_MIRROR": "/srv/mnist"}) == ["/srv/mnist", *data.DEFAULT_MIRRORS]
-    assert data.mirrors({}) == list(data.DEFAULT_MIRRORS)
+    assert data.mirrors("mnist", {"MNIST_MIRROR": "/srv/mnist"}) == ["/srv/mnist", *data.DEFAULT_MIRRORS]
+    assert data.mirrors("mnist", {}) == list(data.DEFAULT_MIRRORS)
+    assert data.mirrors("kmnist", {})[0].startswith("https://codh.rois.ac.jp/kmnist/")
     assert data.DEFAULT_MIRRORS[0].startswith("https://ossci-datasets.s3.amazonaws.com/mnist")
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from mnist_pipeline.data import FILE_NAMES
+from mnist_pipeline.data import DATASETS, FILE_NAMES
 from mnist_pipeline.errors import PipelineError
 
 
@@ -103,9 +103,11 @@ PRECISIONS = ("auto", "fp32", "bf16")
 @dataclasses.dataclass(frozen=True)
 class DataConfig(Section):
     SECTION = "data"
+    dataset: str  # mnist | fashion_mnist | kmnist: all in MNIST's format, each with its mirrors and checksums
     expected_md5: dict[str, str]  # file name -> MD5 of its decompressed content; empty = published MNIST
 
     def __post_init__(self):
+        _check(self.dataset in DATASETS, "data.dataset", self.dataset, _allowed(tuple(DATASETS)))
         for name, md5 in self.expected_md5.items():
             _check(name in FILE_NAMES, f"data.expected_md5.{name}", md5, f"a key among {_allowed(FILE_NAMES)}")
             _check(bool(_MD5.match(md5)), f"data.expected_md5.{name}", md5, "32 lowercase hex digits")

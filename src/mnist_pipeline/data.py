@@ -27,41 +27,81 @@ from mnist_pipeline.errors import PipelineError
 
 MIRROR_ENV = "MNIST_MIRROR"
 
-DEFAULT_MIRRORS = (
-    "https://ossci-datasets.s3.amazonaws.com/mnist/",
-    "http://yann.lecun.com/exdb/mnist/",
-)
-
 
 @dataclass(frozen=True)
 class IdxFile:
     name: str  # decompressed file name; the mirrors serve it as ``name + ".gz"``
     gz_md5: str  # MD5 of the original .gz as published
-    md5: str  # MD5 of the decompressed content
+    md5: str  # MD5 of the decompressed content ("" where only the .gz checksum is published)
+    dataset: str = "mnist"
 
 
-MNIST_FILES = (
-    IdxFile("train-images-idx3-ubyte", "f68b3c2dcbeaaa9fbdd348bbdeb94873", "6bbc9ace898e44ae57da46a324031adb"),
-    IdxFile("train-labels-idx1-ubyte", "d53e105ee54ea40749a09fcbcd1e9432", "a25bea736e30d166cdddb491f175f624"),
-    IdxFile("t10k-images-idx3-ubyte", "9fb629c4189551a2d022fa330f9573f3", "2646ac647ad5339dbf082846283269ea"),
-    IdxFile("t10k-labels-idx1-ubyte", "ec29112dd5afa0611ce80d1b7f02629c", "27ae3e4e09519cfbb04c329615203637"),
-)
+def _files(dataset: str, checksums: tuple[tuple[str, str], ...]) -> tuple[IdxFile, ...]:
+    names = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+    return tuple(IdxFile(name, gz, raw, dataset) for name, (gz, raw) in zip(names, checksums, strict=True))
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A data set in MNIST's format: where it is published and the checksums of its four files."""
+
+    name: str
+    mirrors: tuple[str, ...]
+    files: tuple[IdxFile, ...]
+
+
+DATASETS = {
+    "mnist": Dataset(
+        "mnist",
+        ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"),
+        _files("mnist", (
+            ("f68b3c2dcbeaaa9fbdd348bbdeb94873", "6bbc9ace898e44ae57da46a324031adb"),
+            ("d53e105ee54ea40749a09fcbcd1e9432", "a25bea736e30d166cdddb491f175f624"),
+            ("9fb629c4189551a2d022fa330f9573f3", "2646ac647ad5339dbf082846283269ea"),
+            ("ec29112dd5afa0611ce80d1b7f02629c", "27ae3e4e09519cfbb04c329615203637"),
+        )),
+    ),
+    "fashion_mnist": Dataset(
+        "fashion_mnist",
+        ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
+        _files("fashion_mnist", (
+            ("8d4fb7e6c68d591d4c3dfef9ec88bf0d", ""),
+            ("25c81989df183df01b3e8a0aad5dffbe", ""),
+            ("bef4ecab320f06d8554ea6380940ec79", ""),
+            ("bb300cfdad3c16e7a12a480ee83cd310", ""),
+        )),
+    ),
+    "kmnist": Dataset(
+        "kmnist",
+        ("https://codh.rois.ac.jp/kmnist/dataset/kmnist/", "http://codh.rois.ac.jp/kmnist/dataset/kmnist/"),
+        _files("kmnist", (
+            ("bdb82020997e1d708af4cf47b453dcf7", ""),
+            ("e144d726b3acfaa3e44228e80efcd344", ""),
+            ("5c965bf0a639b31b8f53240b1b52f4d7", ""),
+            ("7320c461ea6c1c855c0b718fb2a4b134", ""),
+        )),
+    ),
+}  # fmt: skip
+MNIST_FILES = DATASETS["mnist"].files
+DEFAULT_MIRRORS = DATASETS["mnist"].mirrors
 FILE_NAMES = tuple(f.name for f in MNIST_FILES)
 
 DOWNLOAD_TIMEOUT_S = 30
 MAX_GZ_BYTES = 64 * 2**20  # the largest MNIST .gz is under 10 MiB; refuse anything absurd
 
 
-def expected_files(md5_overrides: Mapping[str, str] | None = None) -> tuple[IdxFile, ...]:
-    """The four files with their checksums; an override replaces a file's content MD5 (and drops its gz MD5)."""
+def expected_files(dataset: str = "mnist", md5_overrides: Mapping[str, str] | None = None) -> tuple[IdxFile, ...]:
+    """The dataset's four files; an override replaces a file's content MD5 (and drops its gz MD5)."""
     overrides = md5_overrides or {}
-    return tuple(IdxFile(f.name, "", overrides[f.name]) if f.name in overrides else f for f in MNIST_FILES)
+    return tuple(
+        IdxFile(f.name, "", overrides[f.name], dataset) if f.name in overrides else f for f in DATASETS[dataset].files
+    )
 
 
-def mirrors(environ: Mapping[str, str] = os.environ) -> list[str]:
-    """Mirrors in the order they are tried: ``$MNIST_MIRROR`` first when set, then the public ones."""
+def mirrors(dataset: str = "mnist", environ: Mapping[str, str] = os.environ) -> list[str]:
+    """Mirrors in the order they are tried: ``$MNIST_MIRROR`` first when set, then the dataset's public ones."""
     local = environ.get(MIRROR_ENV, "").strip()
-    return ([local] if local else []) + list(DEFAULT_MIRRORS)
+    return ([local] if local else []) + list(DATASETS[dataset].mirrors)
 
 
 def md5_of(data: bytes) -> str:
@@ -76,13 +116,16 @@ def verify(file: IdxFile, gz_bytes: bytes) -> bytes:
         raise PipelineError(f"{file.name}.gz is not a complete gzip file ({exc})") from None
     if file.gz_md5 and md5_of(gz_bytes) == file.gz_md5:
         return content
-    if md5_of(content) == file.md5:
+    if file.md5 and md5_of(content) == file.md5:
         return content
-    raise PipelineError(f"{file.name}.gz has the wrong content (MD5 {md5_of(content)}, expected {file.md5})")
+    expected = file.md5 or f"the published .gz MD5 {file.gz_md5}"
+    raise PipelineError(
+        f"{file.name}.gz is not {file.dataset}'s file: wrong content (MD5 {md5_of(content)}, expected {expected})"
+    )
 
 
 def is_valid(path: Path, file: IdxFile) -> bool:
-    return path.is_file() and md5_of(path.read_bytes()) == file.md5
+    return bool(file.md5) and path.is_file() and md5_of(path.read_bytes()) == file.md5
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -129,7 +172,7 @@ def download(
     log: TextIO | None = None,
 ) -> None:
     """Make ``out_dir`` hold every file of ``files``, verified; files already there and valid are kept."""
-    mirror_list = mirrors() if mirror_list is None else mirror_list
+    mirror_list = mirrors(files[0].dataset) if mirror_list is None else mirror_list
     log = log or sys.stderr
     for file in files:
         target = out_dir / file.name
@@ -153,7 +196,8 @@ def download(
         else:
             raise PipelineError(
                 f"could not get {file.name}.gz from any mirror: {'; '.join(failures)}. "
-                f"Set {MIRROR_ENV} to a folder or URL holding the four MNIST .gz files to use another source."
+                f"Set {MIRROR_ENV} to a folder or URL holding the four {files[0].dataset} .gz files to use another "
+                "source."
             )
 
 
