@@ -277,6 +277,25 @@ def test_compare_shows_the_runs_and_only_the_params_that_differ(pipeline, http_m
     assert candidate.startswith("mnist-cnn v3") and "candidate" in candidate
 
 
+@pytest.mark.parametrize("jobs", [2, pytest.param(1, marks=pytest.mark.slow)])
+def test_queued_experiments_each_log_and_register(tmp_path, http_mirror, mirror_md5, jobs):
+    """Two queued experiments run by `--run-all -j N`: two MLflow runs, two registered versions, no lock errors
+    (with -j 2 both start on a store that does not exist yet)."""
+    repo = make_repo(tmp_path, mirror_md5)
+    for seed in (1, 2):
+        queued = run(repo, http_mirror, "dvc", "exp", "run", "--queue", "-S", f"train.seed={seed}", "-n", f"q{seed}")
+        assert queued.returncode == 0, queued.stderr
+    ran = run(repo, http_mirror, "dvc", "exp", "run", "--run-all", "-j", str(jobs))
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert "database is locked" not in ran.stdout + ran.stderr
+    logged = runs(repo)
+    assert sorted(r.data.tags["dvc_exp_name"] for r in logged) == ["q1", "q2"]
+    assert all("final_test_accuracy" in r.data.metrics for r in logged)
+    versions = client(repo).search_model_versions("name='mnist-cnn'")
+    assert sorted(int(v.version) for v in versions) == [1, 2]
+    assert {v.run_id for v in versions} == {r.info.run_id for r in logged}
+
+
 def test_bad_param_stops_before_any_work(tmp_path, http_mirror, mirror_md5):
     repo = make_repo(tmp_path, mirror_md5, train={"lr": -1})
     result = run(repo, http_mirror, "dvc", "repro")

@@ -56,15 +56,11 @@ def configure(root: Path | None = None) -> str:
     _check_sqlite_path(uri)
     mlflow.set_tracking_uri(uri)
     try:
-        client = MlflowClient()
-        if client.get_experiment_by_name(EXPERIMENT_NAME) is None:
-            try:
+        with _store_init_lock(uri):
+            client = MlflowClient()  # the first client of a new SQLite store creates its schema
+            if client.get_experiment_by_name(EXPERIMENT_NAME) is None:
                 client.create_experiment(EXPERIMENT_NAME)
-            except MlflowException:
-                # Another pipeline may have created it a moment ago; anything else is a store we cannot use.
-                if client.get_experiment_by_name(EXPERIMENT_NAME) is None:
-                    raise
-        mlflow.set_experiment(EXPERIMENT_NAME)
+            mlflow.set_experiment(EXPERIMENT_NAME)
     except Exception as exc:  # connection refused, unreadable database, ...
         first_line = (str(exc).splitlines() or [""])[0][:200]
         raise PipelineError(
@@ -72,6 +68,30 @@ def configure(root: Path | None = None) -> str:
             "check MLFLOW_TRACKING_URI, or unset it to use the local store in mlruns/"
         ) from None
     return uri
+
+
+@contextmanager
+def _store_init_lock(uri: str) -> Iterator[None]:
+    """Serialise opening a local SQLite store between processes.
+
+    Two pipelines starting at once on a store that does not exist yet (queued experiments with ``-j 2``) would
+    both run MLflow's schema migrations and one would fail ("duplicate column name"); a file lock beside the
+    database makes the second wait until the first has created it.
+    """
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no inter-process lock, as before
+        yield
+        return
+    with open(uri.removeprefix("sqlite:///") + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _check_sqlite_path(uri: str) -> None:
