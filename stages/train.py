@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from mnist_pipeline import config, tracking, training
-from mnist_pipeline.data import load_split
+from mnist_pipeline.data import fingerprint, load_split
 from mnist_pipeline.errors import run_main
 from mnist_pipeline.model import save_checkpoint
 
@@ -28,8 +28,9 @@ def main() -> None:
     test_data = training.Tensors.from_split(load_split(args.data, "test"), device)
     uri = tracking.configure()
 
-    tags = tracking.run_tags(device.type, torch.__version__)
-    with tracking.start_run(config.flatten(params.sections()), {**tags, "cpu_threads": str(threads)}) as run_id:
+    tags = {**tracking.run_tags(device.type, torch.__version__), "cpu_threads": str(threads),
+            "data_md5": fingerprint(args.data)}  # fmt: skip
+    with tracking.start_run(config.flatten(params.sections()), tags) as run_id:
         result = training.train(
             model_cfg,
             train_cfg,

@@ -277,6 +277,30 @@ def test_compare_shows_the_runs_and_only_the_params_that_differ(pipeline, http_m
     assert candidate.startswith("mnist-cnn v3") and "candidate" in candidate
 
 
+def test_reproduce_a_run_exactly_without_touching_the_workspace(pipeline, http_mirror):
+    repo, _ = pipeline
+    original = runs(repo)[0]  # the first `dvc repro`
+    status_before = git(repo, "status", "--porcelain")
+    lock_before = (repo / "dvc.lock").read_text()
+    out = run(repo, http_mirror, "mnist-pipeline", "reproduce", original.info.run_id)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "final_test_accuracy: reproduced" in out.stdout and out.stdout.count("exactly equal") == 2
+    latest = runs(repo)[-1]
+    assert latest.data.tags["reproduces"] == original.info.run_id
+    assert latest.data.metrics["final_test_loss"] == original.data.metrics["final_test_loss"]
+    assert git(repo, "status", "--porcelain") == status_before and (repo / "dvc.lock").read_text() == lock_before
+    assert "mnist-reproduce" not in git(repo, "worktree", "list")
+    # a run whose commit this repository does not have gets an explanation, not a traceback
+    c = client(repo)
+    orphan = c.create_run(original.info.experiment_id, tags={"git_commit": "0" * 40})
+    c.log_metric(orphan.info.run_id, "final_test_accuracy", 0.5)
+    c.set_terminated(orphan.info.run_id)
+    missing = run(repo, http_mirror, "mnist-pipeline", "reproduce", orphan.info.run_id)
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+    assert "was made from commit 000000000000, which this repository does not have" in missing.stderr
+    c.delete_run(orphan.info.run_id)
+
+
 @pytest.mark.parametrize("jobs", [2, pytest.param(1, marks=pytest.mark.slow)])
 def test_queued_experiments_each_log_and_register(tmp_path, http_mirror, mirror_md5, jobs):
     """Two queued experiments run by `--run-all -j N`: two MLflow runs, two registered versions, no lock errors

@@ -48,6 +48,12 @@ def _compare(args: argparse.Namespace) -> None:
     compare.main(args.last, args.sort, args.format)
 
 
+def _reproduce(args: argparse.Namespace) -> None:
+    from mnist_pipeline import reproduce
+
+    sys.exit(reproduce.main(args.run_id))
+
+
 def _serve(args: argparse.Namespace) -> None:
     import os
 
@@ -91,6 +97,9 @@ def main() -> None:
     output.add_argument("--csv", dest="format", action="store_const", const="csv")
     output.add_argument("--markdown", dest="format", action="store_const", const="markdown")
     compare.set_defaults(func=_compare, format="text")
+    reproduce = commands.add_parser("reproduce", help="rerun a past MLflow run's code and params as a DVC experiment")
+    reproduce.add_argument("run_id", help="the MLflow run id (see `mnist-pipeline compare`)")
+    reproduce.set_defaults(func=_reproduce)
     store = commands.add_parser("store", help="print the MLflow tracking URI the pipeline logs to")
     store.set_defaults(func=_store)
     bench = commands.add_parser(

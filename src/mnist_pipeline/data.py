@@ -238,3 +238,9 @@ def load_split(data_dir: Path, split: str) -> Split:
     if labels.size and labels.max() > 9:
         raise PipelineError(f"{data_dir}: {split} labels must be digits 0-9, found {labels.max()}")
     return Split(images, labels)
+
+
+def fingerprint(data_dir: Path) -> str:
+    """One MD5 for the four files of a folder written by the download stage: tells whether two runs saw the
+    same data."""
+    return md5_of("".join(md5_of((data_dir / name).read_bytes()) for name in FILE_NAMES).encode())

@@ -1,0 +1,113 @@
+"""`mnist-pipeline reproduce RUN_ID`: rerun the pipeline with a past run's code and params, as a DVC experiment.
+
+The run's commit is checked out in a temporary git worktree (the user's workspace is not touched), its
+params.yaml is set to the run's logged params, and `dvc exp run --force` runs every stage again there (DVC's run
+cache would otherwise restore the old outputs instead of recomputing them). The new MLflow run lands in the same
+store, tagged ``reproduces=<run id>``. Afterwards the two runs' data fingerprints and final test metrics are
+compared: on the CPU, with the same data, accuracy and loss must be equal to the last digit.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from mnist_pipeline import tracking
+from mnist_pipeline.errors import PipelineError
+
+
+def _git(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=False)
+
+
+def _write_params(params_file: Path, logged: dict[str, str]) -> None:
+    """Set every value of ``params_file`` to the run's logged one ("train.lr" -> "0.01"; lists and mappings were
+    logged as JSON, which is YAML too)."""
+    import yaml
+
+    params = yaml.safe_load(params_file.read_text())
+    for key, value in logged.items():
+        section, _, name = key.partition(".")
+        if section in params and name in params[section]:
+            params[section][name] = yaml.safe_load(value)
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+METRICS = ("final_test_accuracy", "final_test_loss")
+
+
+def reproduce(run_id: str, root: Path, log=sys.stderr) -> tuple[str, dict[str, float], dict[str, float]]:
+    """Rerun ``run_id``; return (new run id, original final metrics, reproduced final metrics)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking.configure(root)
+    client = MlflowClient()
+    try:
+        original = client.get_run(run_id)
+    except MlflowException:
+        raise PipelineError(
+            f"run {run_id} is not in the store {uri}; `mnist-pipeline compare` lists the runs"
+        ) from None
+    commit = original.data.tags.get("git_commit", "unknown")
+    if _git("cat-file", "-e", f"{commit}^{{commit}}", cwd=root).returncode != 0:
+        raise PipelineError(
+            f"run {run_id} was made from commit {commit[:12]}, which this repository does not have "
+            "(never committed, or rebased away); fetch that commit, or rerun its params on the current code with "
+            "`dvc exp run -S ...`"
+        )
+    if "final_test_accuracy" not in original.data.metrics:
+        raise PipelineError(f"run {run_id} never finished its evaluate stage: there is no result to reproduce")
+
+    name = f"repro-{run_id[:8]}-{os.getpid()}"
+    worktree = Path(tempfile.mkdtemp(prefix="mnist-reproduce-")) / "repo"
+    if _git("worktree", "add", "--detach", str(worktree), commit, cwd=root).returncode != 0:
+        raise PipelineError(f"could not check out commit {commit[:12]} into a temporary worktree")
+    try:
+        env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+        env.pop("DVC_ROOT", None)
+        subprocess.run(["dvc", "cache", "dir", "--local", str(root / ".dvc" / "cache")], cwd=worktree, env=env,
+                       check=True, capture_output=True)  # fmt: skip
+        _write_params(worktree / "params.yaml", original.data.params)
+        print(f"reproducing run {run_id} (commit {commit[:12]}) as DVC experiment {name!r}", file=log)
+        result = subprocess.run(["dvc", "exp", "run", "--force", "-n", name], cwd=worktree, env=env, check=False)
+        if result.returncode != 0:
+            raise PipelineError(f"the pipeline failed while reproducing run {run_id} (see the output above)")
+    finally:
+        _git("worktree", "remove", "--force", str(worktree), cwd=root)
+        shutil.rmtree(worktree.parent, ignore_errors=True)
+
+    new = client.search_runs([original.info.experiment_id], f"tags.dvc_exp_name = '{name}'")
+    if not new:
+        raise PipelineError(f"the reproduced run of {run_id} was not found in {uri}")
+    reproduced = new[0]
+    client.set_tag(reproduced.info.run_id, "reproduces", run_id)
+    was, now = original.data.tags.get("data_md5"), reproduced.data.tags.get("data_md5")
+    if was and now and was != now:
+        raise PipelineError(
+            f"run {run_id} trained on other data (fingerprint {was[:12]}, now {now[:12]}): the mirror served "
+            f"different files, so its result cannot be reproduced exactly; the new run is {reproduced.info.run_id}"
+        )
+    return (
+        reproduced.info.run_id,
+        {m: original.data.metrics[m] for m in METRICS},
+        {m: reproduced.data.metrics.get(m, float("nan")) for m in METRICS},
+    )
+
+
+def main(run_id: str) -> int:
+    """Print the comparison; exit status 0 when every final metric is reproduced exactly."""
+    new_id, before, after = reproduce(run_id, tracking.project_root())
+    for metric in METRICS:
+        same = (
+            "exactly equal"
+            if before[metric] == after[metric]
+            else f"DIFFERENT by {after[metric] - before[metric]:+.3g}"
+        )
+        print(f"{metric}: reproduced {after[metric]!r}, original {before[metric]!r}: {same}")
+    print(f"run {new_id} reproduces {run_id}")
+    return 0 if before == after else 1
