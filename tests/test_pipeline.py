@@ -202,25 +202,44 @@ def test_predict_on_png_files_agrees_with_the_evaluate_stage(pipeline, http_mirr
     assert predicted == evaluated_predictions(repo, 40)
 
 
+# Chromium as root, headless, with no calls home (this machine's network is closed).
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+
+
+def start(repo: Path, cmd: list[str]) -> subprocess.Popen:
+    """Start a server command of this environment from the repo, in its own process group."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)  # fmt: skip
+
+
+def wait_until_up(server: subprocess.Popen, url: str, limit_s: float = 120) -> None:
+    deadline = time.monotonic() + limit_s
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            assert server.poll() is None, server.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, f"{url} did not answer within {limit_s} s"
+            time.sleep(0.5)
+
+
+def stop(server: subprocess.Popen) -> None:
+    os.killpg(server.pid, signal.SIGTERM)
+    server.wait(timeout=30)
+
+
 def test_rest_serving_round_trip(pipeline, http_mirror):
     repo, _ = pipeline
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    server = subprocess.Popen(["mnist-pipeline", "serve", "--port", str(port)], cwd=repo, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+    server = start(repo, ["mnist-pipeline", "serve", "--port", str(port)])
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None, server.stderr.read().decode()[-2000:]
-                assert time.monotonic() < deadline, "the model server did not start within 120 s"
-                time.sleep(0.5)
+        wait_until_up(server, f"http://127.0.0.1:{port}/ping")
         images = np.fromfile(repo / "data/raw/t10k-images-idx3-ubyte", np.uint8, offset=16).reshape(-1, 1, 28, 28)
         body = json.dumps({"inputs": (images[:16] / 255.0).astype("float32").tolist()}).encode()
         request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", body,
@@ -229,8 +248,7 @@ def test_rest_serving_round_trip(pipeline, http_mirror):
         assert logits.shape == (16, 10)
         assert logits.argmax(1).tolist() == evaluated_predictions(repo, 16)
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+        stop(server)
 
 
 def test_second_repro_runs_nothing(pipeline, http_mirror):
@@ -275,6 +293,45 @@ def test_compare_shows_the_runs_and_only_the_params_that_differ(pipeline, http_m
     assert list(table["test_loss"]) == sorted(table["test_loss"])
     candidate = table.loc[table["run"] == "in-temp", "registered"].item()
     assert candidate.startswith("mnist-cnn v3") and "candidate" in candidate
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _shown(value: float) -> str:
+    """A metric as the MLflow UI's comparison table prints it (three decimals, trailing zeros dropped)."""
+    return f"{value:.3f}".rstrip("0").rstrip(".")
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(_chromium() is None, reason="Chromium is not installed (Debian: apt-get install chromium)")
+def test_mlflow_ui_compares_two_runs_in_a_real_browser(pipeline, http_mirror):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    repo, _ = pipeline
+    first, second = runs(repo)[:2]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = start(repo, ["mnist-pipeline", "ui", "--port", str(port)])
+    try:
+        wait_until_up(server, f"http://127.0.0.1:{port}/health")
+        ids = json.dumps([first.info.run_id, second.info.run_id])
+        url = f"http://127.0.0.1:{port}/#/compare-runs?runs={ids}&experiments={json.dumps([first.info.experiment_id])}"
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=_chromium(), args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url)
+            page.wait_for_selector("text=final_test_accuracy", timeout=90_000)
+            text = page.inner_text("body")
+            browser.close()
+    finally:
+        stop(server)
+    assert "Comparing 2 Runs" in text and first.info.run_id in text and second.info.run_id in text
+    metrics = text[text.index("final_test_accuracy") :]
+    for run_ in (first, second):
+        for name in ("final_test_accuracy", "final_test_loss"):
+            assert _shown(run_.data.metrics[name]) in metrics, (name, run_.data.metrics[name])
 
 
 def test_reproduce_a_run_exactly_without_touching_the_workspace(pipeline, http_mirror):
