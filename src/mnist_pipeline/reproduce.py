@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from mnist_pipeline import tracking
+from mnist_pipeline.data import MIRROR_ENV
 from mnist_pipeline.errors import PipelineError
 
 
@@ -70,6 +71,9 @@ def reproduce(run_id: str, root: Path, log=sys.stderr) -> tuple[str, dict[str, f
     try:
         env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
         env.pop("DVC_ROOT", None)
+        mirror = env.get(MIRROR_ENV, "")
+        if mirror and "://" not in mirror:  # a relative folder means the same folder from inside the worktree
+            env[MIRROR_ENV] = str(Path(mirror).expanduser().resolve())
         subprocess.run(["dvc", "cache", "dir", "--local", str(root / ".dvc" / "cache")], cwd=worktree, env=env,
                        check=True, capture_output=True)  # fmt: skip
         _write_params(worktree / "params.yaml", original.data.params)
