@@ -5,44 +5,30 @@ from __future__ import annotations
 
 import io
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
+
+from conftest import free_port, start_server, stop_server, wait_until_up
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture
 def tracking_server(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    store = f"sqlite:///{tmp_path}/server.db"
+    port = free_port()
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-           "--backend-store-uri", store, "--artifacts-destination", str(tmp_path / "artifacts")]  # fmt: skip
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+           "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+           "--artifacts-destination", str(tmp_path / "artifacts")]  # fmt: skip
+    server = start_server(cmd)
     try:
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None, server.stderr.read().decode()[-2000:]
-                assert time.monotonic() < deadline, "mlflow server did not start within 120 s"
-                time.sleep(0.5)
-        yield url
+        wait_until_up(server, f"http://127.0.0.1:{port}/health")
+        yield f"http://127.0.0.1:{port}"
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+        stop_server(server)
 
 
 def test_compare_reads_runs_from_a_tracking_server(tracking_server):

@@ -7,11 +7,8 @@ import io
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -22,7 +19,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, free_port, start_server, stop_server, wait_until_up
 
 pytestmark = pytest.mark.e2e
 
@@ -208,35 +205,15 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 
 
 def start(repo: Path, cmd: list[str]) -> subprocess.Popen:
-    """Start a server command of this environment from the repo, in its own process group."""
+    """Start a server command of this environment from the repo, as a user would."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    return subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)  # fmt: skip
-
-
-def wait_until_up(server: subprocess.Popen, url: str, limit_s: float = 120) -> None:
-    deadline = time.monotonic() + limit_s
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except OSError:
-            assert server.poll() is None, server.stderr.read().decode()[-2000:]
-            assert time.monotonic() < deadline, f"{url} did not answer within {limit_s} s"
-            time.sleep(0.5)
-
-
-def stop(server: subprocess.Popen) -> None:
-    os.killpg(server.pid, signal.SIGTERM)
-    server.wait(timeout=30)
+    return start_server(cmd, cwd=repo, env=env)
 
 
 def test_rest_serving_round_trip(pipeline, http_mirror):
     repo, _ = pipeline
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = start(repo, ["mnist-pipeline", "serve", "--port", str(port)])
     try:
         wait_until_up(server, f"http://127.0.0.1:{port}/ping")
@@ -248,7 +225,7 @@ def test_rest_serving_round_trip(pipeline, http_mirror):
         assert logits.shape == (16, 10)
         assert logits.argmax(1).tolist() == evaluated_predictions(repo, 16)
     finally:
-        stop(server)
+        stop_server(server)
 
 
 def test_second_repro_runs_nothing(pipeline, http_mirror):
@@ -310,9 +287,7 @@ def test_mlflow_ui_compares_two_runs_in_a_real_browser(pipeline, http_mirror):
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
     repo, _ = pipeline
     first, second = runs(repo)[:2]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = start(repo, ["mnist-pipeline", "ui", "--port", str(port)])
     try:
         wait_until_up(server, f"http://127.0.0.1:{port}/health")
@@ -326,7 +301,7 @@ def test_mlflow_ui_compares_two_runs_in_a_real_browser(pipeline, http_mirror):
             text = page.inner_text("body")
             browser.close()
     finally:
-        stop(server)
+        stop_server(server)
     assert "Comparing 2 Runs" in text and first.info.run_id in text and second.info.run_id in text
     metrics = text[text.index("final_test_accuracy") :]
     for run_ in (first, second):
