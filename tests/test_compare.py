@@ -14,7 +14,8 @@ from mlflow.tracking import MlflowClient
 
 from conftest import free_port, start_server, stop_server, wait_until_up
 
-pytestmark = pytest.mark.e2e
+# Starting `mlflow server` takes half a minute on two cores: run with `pytest -m slow`.
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 @pytest.fixture
