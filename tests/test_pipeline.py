@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -19,79 +18,19 @@ import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from conftest import REPO_ROOT, free_port, start_server, stop_server, wait_until_up
+from conftest import (
+    free_port,
+    git,
+    make_repo,
+    ran_stages,
+    run,
+    start_server,
+    stop_server,
+    user_env,
+    wait_until_up,
+)
 
 pytestmark = pytest.mark.e2e
-
-# What a fresh clone holds that the pipeline needs (no dvc.lock: the copy starts with nothing run).
-PROJECT_FILES = [
-    "dvc.yaml",
-    "params.yaml",
-    ".dvcignore",
-    ".gitignore",
-    ".dvc/config",
-    ".dvc/.gitignore",
-    "mlruns/.gitignore",
-    "stages",
-    "src",
-]
-TINY = {
-    "model": {"conv_channels": [4], "kernel_size": 3, "hidden": 16, "dropout": 0.0},
-    "train": {"epochs": 2, "batch_size": 100, "log_every": 5},
-    "evaluate": {"examples": 8},
-    "export": {"parity_samples": 64},
-}
-
-
-def make_repo(tmp_path: Path, md5: dict[str, str], **overrides) -> Path:
-    repo = tmp_path / "project"
-    for name in PROJECT_FILES:
-        src, dst = REPO_ROOT / name, repo / name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if src.is_dir():
-            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-        else:
-            shutil.copy2(src, dst)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["data"]["expected_md5"] = md5
-    for section, values in {**TINY, **overrides}.items():
-        params[section].update(values)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    git(repo, "init", "-q")
-    git(repo, "add", "-A")
-    git(repo, "commit", "-qm", "project")
-    return repo
-
-
-def git(repo: Path, *args: str) -> str:
-    env = {
-        **os.environ,
-        "GIT_AUTHOR_NAME": "t",
-        "GIT_AUTHOR_EMAIL": "t@t",
-        "GIT_COMMITTER_NAME": "t",
-        "GIT_COMMITTER_EMAIL": "t@t",
-    }
-    return subprocess.run(["git", *args], cwd=repo, env=env, check=True, capture_output=True, text=True).stdout
-
-
-def run(repo: Path, mirror: str, *args: str) -> subprocess.CompletedProcess:
-    """Run a command of this environment's bin/ (dvc, python) the way a user would, from the repo root."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env.update(
-        MNIST_MIRROR=mirror,
-        DVC_NO_ANALYTICS="1",
-        PYTHONUNBUFFERED="1",
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-        GIT_AUTHOR_NAME="t",
-        GIT_AUTHOR_EMAIL="t@t",
-        GIT_COMMITTER_NAME="t",
-        GIT_COMMITTER_EMAIL="t@t",
-    )
-    return subprocess.run(list(args), cwd=repo, env=env, capture_output=True, text=True, timeout=600)
-
-
-def ran_stages(result: subprocess.CompletedProcess) -> list[str]:
-    return [line.split("'")[1] for line in result.stdout.splitlines() if line.startswith("Running stage '")]
 
 
 @pytest.fixture(scope="module")
@@ -206,9 +145,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 
 def start(repo: Path, cmd: list[str]) -> subprocess.Popen:
     """Start a server command of this environment from the repo, as a user would."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    return start_server(cmd, cwd=repo, env=env)
+    return start_server(cmd, cwd=repo, env=user_env())
 
 
 def test_rest_serving_round_trip(pipeline, http_mirror):

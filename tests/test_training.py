@@ -28,6 +28,8 @@ TRAIN = TrainConfig(
     precision="auto",
     threads=0,
     log_every=5,
+    nproc=1,
+    resume=True,
 )
 
 
@@ -97,7 +99,8 @@ def test_history_file(tmp_path, tensors):
 def test_random_shift_moves_each_digit_within_bounds_and_keeps_it_whole():
     images = torch.zeros(64, 1, 28, 28, dtype=torch.uint8)
     images[:, 0, 14, 14] = 255  # one lit pixel in the middle of each image
-    shifted = training.random_shift(images, 2, torch.Generator().manual_seed(0))
+    offsets = training.random_offsets(64, 2, torch.Generator().manual_seed(0))
+    shifted = training.shift_images(images, 2, offsets)
     assert shifted.shape == images.shape and shifted.dtype == torch.uint8
     assert torch.equal(shifted.sum(dim=(1, 2, 3)), images.sum(dim=(1, 2, 3)).to(shifted.dtype))
     rows, cols = (shifted[:, 0] == 255).nonzero()[:, 1:].T
@@ -117,3 +120,48 @@ def test_precision_auto_is_bf16_on_cuda_only():
     assert training.autocast_dtype("auto", torch.device("cpu")) is None
     assert training.autocast_dtype("auto", torch.device("cuda")) is torch.bfloat16
     assert training.autocast_dtype("fp32", torch.device("cuda")) is None
+
+
+def test_resumed_training_ends_with_the_weights_of_an_uninterrupted_one(tensors):
+    """Interrupted after epoch 1 of 3 (dropout and shifts on, so every random stream matters), then resumed from
+    the saved state: the same weights and history, to the last bit, as a run that never stopped."""
+    model_cfg = dataclasses.replace(MODEL, dropout=0.2)
+    cfg = dataclasses.replace(TRAIN, epochs=3, augment_shift=1)
+    straight = training.train(model_cfg, cfg, *tensors, torch.device("cpu"), log=io.StringIO())
+
+    saved = []
+
+    def stop_after_first_epoch(state):
+        saved.append(state)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        training.train(model_cfg, cfg, *tensors, torch.device("cpu"), log=io.StringIO(),
+                       on_checkpoint=stop_after_first_epoch)  # fmt: skip
+    log = io.StringIO()
+    resumed = training.train(model_cfg, cfg, *tensors, torch.device("cpu"), log=log, resume=saved[0])
+    assert "resuming after epoch 1/3" in log.getvalue() and "epoch 1/3  batch" not in log.getvalue()
+    assert [m.test_loss for m in resumed.history] == [m.test_loss for m in straight.history]
+    for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_state_round_trips_through_a_file_without_pickle(tmp_path, tensors):
+    saved = []
+    training.train(MODEL, dataclasses.replace(TRAIN, epochs=1), *tensors, torch.device("cpu"), log=io.StringIO(),
+                   on_checkpoint=saved.append)  # fmt: skip
+    path = tmp_path / "resume" / "state.pt"
+    training.save_state(path, {**saved[0], "run_id": "abc"})
+    loaded = training.load_state(path)  # weights_only=True inside
+    assert loaded["run_id"] == "abc" and loaded["history"] == saved[0]["history"]
+    path.write_bytes(path.read_bytes()[:100])  # torn
+    assert training.load_state(path) is None
+    assert training.load_state(tmp_path / "missing.pt") is None
+
+
+def test_state_fingerprint_changes_with_what_shapes_training_only():
+    base = training.state_fingerprint(MODEL, TRAIN, "md5")
+    assert training.state_fingerprint(MODEL, dataclasses.replace(TRAIN, log_every=1, resume=False), "md5") == base
+    assert training.state_fingerprint(MODEL, dataclasses.replace(TRAIN, lr=0.1), "md5") != base
+    assert training.state_fingerprint(MODEL, TRAIN, "other data") != base
+    assert training.state_fingerprint(dataclasses.replace(MODEL, hidden=8), TRAIN, "md5") != base

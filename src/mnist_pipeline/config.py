@@ -152,6 +152,8 @@ class TrainConfig(Section):
     precision: str  # auto = bf16 autocast on CUDA, fp32 on CPU
     threads: int  # CPU threads for torch; 0 = one per core
     log_every: int  # print the running loss every this many batches
+    nproc: int  # data-parallel processes torchrun starts on this machine (one per GPU); batch_size is global
+    resume: bool  # after an interruption, continue from the last completed epoch instead of starting over
 
     def __post_init__(self):
         _check(self.seed >= 0, "train.seed", self.seed, "an integer >= 0")
@@ -167,6 +169,8 @@ class TrainConfig(Section):
         _check(self.precision in PRECISIONS, "train.precision", self.precision, _allowed(PRECISIONS))
         _check(self.threads >= 0, "train.threads", self.threads, "an integer >= 0 (0 = one per core)")
         _check(self.log_every >= 1, "train.log_every", self.log_every, "an integer >= 1")
+        _check(1 <= self.nproc <= 1024, "train.nproc", self.nproc, "an integer in 1..1024")
+        _check(self.batch_size >= self.nproc, "train.batch_size", self.batch_size, "at least train.nproc")
 
 
 @dataclasses.dataclass(frozen=True)

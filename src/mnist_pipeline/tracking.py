@@ -16,6 +16,8 @@ import os
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -54,6 +56,7 @@ def configure(root: Path | None = None) -> str:
         # The embedded store; MLflow keeps the artifacts beside the database, in mlruns/<experiment id>/.
         (project_root(root) / STORE_DIR).mkdir(exist_ok=True)
     _check_sqlite_path(uri)
+    _check_server(uri)
     mlflow.set_tracking_uri(uri)
     try:
         with _store_init_lock(uri):
@@ -108,6 +111,30 @@ def _check_sqlite_path(uri: str) -> None:
     raise PipelineError(f"MLflow store {uri}: {path} {problem}; check MLFLOW_TRACKING_URI")
 
 
+# MLflow retries an unanswered HTTP request 7 times with a doubling back-off: minutes before an error. A pipeline
+# should rather fail fast (or, mid-run, go on training without the server); values the user sets win.
+HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+PROBE_TIMEOUT_S = 5
+
+
+def _check_server(uri: str) -> None:
+    """One quick request to a tracking server's /health before anything else; a one-line error if it is down."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    for name, value in HTTP_RETRY_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=PROBE_TIMEOUT_S).close()
+    except urllib.error.HTTPError:
+        return  # it answers (perhaps asking for credentials, which MLflow's own requests carry)
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise PipelineError(
+            f"the MLflow tracking server {uri} does not answer ({reason}); check that it is running and "
+            "reachable from here, or unset MLFLOW_TRACKING_URI to use the local store in mlruns/"
+        ) from None
+
+
 def tracking_uri(root: Path | None = None) -> str:
     """The URI `configure` uses, without touching the store."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root(root) / STORE_DIR / 'mlflow.db'}"
@@ -160,26 +187,71 @@ def read_run_file(path: Path) -> str:
 
 
 @contextmanager
-def start_run(params: Mapping[str, Any], tags: Mapping[str, str]) -> Iterator[str]:
-    """Start the pipeline's MLflow run (train stage); yields its id. A failure inside marks the run FAILED."""
-    with mlflow.start_run(tags=dict(tags)) as run:
-        mlflow.log_params(dict(params))
+def start_run(params: Mapping[str, Any], tags: Mapping[str, str], run_id: str | None = None) -> Iterator[str]:
+    """Start the pipeline's MLflow run (train stage), or reopen ``run_id`` to go on with an interrupted one.
+
+    The run ends FINISHED, KILLED when interrupted (Ctrl-C, SIGTERM) or FAILED on an error, so no run stays
+    RUNNING after a signal that can be caught.
+    """
+    run = mlflow.start_run(tags=dict(tags)) if run_id is None else mlflow.start_run(run_id=run_id)
+    with _ending():
+        if run_id is None:
+            mlflow.log_params(dict(params))
         yield run.info.run_id
 
 
 @contextmanager
 def resume_run(run_id: str) -> Iterator[str]:
     """Reopen the run the train stage started (evaluate and export stages)."""
-    client = MlflowClient()
-    try:
-        client.get_run(run_id)
-    except MlflowException:
+    if not run_exists(run_id):
         raise PipelineError(
             f"MLflow run {run_id} is not in the store {mlflow.get_tracking_uri()}; "
             "was MLFLOW_TRACKING_URI changed? Rerun the whole pipeline with `dvc repro -f train`"
-        ) from None
-    with mlflow.start_run(run_id=run_id):
+        )
+    mlflow.start_run(run_id=run_id)
+    with _ending():
         yield run_id
+
+
+def run_exists(run_id: str) -> bool:
+    try:
+        MlflowClient().get_run(run_id)
+        return True
+    except MlflowException:
+        return False
+
+
+def run_status(run_id: str) -> str | None:
+    try:
+        return MlflowClient().get_run(run_id).info.status
+    except MlflowException:
+        return None
+
+
+def mark_killed(run_id: str) -> None:
+    """End a run left RUNNING by a process that was killed outright (kill -9, power loss)."""
+    MlflowClient().set_terminated(run_id, "KILLED")
+
+
+@contextmanager
+def _ending() -> Iterator[None]:
+    """End the active run with the status the block earned."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        _end_quietly("KILLED")
+        raise
+    except BaseException:
+        _end_quietly("FAILED")
+        raise
+    mlflow.end_run("FINISHED")
+
+
+def _end_quietly(status: str) -> None:
+    try:
+        mlflow.end_run(status)
+    except Exception:  # the store itself may be what failed; the error on its way out says what happened
+        pass
 
 
 def log_params(params: Mapping[str, Any]) -> None:

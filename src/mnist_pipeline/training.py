@@ -2,10 +2,19 @@
 
 A per-sample DataLoader spends most of an MNIST epoch in Python; slicing one preloaded tensor with a seeded
 ``randperm`` keeps the cores on arithmetic and makes a run repeatable from its seed alone.
+
+Data parallel (see ``distributed``): every rank draws the same permutation and takes its own slice of each global
+batch of ``batch_size`` digits, so N processes take the same optimisation steps as one process with that batch.
+
+Resume: after each epoch the loop hands out its whole state (weights, optimizer, schedule, random generators,
+history); ``train(resume=state)`` continues from it and, on the CPU, ends with the very same weights as a run that
+was never interrupted.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import sys
 import time
@@ -18,27 +27,39 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mnist_pipeline import distributed
 from mnist_pipeline.config import ModelConfig, TrainConfig
 from mnist_pipeline.data import Split
+from mnist_pipeline.distributed import SINGLE, Cluster
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.model import ConvNet, build
 
 EVAL_BATCH_SIZE = 1000  # inference needs no gradients, so large batches are cheap
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when available, else the CPU; asking for CUDA on a machine without it is an error."""
+def resolve_device(name: str, cluster: Cluster = SINGLE) -> torch.device:
+    """``auto`` is CUDA when available, else the CPU; asking for CUDA on a machine without it is an error.
+
+    Under torchrun each process on a machine takes the GPU of its local rank.
+    """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
         raise PipelineError("train.device = 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
-    return torch.device(name)
+    if cluster.local_world_size > torch.cuda.device_count():
+        raise PipelineError(
+            f"{cluster.local_world_size} processes per machine but only {torch.cuda.device_count()} GPUs; "
+            "set train.nproc to at most the number of GPUs"
+        )
+    return torch.device("cuda", cluster.local_rank)
 
 
-def configure_threads(threads: int) -> int:
-    """Set torch's CPU thread count (0 = one per available core) and return it."""
+def configure_threads(threads: int, cluster: Cluster = SINGLE) -> int:
+    """Set torch's CPU thread count and return it; 0 = the machine's cores shared out among its processes."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    n = threads or cores
+    n = threads or max(1, cores // cluster.local_world_size)
     torch.set_num_threads(n)
     return n
 
@@ -55,25 +76,30 @@ class Tensors:
         images = torch.from_numpy(split.images).unsqueeze(1)
         return cls(images.to(device), torch.from_numpy(split.labels.astype(np.int64)).to(device))
 
-    def x(self, index: torch.Tensor | slice, shift: int = 0, generator: torch.Generator | None = None):
-        """Float pixels in [0, 1] of the selected images (randomly shifted when ``shift``), the model's input."""
+    def x(self, index: torch.Tensor | slice, shift: int = 0, offsets: torch.Tensor | None = None):
+        """Float pixels in [0, 1] of the selected images (shifted by ``offsets`` when ``shift``), the model's input."""
         images = self.images[index]
         if shift:
-            images = random_shift(images, shift, generator)
+            images = shift_images(images, shift, offsets)
         return images.float().div_(255.0)
 
     def __len__(self) -> int:
         return len(self.y)
 
 
-def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
-    """Translate each image by its own random offset of up to ``max_shift`` pixels in x and y, zero-filled.
+def random_offsets(n: int, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """(2, n, 1) random offsets in 0..2*max_shift for `shift_images`, drawn for a whole global batch, so that
+    every rank consumes the generator alike and slices out its own images' offsets."""
+    return torch.randint(0, 2 * max_shift + 1, (2, n, 1), generator=generator, device=generator.device)
+
+
+def shift_images(images: torch.Tensor, max_shift: int, offsets: torch.Tensor) -> torch.Tensor:
+    """Translate each image by its own offset (from `random_offsets`) of up to ``max_shift`` pixels, zero-filled.
 
     Runs on the images' device as one gather, so augmentation costs no trip through Python per sample.
     """
     b, _, h, w = images.shape  # (B, 1, 28, 28)
     padded = F.pad(images, (max_shift,) * 4)  # (B, 1, 28 + 2s, 28 + 2s)
-    offsets = torch.randint(0, 2 * max_shift + 1, (2, b, 1), generator=generator, device=images.device)
     rows = torch.arange(h, device=images.device) + offsets[0]  # (B, 28)
     cols = torch.arange(w, device=images.device) + offsets[1]  # (B, 28)
     batch = torch.arange(b, device=images.device)[:, None, None]
@@ -88,18 +114,21 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 @torch.inference_mode()
-def evaluate_loss_accuracy(model: nn.Module, data: Tensors, batch_size: int = EVAL_BATCH_SIZE) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``model`` on ``data``."""
+def evaluate_loss_accuracy(
+    model: nn.Module, data: Tensors, batch_size: int = EVAL_BATCH_SIZE, cluster: Cluster = SINGLE
+) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` on ``data`` (each rank measures its shard; the sums are shared)."""
     model.eval()
-    loss_sum = torch.zeros((), device=data.y.device)
-    correct = torch.zeros((), dtype=torch.int64, device=data.y.device)
-    for start in range(0, len(data), batch_size):
-        batch = slice(start, start + batch_size)
+    sums = torch.zeros(2, dtype=torch.float64, device=data.y.device)  # loss, correct: summed on the device
+    part = cluster.shard(len(data))
+    for start in range(part.start, part.stop, batch_size):
+        batch = slice(start, min(start + batch_size, part.stop))
         logits = model(data.x(batch))  # (B, 10)
         target = data.y[batch]
-        loss_sum += F.cross_entropy(logits, target, reduction="sum")
-        correct += (logits.argmax(dim=1) == target).sum()
-    return loss_sum.item() / len(data), correct.item() / len(data)
+        sums[0] += F.cross_entropy(logits, target, reduction="sum")
+        sums[1] += (logits.argmax(dim=1) == target).sum()
+    loss_sum, correct = distributed.sum_over_ranks(sums, cluster).tolist()
+    return loss_sum / len(data), correct / len(data)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -122,7 +151,7 @@ class EpochMetrics:
     train_loss: float
     test_loss: float
     test_accuracy: float
-    seconds: float  # wall time since training started, at the end of this epoch
+    seconds: float  # wall time since training started, at the end of this epoch (time before a resume included)
 
 
 @dataclass(frozen=True)
@@ -130,7 +159,9 @@ class TrainResult:
     model: ConvNet
     history: list[EpochMetrics]
     device: torch.device
-    seconds: float
+    seconds: float  # this process's training time, time before a resume included
+    rank_seconds: list[float]  # the same for every rank, in rank order
+    weight_spread: float  # largest |weight difference| between ranks at the end: 0.0 when in lockstep
 
 
 def train(
@@ -141,60 +172,140 @@ def train(
     device: torch.device,
     on_epoch: Callable[[EpochMetrics], None] | None = None,
     log: TextIO | None = None,
+    cluster: Cluster = SINGLE,
+    resume: dict | None = None,
+    on_checkpoint: Callable[[dict], None] | None = None,
 ) -> TrainResult:
-    """Train a fresh model; after each epoch measure it on the test split and call ``on_epoch``."""
-    log = log or sys.stderr
+    """Train a fresh model, or continue the state ``resume`` (from ``on_checkpoint``) where it stopped.
+
+    After each epoch: measure the model on the test split, call ``on_epoch`` with the metrics, then hand the
+    resumable state to ``on_checkpoint`` (rank 0). Only rank 0 prints; every rank must call this.
+    """
+    log = (log or sys.stderr) if cluster.is_main else None
     torch.manual_seed(cfg.seed)  # weight init and dropout
     # channels_last keeps conv and max-pool on their vectorised paths (on CPU and on CUDA tensor cores);
     # with a single input channel the input tensor's layout is the same either way.
     model = build(model_cfg).to(device=device, memory_format=torch.channels_last)
+    if cluster.distributed:
+        torch.manual_seed(cfg.seed + cluster.rank)  # same initial weights, a dropout stream of its own per rank
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    net = distributed.wrap(model, device, cluster)
     optimizer = make_optimizer(model, cfg)
     steps_per_epoch = -(-len(train_data) // cfg.batch_size)
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)  # batch order and shifts
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)  # batch order and shifts: alike on all ranks
     amp_dtype = autocast_dtype(cfg.precision, device)
-
     history: list[EpochMetrics] = []
-    start = time.perf_counter()
-    for epoch in range(1, cfg.epochs + 1):
-        model.train()
+    if resume is not None:
+        history = _restore(resume, model, optimizer, scheduler, generator)
+        _say(log, f"resuming after epoch {len(history)}/{cfg.epochs} from the last checkpoint")
+
+    start = time.perf_counter() - (history[-1].seconds if history else 0.0)
+    for epoch in range(len(history) + 1, cfg.epochs + 1):
+        net.train()
         loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per batch
         seen = 0
         order = torch.randperm(len(train_data), generator=generator, device=device)
         for step, first in enumerate(range(0, len(train_data), cfg.batch_size), start=1):
-            idx = order[first : first + cfg.batch_size]
-            x = train_data.x(idx, cfg.augment_shift, generator)
+            batch = order[first : first + cfg.batch_size]  # the global batch, the same on every rank
+            offsets = random_offsets(len(batch), cfg.augment_shift, generator) if cfg.augment_shift else None
+            mine = cluster.shard(len(batch))
+            idx = batch[mine]
+            x = train_data.x(idx, cfg.augment_shift, offsets[:, mine] if offsets is not None else None)
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                loss = F.cross_entropy(model(x), train_data.y[idx], label_smoothing=cfg.label_smoothing)
+                batch_loss = F.cross_entropy(
+                    net(x), train_data.y[idx], reduction="sum", label_smoothing=cfg.label_smoothing
+                )
+            # DDP averages the ranks' gradients, so each rank scales its sum by world/global batch: the average
+            # is then the gradient of the mean loss over the global batch, whatever the shards' sizes.
+            loss = batch_loss * (cluster.world_size / len(batch))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
-            loss_sum += loss.detach() * len(idx)
-            seen += len(idx)
-            if step % cfg.log_every == 0:
-                print(
-                    f"epoch {epoch}/{cfg.epochs}  batch {step}/{steps_per_epoch}  "
-                    f"[{seen}/{len(train_data)}]  loss {loss.item():.4f}",
-                    file=log,
-                    flush=True,
-                )
-        test_loss, test_accuracy = evaluate_loss_accuracy(model, test_data)  # in fp32, like the evaluate stage
-        metrics = EpochMetrics(epoch, loss_sum.item() / seen, test_loss, test_accuracy, time.perf_counter() - start)
+            loss_sum += batch_loss.detach()
+            seen += len(batch)
+            if step % cfg.log_every == 0 and log is not None:
+                _say(log, f"epoch {epoch}/{cfg.epochs}  batch {step}/{steps_per_epoch}  "
+                          f"[{seen}/{len(train_data)}]  loss {loss.item():.4f}")  # fmt: skip
+        train_loss = distributed.sum_over_ranks(loss_sum, cluster).item() / seen
+        test_loss, test_accuracy = evaluate_loss_accuracy(model, test_data, cluster=cluster)  # fp32, like evaluate
+        metrics = EpochMetrics(epoch, train_loss, test_loss, test_accuracy, time.perf_counter() - start)
         history.append(metrics)
-        print(
-            f"epoch {epoch}/{cfg.epochs}: train loss {metrics.train_loss:.4f}  test loss {test_loss:.4f}  "
-            f"test accuracy {100 * test_accuracy:.2f}%  ({metrics.seconds:.1f} s)",
-            file=log,
-            flush=True,
-        )
+        _say(log, f"epoch {epoch}/{cfg.epochs}: train loss {metrics.train_loss:.4f}  test loss {test_loss:.4f}  "
+                  f"test accuracy {100 * test_accuracy:.2f}%  ({metrics.seconds:.1f} s)")  # fmt: skip
         if on_epoch is not None:
             on_epoch(metrics)
+        if on_checkpoint is not None and cluster.is_main:  # after on_epoch: the state can say what it logged
+            on_checkpoint(_state(model, optimizer, scheduler, generator, history))
     model.eval()
-    return TrainResult(model, history, device, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    rank_seconds = distributed.gather_floats(seconds, cluster, device)
+    return TrainResult(model, history, device, seconds, rank_seconds, distributed.weight_spread(model, cluster))
+
+
+def _say(log: TextIO | None, line: str) -> None:
+    if log is not None:
+        print(line, file=log, flush=True)
+
+
+# --- resumable state ---------------------------------------------------------------------------------------
+
+
+def _state(model, optimizer, scheduler, generator: torch.Generator, history: list[EpochMetrics]) -> dict:
+    """Everything the loop needs to go on exactly where it is (tensors and plain values: loads without pickle)."""
+    return {
+        "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "generator": generator.get_state(),
+        "torch_rng": torch.get_rng_state(),  # dropout
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "history": [vars(m) for m in history],
+    }
+
+
+def _restore(state: dict, model, optimizer, scheduler, generator: torch.Generator) -> list[EpochMetrics]:
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return [EpochMetrics(**m) for m in state["history"]]
+
+
+def state_fingerprint(model_cfg: ModelConfig, cfg: TrainConfig, data_md5: str) -> str:
+    """What a saved state must match to be resumed: the params that shape training, the data and this code."""
+    import mnist_pipeline.model as model_module
+
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in ("resume", "log_every")}
+    digest = hashlib.sha256(json.dumps([model_cfg.to_dict(), settings, data_md5], sort_keys=True).encode())
+    for module in (sys.modules[__name__], model_module):
+        digest.update(open(module.__file__, "rb").read())
+    return digest.hexdigest()
+
+
+def save_state(path, state: dict) -> None:
+    """Write a resumable state atomically: a crash while writing leaves the previous one intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_state(path) -> dict | None:
+    """The state saved at ``path`` (weights_only: no pickle), or None when there is none or it is unreadable."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        return None
+    except Exception:  # a torn or foreign file: starting over is the safe answer
+        return None
 
 
 def write_history(path, history: list[EpochMetrics]) -> None:

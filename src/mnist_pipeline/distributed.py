@@ -1,0 +1,118 @@
+"""Data-parallel training over processes started by ``torchrun``: who this process is, the process group, checks.
+
+torchrun gives each process it starts RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE. Without them the stage is
+one process and nothing here talks to anyone. Gradients are averaged by ``DistributedDataParallel``; this module
+only shards the batches and sums the few numbers (losses, counts) that every rank contributes to.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """This process's place among the training processes (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0  # index on this machine: the GPU this process uses
+    local_world_size: int = 1  # processes on this machine: they share its CPU cores
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone logs to MLflow, prints progress and writes the outputs."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def shard(self, n: int) -> slice:
+        """This rank's contiguous part of ``range(n)``: parts are disjoint, cover all of it, and differ in size
+        by at most one (the same split as ``torch.tensor_split``)."""
+        base, extra = divmod(n, self.world_size)
+        start = self.rank * base + min(self.rank, extra)
+        return slice(start, start + base + (self.rank < extra))
+
+
+SINGLE = Cluster()
+
+
+def from_env() -> Cluster:
+    """The cluster torchrun describes in the environment, or a single process."""
+    env = os.environ
+    if "WORLD_SIZE" not in env:
+        return SINGLE
+    return Cluster(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"]), int(env["LOCAL_WORLD_SIZE"]))
+
+
+@contextmanager
+def process_group(cluster: Cluster, device: torch.device) -> Iterator[None]:
+    """Join the other ranks for the duration (NCCL between GPUs, gloo on CPUs); nothing for one process."""
+    if not cluster.distributed:
+        yield
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def wrap(model: nn.Module, device: torch.device, cluster: Cluster) -> nn.Module:
+    """The module to train: DDP (gradients all-reduced, rank 0's initial weights broadcast) when distributed."""
+    if not cluster.distributed:
+        return model
+    if device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics over the global batch
+        return nn.parallel.DistributedDataParallel(model, device_ids=[device])
+    return nn.parallel.DistributedDataParallel(model)
+
+
+def sum_over_ranks(values: torch.Tensor, cluster: Cluster) -> torch.Tensor:
+    """Element-wise sum of ``values`` over all ranks (every rank gets the result)."""
+    if cluster.distributed:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def gather_floats(value: float, cluster: Cluster, device: torch.device) -> list[float]:
+    """``value`` from every rank, in rank order."""
+    if not cluster.distributed:
+        return [value]
+    mine = torch.tensor([value], dtype=torch.float64, device=device)
+    everyone = [torch.empty_like(mine) for _ in range(cluster.world_size)]
+    dist.all_gather(everyone, mine)
+    return [t.item() for t in everyone]
+
+
+def broadcast(obj, cluster: Cluster):
+    """Rank 0's ``obj`` on every rank (a small Python object, such as a resume state read from rank 0's disk)."""
+    if not cluster.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+@torch.no_grad()
+def weight_spread(model: nn.Module, cluster: Cluster) -> float:
+    """Largest |difference| between any rank's weights and rank 0's: 0.0 when the ranks are in lockstep."""
+    if not cluster.distributed:
+        return 0.0
+    mine = torch.cat([p.detach().flatten().double() for p in model.state_dict().values() if p.is_floating_point()])
+    reference = mine.clone()
+    dist.broadcast(reference, src=0)
+    spread = (mine - reference).abs().max()
+    dist.all_reduce(spread, op=dist.ReduceOp.MAX)
+    return spread.item()
