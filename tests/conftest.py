@@ -161,3 +161,20 @@ def run(repo: Path, mirror: str, *args: str, **env: str) -> subprocess.Completed
 
 def ran_stages(result: subprocess.CompletedProcess) -> list[str]:
     return [line.split("'")[1] for line in result.stdout.splitlines() if line.startswith("Running stage '")]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 (SQLite backend, served artifacts); yields its URL. Starting it takes
+    about half a minute on two cores."""
+    folder = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+           "--backend-store-uri", f"sqlite:///{folder}/server.db",
+           "--artifacts-destination", str(folder / "artifacts")]  # fmt: skip
+    server = start_server(cmd)
+    try:
+        wait_until_up(server, f"http://127.0.0.1:{port}/health")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_server(server)

@@ -9,14 +9,24 @@ class PipelineError(Exception):
 
 
 def run_main(main) -> None:
-    """Run a stage's or command's ``main()``; a PipelineError becomes one line on stderr and exit status 1."""
+    """Run a stage's or command's ``main()``; a PipelineError becomes one line on stderr and exit status 1.
+
+    SIGTERM (a scheduler's or torchrun's stop) is handled like Ctrl-C: a KeyboardInterrupt unwinds the stack, so
+    that open MLflow runs end KILLED and files being written are abandoned before they replace anything.
+    """
+    import signal
     import sys
 
+    def terminate(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    signal.signal(signal.SIGTERM, terminate)
     try:
         main()
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as exc:
+        name = exc.args[0] if exc.args else "SIGINT"
+        print(f"interrupted ({name})", file=sys.stderr)
+        sys.exit(128 + getattr(signal, name))
