@@ -7,8 +7,9 @@ from pathlib import Path
 import torch
 
 from mnist_pipeline import config, evaluation, tracking
-from mnist_pipeline.data import load_split
+from mnist_pipeline.data import load_split, verify_folder
 from mnist_pipeline.errors import run_main
+from mnist_pipeline.files import write_atomic
 from mnist_pipeline.model import load_checkpoint, to_pixels
 
 
@@ -30,6 +31,7 @@ def main() -> None:
     eval_cfg = params.evaluate
     model, _ = load_checkpoint(args.checkpoint)
     run_id = tracking.read_run_file(args.run_file)
+    verify_folder(args.data)
     test = load_split(args.data, "test")
     tracking.configure()
 
@@ -38,9 +40,7 @@ def main() -> None:
     result = evaluation.evaluate(logits, labels)
     report = evaluation.per_class_report(result.confusion)
 
-    for path in (args.metrics, args.per_class, args.confusion_png):
-        path.parent.mkdir(parents=True, exist_ok=True)
-    args.metrics.write_text(json.dumps(result.metrics(), indent=2) + "\n")
+    write_atomic(args.metrics, json.dumps(result.metrics(), indent=2) + "\n")
     evaluation.write_report_tables(report, args.per_class, args.per_class_md)
     evaluation.write_confusion_pairs(test.labels, result.predicted, args.confusion)
     evaluation.plot_confusion_matrix(result.confusion, args.confusion_png)

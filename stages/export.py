@@ -7,8 +7,9 @@ from pathlib import Path
 import torch
 
 from mnist_pipeline import config, export, tracking
-from mnist_pipeline.data import load_split
+from mnist_pipeline.data import load_split, verify_folder
 from mnist_pipeline.errors import run_main
+from mnist_pipeline.files import write_atomic
 from mnist_pipeline.model import load_checkpoint, to_pixels
 
 
@@ -27,6 +28,7 @@ def main() -> None:
     export_cfg = config.load(args.params).export
     model, _ = load_checkpoint(args.checkpoint)
     run_id = tracking.read_run_file(args.run_file)
+    verify_folder(args.data)
     test_accuracy = json.loads(args.metrics.read_text())["test_accuracy"]
     test = load_split(args.data, "test")
     digits = to_pixels(torch.from_numpy(test.images[: export_cfg.parity_samples].copy()))  # (N, 1, 28, 28)
@@ -53,8 +55,7 @@ def main() -> None:
         tracking.log_metrics({f"{name}_max_abs_logit_diff": check.max_abs_diff for name, check in checks.items()})
         registration = tracking.register(model_uri, export_cfg.model_name, test_accuracy, export_cfg.promote_min_delta)
     report = {**{name: check.to_dict() for name, check in checks.items()}, "registered": registration.to_dict()}
-    args.report.parent.mkdir(parents=True, exist_ok=True)
-    args.report.write_text(json.dumps(report, indent=2) + "\n")
+    write_atomic(args.report, json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,19 +1,18 @@
 """Stage train: train the CNN, save the checkpoint and the per-epoch history, start the pipeline's MLflow run.
 
-Run by torchrun (see dvc.yaml): with train.nproc > 1 each process trains on its shard of every batch; rank 0 alone
-logs to MLflow and writes the outputs. After every epoch rank 0 saves a resumable state; it is removed once the
-stage has succeeded, so its presence means a training that did not finish.
+Started by torchrun (see dvc.yaml): with train.nproc > 1 every process trains on its part of each batch, and rank
+0 alone logs to MLflow and writes the outputs. After every epoch rank 0 saves a resumable state, removed once the
+stage has succeeded: its presence means a training that did not finish, which the next run continues.
 """
 
 import argparse
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from mnist_pipeline import config, distributed, tracking, training
-from mnist_pipeline.data import fingerprint, load_split
+from mnist_pipeline.data import load_split, verify_folder
 from mnist_pipeline.errors import PipelineError, run_main
 from mnist_pipeline.model import save_checkpoint
 
@@ -33,7 +32,7 @@ def main() -> None:
     cluster = distributed.from_env()
     device = training.resolve_device(train_cfg.device, cluster)
     threads = training.configure_threads(train_cfg.threads, cluster)
-    data_md5 = fingerprint(args.data)
+    data_md5 = verify_folder(args.data)  # a corrupt or truncated file stops the stage here
     train_data = training.Tensors.from_split(load_split(args.data, "train"), device)
     test_data = training.Tensors.from_split(load_split(args.data, "test"), device)
     state_key = training.state_fingerprint(model_cfg, train_cfg, data_md5)
@@ -42,42 +41,41 @@ def main() -> None:
         resume = None
         if cluster.is_main:
             uri = tracking.configure()  # an unreachable store fails here, before any training
-            resume = resumable_state(args.resume_state, state_key) if train_cfg.resume else None
+            resume = resumable_state(args.resume_state, state_key, train_cfg.resume)
         resume = distributed.broadcast(resume, cluster)
+        if not cluster.is_main:  # its share of every batch; rank 0 logs and writes
+            training.train(model_cfg, train_cfg, train_data, test_data, device, cluster=cluster, resume=resume)
+            return
+
         tags = {**tracking.run_tags(device.type, torch.__version__), "cpu_threads": str(threads),
                 "data_md5": data_md5, "world_size": str(cluster.world_size)}  # fmt: skip
-        run = (
-            tracking.start_run(config.flatten(params.sections()), tags, resume and resume["run_id"])
-            if cluster.is_main
-            else nullcontext(None)
-        )
-        with run as run_id:
-            logger = EpochLogger(resume["logged_epochs"] if resume else 0)
+        with tracking.start_run(config.flatten(params.sections()), tags, resume and resume["run_id"]) as run_id:
+            logger = tracking.EpochLogger(tracking.logged_epochs(run_id) if resume else 0)
+
+            def log_epoch(m: training.EpochMetrics) -> None:
+                logger.log(m.epoch, {"train_loss": m.train_loss, "test_loss": m.test_loss,
+                                     "test_accuracy": m.test_accuracy})  # fmt: skip
 
             def checkpoint(state: dict) -> None:
-                logged = {"logged_epochs": logger.logged, "run_id": run_id, "fingerprint": state_key}
-                training.save_state(args.resume_state, {**state, **logged})
+                training.save_state(args.resume_state, {**state, "run_id": run_id, "fingerprint": state_key})
 
             try:
-                result = training.train(
-                    model_cfg, train_cfg, train_data, test_data, device, cluster=cluster, resume=resume,
-                    on_epoch=logger.log if cluster.is_main else None, on_checkpoint=checkpoint,
-                )  # fmt: skip
+                result = training.train(model_cfg, train_cfg, train_data, test_data, device, on_epoch=log_epoch,
+                                        cluster=cluster, resume=resume, on_checkpoint=checkpoint)  # fmt: skip
             except KeyboardInterrupt:
-                if cluster.is_main and args.resume_state.exists():
-                    print(f"interrupted: the last completed epoch is saved in {args.resume_state}; "
-                          "`dvc repro` continues from it (train.resume: true)", file=sys.stderr)  # fmt: skip
+                if args.resume_state.exists():
+                    print(f"the last completed epoch is saved in {args.resume_state}; `dvc repro` continues from it"
+                          + ("" if train_cfg.resume else " with train.resume: true"), file=sys.stderr)  # fmt: skip
                 raise
-            if not cluster.is_main:
-                return
             save_checkpoint(args.checkpoint, result.model, model_cfg, {"train_config": train_cfg.to_dict()})
             training.write_history(args.history, result.history)
-            logger.catch_up(result.history)
+            for m in result.history:  # after a resume: epochs trained earlier but never logged
+                log_epoch(m)
             if logger.lost is not None:
                 raise PipelineError(
-                    f"lost the MLflow store {uri} ({logger.lost}); training finished and is saved in "
-                    f"{args.resume_state}: once the store answers again, `dvc repro` logs the epochs without "
-                    "training again"
+                    f"lost the MLflow store {uri} ({logger.lost}); the trained model is saved in "
+                    f"{args.resume_state}: once the store answers again, `dvc repro` logs the missing epochs "
+                    "without training again"
                 )
             tracking.log_metrics({"train_seconds": result.seconds})
             if cluster.distributed:
@@ -87,48 +85,23 @@ def main() -> None:
                       f"{[round(s, 2) for s in result.rank_seconds]}, largest weight difference between ranks "
                       f"{result.weight_spread:g}", file=sys.stderr)  # fmt: skip
             tracking.write_run_file(args.run_file, run_id, uri)
-        args.resume_state.unlink(missing_ok=True)  # done: nothing left to resume
+        args.resume_state.unlink(missing_ok=True)  # finished: nothing left to resume
 
 
-def resumable_state(path: Path, key: str) -> dict | None:
-    """The saved state at ``path`` if it belongs to this very training (params, data, code) and its MLflow run is
-    still in the store; a state that does not is set aside (its run marked KILLED if it was left RUNNING)."""
+def resumable_state(path: Path, key: str, wanted: bool) -> dict | None:
+    """The state saved at ``path`` when resuming is ``wanted`` and the state belongs to this very training (params,
+    data, code) and its MLflow run is in the store. Any other state is set aside; its run, if a killed process
+    left it RUNNING, is marked KILLED."""
     state = training.load_state(path)
     if state is None:
         return None
-    if state.get("fingerprint") == key and tracking.run_exists(state.get("run_id", "")):
+    if wanted and state.get("fingerprint") == key and tracking.run_exists(state.get("run_id", "")):
         return state
     if tracking.run_status(state.get("run_id", "")) == "RUNNING":
         tracking.mark_killed(state["run_id"])
-    print(f"{path} is from another training (params, data or code changed): starting over", file=sys.stderr)
+    why = "from another training (params, data or code changed)" if wanted else "not resumed (train.resume: false)"
+    print(f"{path} is {why}: starting over", file=sys.stderr)
     return None
-
-
-class EpochLogger:
-    """Logs each epoch's metrics to MLflow; if the store stops answering, training goes on and the epochs not
-    logged are counted, so that a rerun logs them (`catch_up`) without training again."""
-
-    def __init__(self, logged: int):
-        self.logged = logged  # epochs already in the MLflow run
-        self.lost: str | None = None
-
-    def log(self, m: training.EpochMetrics) -> None:
-        if self.lost is not None or m.epoch <= self.logged:
-            return
-        try:
-            tracking.log_epoch(m.epoch, {"train_loss": m.train_loss, "test_loss": m.test_loss,
-                                         "test_accuracy": m.test_accuracy})  # fmt: skip
-        except Exception as exc:
-            self.lost = f"{type(exc).__name__} at epoch {m.epoch}"
-            print(f"warning: could not log epoch {m.epoch} to MLflow ({exc!s:.200}); training goes on",
-                  file=sys.stderr)  # fmt: skip
-            return
-        self.logged = m.epoch
-
-    def catch_up(self, history: list[training.EpochMetrics]) -> None:
-        """Log the epochs trained before an interruption but not logged then (a resumed run)."""
-        for m in history:
-            self.log(m)
 
 
 if __name__ == "__main__":

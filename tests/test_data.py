@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import shutil
 
 import numpy as np
 import pytest
@@ -62,7 +63,7 @@ def test_verify_rejects_wrong_content_and_truncated_gz():
 def test_download_from_http_mirror_then_keeps_valid_files(tmp_path, http_mirror, mirror_md5, capsys):
     files = data.expected_files("mnist", mirror_md5)
     data.download(tmp_path, files, mirror_list=[http_mirror])
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(data.FILE_NAMES)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*data.FILE_NAMES, "MD5SUMS"])
     for f in files:
         assert data.md5_of((tmp_path / f.name).read_bytes()) == f.md5
     capsys.readouterr()
@@ -74,7 +75,7 @@ def test_download_falls_back_to_the_next_mirror(tmp_path, mirror_dir, mirror_md5
     data.download(
         tmp_path, data.expected_files("mnist", mirror_md5), mirror_list=[str(tmp_path / "nowhere"), http_mirror]
     )
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(data.FILE_NAMES)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*data.FILE_NAMES, "MD5SUMS"])
 
 
 def test_download_rejects_corrupt_file_and_names_every_mirror(tmp_path, mirror_dir, mirror_md5, http_mirror):
@@ -113,15 +114,30 @@ def test_mirror_env_is_tried_first():
     assert data.DEFAULT_MIRRORS[0].startswith("https://ossci-datasets.s3.amazonaws.com/mnist")
 
 
-def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
-    target = tmp_path / "f"
-    target.write_bytes(b"old")
+def test_the_recorded_checksums_catch_a_flipped_byte_a_truncation_and_a_missing_file(tmp_path, raw_dir):
+    folder = tmp_path / "raw"
+    shutil.copytree(raw_dir, folder)
+    fingerprint = data.verify_folder(folder)
+    assert fingerprint == data.verify_folder(raw_dir) and len(fingerprint) == 32
+    assert "  train-images-idx3-ubyte\n" in (folder / "MD5SUMS").read_text()  # md5sum's format
 
-    def fail(*args):
-        raise OSError("disk full")
+    images = folder / "train-images-idx3-ubyte"
+    original = images.read_bytes()
+    flipped = bytearray(original)
+    flipped[5000] ^= 0x01  # one bit, deep in the pixels: the IDX header still parses
+    images.write_bytes(bytes(flipped))
+    with pytest.raises(PipelineError) as exc:
+        data.verify_folder(folder)
+    message = str(exc.value)
+    assert message.startswith(f"{images} is corrupt or was changed after download (MD5 ")
+    assert f"`dvc checkout {folder}`" in message and "`dvc repro -f download`" in message
 
-    monkeypatch.setattr("os.replace", fail)
-    with pytest.raises(OSError):
-        data.atomic_write_bytes(target, b"new content")
-    assert target.read_bytes() == b"old"
-    assert [p.name for p in tmp_path.iterdir()] == ["f"]
+    images.write_bytes(original[:-100])
+    with pytest.raises(PipelineError, match="train-images-idx3-ubyte is corrupt"):
+        data.verify_folder(folder)
+    images.unlink()
+    with pytest.raises(PipelineError, match="train-images-idx3-ubyte is missing; restore it"):
+        data.verify_folder(folder)
+    (folder / "MD5SUMS").unlink()
+    with pytest.raises(PipelineError, match="MD5SUMS is missing"):
+        data.verify_folder(folder)

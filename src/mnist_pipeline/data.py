@@ -11,7 +11,6 @@ import gzip
 import hashlib
 import os
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -24,6 +23,7 @@ from typing import TextIO
 import numpy as np
 
 from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.files import write_atomic
 
 MIRROR_ENV = "MNIST_MIRROR"
 
@@ -128,19 +128,6 @@ def is_valid(path: Path, file: IdxFile) -> bool:
     return bool(file.md5) and path.is_file() and md5_of(path.read_bytes()) == file.md5
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, then rename: readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def fetch(mirror: str, filename: str) -> bytes:
     """Read ``filename`` from a mirror: a local folder, a ``file://`` URL or an HTTP(S) URL."""
     if "://" not in mirror:
@@ -187,7 +174,7 @@ def download(
             except (PipelineError, OSError, ValueError) as exc:
                 failures.append(f"{mirror} ({_reason(exc)})")
                 continue
-            atomic_write_bytes(target, content)
+            write_atomic(target, content)
             print(
                 f"{file.name}: {len(content) / 1e6:.1f} MB from {mirror} in {time.perf_counter() - start:.1f} s",
                 file=log,
@@ -199,6 +186,7 @@ def download(
                 f"Set {MIRROR_ENV} to a folder or URL holding the four {files[0].dataset} .gz files to use another "
                 "source."
             )
+    write_checksums(out_dir)
 
 
 # IDX format: 2 zero bytes, a type code (0x08 = unsigned byte), the number of dimensions, then one big-endian
@@ -240,7 +228,44 @@ def load_split(data_dir: Path, split: str) -> Split:
     return Split(images, labels)
 
 
-def fingerprint(data_dir: Path) -> str:
-    """One MD5 for the four files of a folder written by the download stage: tells whether two runs saw the
-    same data."""
-    return md5_of("".join(md5_of((data_dir / name).read_bytes()) for name in FILE_NAMES).encode())
+# Written by the download stage beside the four files, in md5sum's format (`md5sum -c MD5SUMS` checks by hand).
+CHECKSUMS_FILE = "MD5SUMS"
+
+
+def write_checksums(data_dir: Path) -> None:
+    lines = "".join(f"{md5_of((data_dir / name).read_bytes())}  {name}\n" for name in FILE_NAMES)
+    write_atomic(data_dir / CHECKSUMS_FILE, lines)
+
+
+def verify_folder(data_dir: Path) -> str:
+    """Check the four files against the checksums the download stage recorded; return the data's fingerprint.
+
+    Every stage that reads the data calls this first, so a flipped byte or a truncated file (a failing disk, an
+    edit by hand) stops it with the file's name and the way back, before any training or evaluation.
+    """
+    recover = f"restore it with `dvc checkout {data_dir}` or download it again with `dvc repro -f download`"
+    try:
+        recorded = dict(reversed(line.split("  ", 1)) for line in (data_dir / CHECKSUMS_FILE).read_text().splitlines())
+    except FileNotFoundError:
+        raise PipelineError(
+            f"{data_dir / CHECKSUMS_FILE} is missing, so the data cannot be checked; run `dvc repro -f download`"
+        ) from None
+    except (ValueError, UnicodeDecodeError):
+        raise PipelineError(f"{data_dir / CHECKSUMS_FILE} is damaged; {recover}") from None
+    actual = {}
+    for name in FILE_NAMES:
+        path = data_dir / name
+        if not path.is_file():
+            raise PipelineError(f"{path} is missing; {recover}")
+        actual[name] = md5_of(path.read_bytes())
+        if actual[name] != recorded.get(name):
+            raise PipelineError(
+                f"{path} is corrupt or was changed after download (MD5 {actual[name]}, recorded "
+                f"{recorded.get(name, 'none')}); {recover}"
+            )
+    return fingerprint(actual)
+
+
+def fingerprint(md5s: Mapping[str, str]) -> str:
+    """One MD5 for the four files (from their MD5s): tells whether two runs saw the same data."""
+    return md5_of("".join(md5s[name] for name in FILE_NAMES).encode())

@@ -12,15 +12,20 @@ def run_main(main) -> None:
     """Run a stage's or command's ``main()``; a PipelineError becomes one line on stderr and exit status 1.
 
     SIGTERM (a scheduler's or torchrun's stop) is handled like Ctrl-C: a KeyboardInterrupt unwinds the stack, so
-    that open MLflow runs end KILLED and files being written are abandoned before they replace anything.
+    that open MLflow runs end KILLED and files being written are abandoned before they replace anything. Signals
+    that follow the first are ignored while that happens (torchrun relays a Ctrl-C as a second signal); kill -9
+    still stops everything, and the next run recovers from it.
     """
     import signal
     import sys
 
-    def terminate(signum, frame):
-        raise KeyboardInterrupt("SIGTERM")
+    def interrupt(signum, frame):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise KeyboardInterrupt(signal.Signals(signum).name)
 
-    signal.signal(signal.SIGTERM, terminate)
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
     try:
         main()
     except PipelineError as exc:

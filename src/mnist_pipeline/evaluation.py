@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mnist_pipeline.files import write_atomic
 from mnist_pipeline.model import NUM_CLASSES
 
 
@@ -61,13 +63,13 @@ def per_class_report(confusion: np.ndarray) -> pd.DataFrame:
 
 
 def write_report_tables(report: pd.DataFrame, csv_path: Path, markdown_path: Path) -> None:
-    report.to_csv(csv_path, index=False, float_format="%.4f")
-    markdown_path.write_text(report.to_markdown(index=False, floatfmt=".4f") + "\n")
+    write_atomic(csv_path, report.to_csv(index=False, float_format="%.4f"))
+    write_atomic(markdown_path, report.to_markdown(index=False, floatfmt=".4f") + "\n")
 
 
 def write_confusion_pairs(actual: np.ndarray, predicted: np.ndarray, path: Path) -> None:
     """One row per test digit (actual, predicted): the input of DVC's confusion-matrix plot template."""
-    pd.DataFrame({"actual": actual, "predicted": predicted}).to_csv(path, index=False)
+    write_atomic(path, pd.DataFrame({"actual": actual, "predicted": predicted}).to_csv(index=False))
 
 
 def _pyplot():
@@ -77,6 +79,13 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save_png(fig, path: Path) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    _pyplot().close(fig)
+    write_atomic(path, buffer.getvalue())
 
 
 def plot_confusion_matrix(confusion: np.ndarray, path: Path) -> None:
@@ -93,8 +102,7 @@ def plot_confusion_matrix(confusion: np.ndarray, path: Path) -> None:
     ax.set_title(f"Confusion matrix: {confusion.sum()} test digits, accuracy {100 * accuracy:.2f}%")
     fig.colorbar(image, ax=ax, label="log(1 + count)")
     fig.subplots_adjust(left=0.1, right=0.98, bottom=0.1, top=0.93)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save_png(fig, path)
 
 
 def plot_predictions(
@@ -123,5 +131,4 @@ def plot_predictions(
                 spine.set_linewidth(2.5)
     errors = int((predicted[chosen] != actual[chosen]).sum())
     fig.suptitle(f"predicted / actual ({errors} of {len(chosen)} wrong, in red)", fontsize=10)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save_png(fig, path)

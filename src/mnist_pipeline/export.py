@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.files import write_atomic
 
 
 def to_torchscript(model: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
@@ -36,13 +37,10 @@ ONNX_INPUT, ONNX_OUTPUT = "pixels", "logits"
 
 def save_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
     """Export with the torch.export-based ONNX exporter, the batch dimension dynamic; atomic."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     model.eval()
-    torch.onnx.export(
+    program = torch.onnx.export(
         model,
         (example,),
-        str(tmp),
         dynamo=True,
         opset_version=ONNX_OPSET,
         input_names=[ONNX_INPUT],
@@ -51,7 +49,7 @@ def save_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
         external_data=False,  # one self-contained file
         verbose=False,
     )
-    os.replace(tmp, path)
+    write_atomic(path, program.model_proto.SerializeToString())  # one self-contained file
 
 
 def load_onnx(path: Path):
@@ -67,10 +65,9 @@ def load_onnx(path: Path):
 
 
 def save_torchscript(module: torch.jit.ScriptModule, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    module.save(str(tmp))
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    torch.jit.save(module, buffer)
+    write_atomic(path, buffer.getvalue())
 
 
 @dataclass(frozen=True)

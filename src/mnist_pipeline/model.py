@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import io
 import pickle
 from pathlib import Path
 
@@ -11,6 +11,7 @@ from torch import nn
 
 from mnist_pipeline.config import ModelConfig
 from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.files import write_atomic
 
 IMAGE_SIZE = 28
 NUM_CLASSES = 10
@@ -60,12 +61,11 @@ def to_pixels(images: torch.Tensor) -> torch.Tensor:
 
 def save_checkpoint(path: Path, model: ConvNet, cfg: ModelConfig, extra: dict | None = None) -> None:
     """Write state_dict + the model config needed to rebuild it; atomic, loadable with weights_only=True."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     payload = {"model_config": cfg.to_dict(), "state_dict": state, **(extra or {})}
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()  # serialise in memory: a disk error then surfaces as an OSError naming the file
+    torch.save(payload, buffer)
+    write_atomic(path, buffer.getvalue())
 
 
 def load_checkpoint(path: Path) -> tuple[ConvNet, dict]:

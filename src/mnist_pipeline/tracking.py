@@ -32,6 +32,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.files import write_atomic
 
 EXPERIMENT_NAME = "mnist-pipeline"
 STORE_DIR = "mlruns"
@@ -169,10 +170,7 @@ def run_tags(device: str, torch_version: str) -> dict[str, str]:
 
 
 def write_run_file(path: Path, run_id: str, tracking_uri: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"run_id": run_id, "tracking_uri": tracking_uri}, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps({"run_id": run_id, "tracking_uri": tracking_uri}, indent=2) + "\n")
 
 
 def read_run_file(path: Path) -> str:
@@ -275,6 +273,32 @@ def log_epoch(epoch: int, metrics: Mapping[str, float]) -> None:
     now = int(time.time() * 1000)
     run_id = mlflow.active_run().info.run_id
     MlflowClient().log_batch(run_id, metrics=[Metric(k, float(v), now, epoch) for k, v in metrics.items()])
+
+
+def logged_epochs(run_id: str) -> int:
+    """The last epoch whose metrics the run holds (0 for none): what a resumed training need not log again."""
+    return max((m.step for m in MlflowClient().get_metric_history(run_id, "test_accuracy")), default=0)
+
+
+class EpochLogger:
+    """Logs each epoch's metrics into the active run, once. If the store stops answering, training goes on: the
+    epochs not logged are noted (``lost``), and a resumed run logs them later with `log` again."""
+
+    def __init__(self, logged: int = 0):
+        self.logged = logged  # epochs the run already holds
+        self.lost: str | None = None  # what went wrong, once the store stopped answering
+
+    def log(self, epoch: int, metrics: Mapping[str, float], log: TextIO | None = None) -> None:
+        if self.lost is not None or epoch <= self.logged:
+            return
+        try:
+            log_epoch(epoch, metrics)
+        except Exception as exc:
+            self.lost = f"{type(exc).__name__} at epoch {epoch}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+            print(f"warning: could not log epoch {epoch} to MLflow; training goes on ({self.lost})",
+                  file=log or sys.stderr)  # fmt: skip
+            return
+        self.logged = epoch
 
 
 def log_metrics(metrics: Mapping[str, float]) -> None:

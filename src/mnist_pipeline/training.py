@@ -14,6 +14,7 @@ was never interrupted.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import sys
@@ -32,6 +33,7 @@ from mnist_pipeline.config import ModelConfig, TrainConfig
 from mnist_pipeline.data import Split
 from mnist_pipeline.distributed import SINGLE, Cluster
 from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.files import write_atomic
 from mnist_pipeline.model import ConvNet, build
 
 EVAL_BATCH_SIZE = 1000  # inference needs no gradients, so large batches are cheap
@@ -292,10 +294,9 @@ def state_fingerprint(model_cfg: ModelConfig, cfg: TrainConfig, data_md5: str) -
 
 def save_state(path, state: dict) -> None:
     """Write a resumable state atomically: a crash while writing leaves the previous one intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_atomic(path, buffer.getvalue())
 
 
 def load_state(path) -> dict | None:
@@ -312,5 +313,4 @@ def write_history(path, history: list[EpochMetrics]) -> None:
     """Per-epoch metrics as CSV, the file DVC plots as the training curves."""
     import pandas as pd
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame([vars(m) for m in history]).to_csv(path, index=False, float_format="%.6g")
+    write_atomic(path, pd.DataFrame([vars(m) for m in history]).to_csv(index=False, float_format="%.6g"))
