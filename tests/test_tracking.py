@@ -114,3 +114,32 @@ def test_candidate_always_moves_champion_only_when_not_worse(store):
     loaded = tracking.load_model("models:/m@champion")
     x = torch.rand(3, 1, 28, 28)
     torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_a_pickled_model_is_refused_unless_allowed(store):
+    """The pipeline logs torch.export models; a model stored with pickle could run any code when loaded."""
+    import numpy as np
+
+    from mnist_pipeline import predict
+
+    model = build(ModelConfig((4,), 3, 16, 0.0, False)).eval()
+    example = np.zeros((4, 1, 28, 28), np.float32)  # as the export stage: a batch of more than one
+    with mlflow.start_run():
+        pickled = mlflow.pytorch.log_model(model, name="pickled", serialization_format="pickle").model_uri
+        safe = tracking.log_model(model, example, ["torch"])
+    with pytest.raises(PipelineError, match=r"stored with pickle, .* pass --allow-pickle only if you trust"):
+        predict.load_model(pickled)
+    digits = torch.zeros(2, 1, 28, 28)
+    assert predict.load_model(safe)(digits).shape == (2, 10)
+    assert predict.load_model(pickled, allow_pickle=True)(digits).shape == (2, 10)
+
+
+def test_servers_listen_on_127_0_0_1_unless_told_otherwise():
+    from mnist_pipeline.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["ui"]).host == "127.0.0.1"
+    assert parser.parse_args(["serve"]).host == "127.0.0.1"
+    assert (
+        parser.parse_args(["serve"]).allow_pickle is False and parser.parse_args(["predict", "x"]).allow_pickle is False
+    )

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from mnist_pipeline.errors import run_main
 
+ALLOW_PICKLE_HELP = "also load an MLflow model stored with pickle (it can run any code: only if you trust it)"
+
 
 def _ui(args: argparse.Namespace) -> None:
     from mnist_pipeline import tracking
@@ -39,7 +41,7 @@ def _store(args: argparse.Namespace) -> None:
 def _predict(args: argparse.Namespace) -> None:
     from mnist_pipeline import predict
 
-    sys.exit(predict.main(args.inputs, args.model, args.json, args.top_k))
+    sys.exit(predict.main(args.inputs, args.model, args.json, args.top_k, args.allow_pickle))
 
 
 def _compare(args: argparse.Namespace) -> None:
@@ -59,14 +61,15 @@ def _serve(args: argparse.Namespace) -> None:
 
     from mnist_pipeline import tracking
 
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri()}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.configure()}
+    tracking.fetch_model(args.model, args.allow_pickle)  # refuses a pickled model before anything listens
     cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", args.model, "--env-manager", "local",
            "--host", args.host, "--port", str(args.port)]  # fmt: skip
     print(f"serving {args.model} on http://{args.host}:{args.port}/invocations", file=sys.stderr)
     sys.exit(subprocess.call(cmd, env=env))
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mnist-pipeline", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     ui = commands.add_parser("ui", help="open the MLflow UI on the project's store (bound to 127.0.0.1)")
@@ -82,11 +85,13 @@ def main() -> None:
     )
     predict.add_argument("--json", action="store_true", help="one JSON object per line")
     predict.add_argument("--top-k", type=int, default=1, help="show the K most likely digits")
+    predict.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
     predict.set_defaults(func=_predict)
     serve = commands.add_parser("serve", help="serve a registered model over REST with `mlflow models serve`")
     serve.add_argument("--model", default="models:/mnist-cnn@champion")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=5001)
+    serve.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
     serve.set_defaults(func=_serve)
     compare = commands.add_parser(
         "compare", help="the experiment's runs as a table: differing params, metrics, versions"
@@ -106,6 +111,11 @@ def main() -> None:
         "bench", help="benchmark the pipeline's training against the classic tutorial", add_help=False
     )
     bench.set_defaults(func=None)
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args, rest = parser.parse_known_args()
     if args.command == "bench":
         from mnist_pipeline import bench as benchmark

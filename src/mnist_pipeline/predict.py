@@ -121,13 +121,13 @@ def read_inputs(path: Path) -> Iterator[tuple[str, np.ndarray]]:
         raise PipelineError(f"{name}: not a readable {kind} ({exc})") from None
 
 
-def load_model(reference: str) -> Callable[[torch.Tensor], torch.Tensor]:
+def load_model(reference: str, allow_pickle: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
     """A callable from (N, 1, 28, 28) pixels to logits.
 
     ``reference``: a local ``.onnx`` or TorchScript file, a registry version number (of mnist-cnn), an MLflow run
     id, or any MLflow model URI (``models:/mnist-cnn@champion``, ``models:/mnist-cnn/3``, ``runs:/<id>/model``).
     None of these unpickle Python objects: TorchScript and ONNX are data formats, and the registered model is a
-    torch.export archive.
+    torch.export archive. An MLflow model stored with pickle is refused unless ``allow_pickle``.
     """
     from mnist_pipeline import export, tracking
 
@@ -149,7 +149,9 @@ def load_model(reference: str) -> Callable[[torch.Tensor], torch.Tensor]:
         reference = f"runs:/{reference}/model"
     tracking.configure()
     try:
-        return tracking.load_model(reference)
+        return tracking.load_model(reference, allow_pickle)
+    except PipelineError:
+        raise
     except Exception as exc:  # MlflowException and friends: say which model and why, in one line
         raise PipelineError(f"model {reference}: {str(exc).splitlines()[0][:300]}") from None
 
@@ -187,7 +189,7 @@ def predict(model: Callable, labels: list[str], images: np.ndarray, top_k: int) 
     ]
 
 
-def main(inputs: list[Path], model_ref: str, as_json: bool, top_k: int) -> int:
+def main(inputs: list[Path], model_ref: str, as_json: bool, top_k: int, allow_pickle: bool = False) -> int:
     """Print one line per input; return 0, or 1 when any input could not be read."""
     if not 1 <= top_k <= 10:
         raise PipelineError(f"--top-k {top_k}: expected 1..10")
@@ -200,7 +202,7 @@ def main(inputs: list[Path], model_ref: str, as_json: bool, top_k: int) -> int:
         except PipelineError as exc:
             print(f"error: {exc}", file=sys.stderr)
             failed += 1
-    model = load_model(model_ref) if labels else None
+    model = load_model(model_ref, allow_pickle) if labels else None
     for prediction in predict(model, labels, np.stack(images) if images else np.empty((0, 28, 28)), top_k):
         print(prediction.json() if as_json else prediction.line(top_k > 1))
     return 1 if failed else 0

@@ -362,10 +362,32 @@ def log_model(model, input_example: np.ndarray, pip_requirements: list[str]) -> 
     return info.model_uri
 
 
-def load_model(model_uri: str):
+def fetch_model(model_uri: str, allow_pickle: bool = False) -> Path:
+    """Download an MLflow PyTorch model and return its folder; refuse one stored with pickle unless allowed.
+
+    The pipeline logs models in the torch.export format, which loads as data. A model saved with pickle (MLflow's
+    other format) runs whatever code its author put in it when it is loaded, so it needs the user's explicit
+    ``allow_pickle``.
+    """
+    import yaml
+
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
+    flavor = yaml.safe_load((local / "MLmodel").read_text()).get("flavors", {}).get("pytorch")
+    if flavor is None:
+        raise PipelineError(f"model {model_uri} is not a PyTorch model logged with MLflow")
+    if not (local / flavor.get("model_data", "data") / "model.pt2").is_file() and not allow_pickle:
+        raise PipelineError(
+            f"model {model_uri} is stored with pickle, and loading it would run any code it contains; pass "
+            "--allow-pickle only if you trust where it came from"
+        )
+    return local
+
+
+def load_model(model_uri: str, allow_pickle: bool = False):
+    """Load an MLflow PyTorch model for inference on the CPU (see `fetch_model` for the pickle rule)."""
     import mlflow.pytorch
 
-    return mlflow.pytorch.load_model(model_uri, map_location="cpu")
+    return mlflow.pytorch.load_model(str(fetch_model(model_uri, allow_pickle)), map_location="cpu")
 
 
 def promotion(test_accuracy: float, champion: tuple[int, float] | None, min_delta: float) -> tuple[bool, str]:
