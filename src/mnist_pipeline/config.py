@@ -156,7 +156,7 @@ class TrainConfig(Section):
     resume: bool  # after an interruption, continue from the last completed epoch instead of starting over
 
     def __post_init__(self):
-        _check(self.seed >= 0, "train.seed", self.seed, "an integer >= 0")
+        _check(0 <= self.seed < 2**32, "train.seed", self.seed, "an integer in 0..2**32-1")
         _check(self.device in DEVICES, "train.device", self.device, _allowed(DEVICES))
         _check(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
         _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
@@ -167,7 +167,7 @@ class TrainConfig(Section):
         _check(0.0 <= self.label_smoothing < 1.0, "train.label_smoothing", self.label_smoothing, "a number in [0, 1)")
         _check(0 <= self.augment_shift <= 8, "train.augment_shift", self.augment_shift, "an integer in 0..8")
         _check(self.precision in PRECISIONS, "train.precision", self.precision, _allowed(PRECISIONS))
-        _check(self.threads >= 0, "train.threads", self.threads, "an integer >= 0 (0 = one per core)")
+        _check(0 <= self.threads <= 1024, "train.threads", self.threads, "an integer in 0..1024 (0 = one per core)")
         _check(self.log_every >= 1, "train.log_every", self.log_every, "an integer >= 1")
         _check(1 <= self.nproc <= 1024, "train.nproc", self.nproc, "an integer in 1..1024")
         _check(self.batch_size >= self.nproc, "train.batch_size", self.batch_size, "at least train.nproc")
@@ -226,7 +226,8 @@ def read_params(path: Path) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        problem = str(getattr(exc, "problem", None) or exc).splitlines()[0]
+        raise ConfigError(f"{path} is not valid YAML{where}: {problem}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must be a mapping of sections, got {type(raw).__name__}")
     unknown = sorted(set(raw) - set(SECTIONS))

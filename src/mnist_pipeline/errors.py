@@ -29,7 +29,7 @@ def run_main(main) -> None:
     try:
         main()
     except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {' '.join(str(exc).splitlines())}", file=sys.stderr)  # one line, whatever it quotes
         sys.exit(1)
     except KeyboardInterrupt as exc:
         name = exc.args[0] if exc.args else "SIGINT"
