@@ -1,7 +1,8 @@
 """Stage train: train the CNN, save the checkpoint and the per-epoch history, start the pipeline's MLflow run.
 
-Started by torchrun (see dvc.yaml): with train.nproc > 1 every process trains on its part of each batch, and rank
-0 alone logs to MLflow and writes the outputs. After every epoch rank 0 saves a resumable state, removed once the
+With train.nproc > 1 the stage starts itself again in that many processes under torchrun's launcher (or runs
+under a torchrun you started, e.g. across machines): every process trains on its part of each batch, and rank 0
+alone logs to MLflow and writes the outputs. After every epoch rank 0 saves a resumable state, removed once the
 stage has succeeded: its presence means a training that did not finish, which the next run continues.
 """
 
@@ -30,9 +31,13 @@ def main() -> None:
     params = config.load(args.params)
     model_cfg, train_cfg = params.model, params.train
     cluster = distributed.from_env()
+    data_md5 = verify_folder(args.data)  # a corrupt or truncated file stops the stage here
+    if cluster.is_main:
+        uri = tracking.configure()  # an unreachable store fails here, before any training
+    if train_cfg.nproc > 1 and not cluster.distributed:
+        sys.exit(distributed.launch(train_cfg.nproc, __file__, sys.argv[1:]))
     device = training.resolve_device(train_cfg.device, cluster)
     threads = training.configure_threads(train_cfg.threads, cluster)
-    data_md5 = verify_folder(args.data)  # a corrupt or truncated file stops the stage here
     train_data = training.Tensors.from_split(load_split(args.data, "train"), device)
     test_data = training.Tensors.from_split(load_split(args.data, "test"), device)
     state_key = training.state_fingerprint(model_cfg, train_cfg, data_md5)
@@ -40,7 +45,6 @@ def main() -> None:
     with distributed.process_group(cluster, device):
         resume = None
         if cluster.is_main:
-            uri = tracking.configure()  # an unreachable store fails here, before any training
             resume = resumable_state(args.resume_state, state_key, train_cfg.resume)
         resume = distributed.broadcast(resume, cluster)
         if not cluster.is_main:  # its share of every batch; rank 0 logs and writes

@@ -163,10 +163,11 @@ def ran_stages(result: subprocess.CompletedProcess) -> list[str]:
     return [line.split("'")[1] for line in result.stdout.splitlines() if line.startswith("Running stage '")]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` on 127.0.0.1 (SQLite backend, served artifacts); yields its URL. Starting it takes
-    about half a minute on two cores."""
+    about half a minute on two cores, so the tests share it: each finds its own run by id and registers under a
+    model name of its own where it checks the registry."""
     folder = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import resource
 import shutil
 import subprocess
 import sys
@@ -37,7 +38,7 @@ pytestmark = pytest.mark.e2e
 def pipeline(tmp_path_factory, http_mirror, mirror_md5):
     """The repository copy after a first `dvc repro`; the tests below read from it in order."""
     repo = make_repo(tmp_path_factory.mktemp("e2e"), mirror_md5)
-    first = run(repo, http_mirror, "dvc", "repro")
+    first = run(repo, http_mirror, "dvc", "repro", **SECRETS)
     assert first.returncode == 0, first.stdout + first.stderr
     return repo, first
 
@@ -50,6 +51,16 @@ def runs(repo: Path):
     c = client(repo)
     experiment = c.get_experiment_by_name("mnist-pipeline")
     return c.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+# Secrets a user's shell may hold while running the pipeline: none may end up in MLflow.
+SECRETS = {
+    "AWS_SECRET_ACCESS_KEY": "secret-aws-7d1f",
+    "MLFLOW_TRACKING_PASSWORD": "secret-mlflow-93ab",
+    "GITHUB_TOKEN": "secret-gh-55c2",
+    "HF_TOKEN": "secret-hf-0e4d",
+    "DATABASE_URL": "postgresql://u:secret-db-1b9f@h/db",
+}
 
 
 def test_first_repro_runs_all_four_stages(pipeline):
@@ -75,6 +86,15 @@ def test_one_mlflow_run_with_params_metrics_tags_and_artifacts(pipeline):
     artifacts = {a.path for a in client(repo).list_artifacts(run.info.run_id, "evaluation")}
     assert {"evaluation/confusion_matrix.png", "evaluation/predictions.png", "evaluation/per_class.csv"} <= artifacts
     assert run.info.status == "FINISHED"
+
+
+def test_no_secret_from_the_environment_reaches_mlflow(pipeline):
+    repo, _ = pipeline
+    (run_,) = runs(repo)
+    version = client(repo).get_model_version("mnist-cnn", "1")
+    recorded = json.dumps([run_.data.params, run_.data.tags, version.tags, version.description, run_.info.run_name])
+    assert "secret-" not in recorded
+    assert not any(key in recorded for key in SECRETS)
 
 
 def test_model_registered_as_version_1_with_both_aliases(pipeline):
@@ -185,15 +205,24 @@ def test_exp_run_with_a_train_param_reruns_train_evaluate_export_only(pipeline, 
     assert "lower-lr" in shown.stdout and "test_accuracy" in shown.stdout
 
 
-def test_temp_experiment_logs_to_the_projects_store(pipeline, http_mirror):
-    """`dvc exp run --temp` runs in a copy under .dvc/tmp/exps/; its run must land in the project's mlruns/."""
+def test_two_temp_experiments_at_once_both_log_fully_to_the_projects_store(pipeline, http_mirror):
+    """Two `dvc exp run --temp` in parallel. Each runs in a copy under .dvc/tmp/exps/, and both write to the
+    project's SQLite store at once: both runs complete and are recorded with all their metrics, no lock errors."""
     repo, _ = pipeline
     before = len(runs(repo))
-    exp = run(repo, http_mirror, "dvc", "exp", "run", "--temp", "-S", "train.seed=1", "-n", "in-temp")
-    assert exp.returncode == 0, exp.stdout + exp.stderr
-    latest = runs(repo)[-1]
-    assert len(runs(repo)) == before + 1 and latest.data.tags["dvc_exp_name"] == "in-temp"
-    assert latest.info.artifact_uri.startswith(str(repo / "mlruns"))
+    procs = [subprocess.Popen(["dvc", "exp", "run", "--temp", "-S", f"train.seed={seed}", "-n", f"in-temp-{seed}"],
+                              cwd=repo, env=user_env(MNIST_MIRROR=http_mirror), text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE) for seed in (1, 2)]  # fmt: skip
+    for proc in procs:
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out + err
+        assert "database is locked" not in out + err
+    new = runs(repo)[before:]
+    assert sorted(r.data.tags["dvc_exp_name"] for r in new) == ["in-temp-1", "in-temp-2"]
+    for r in new:
+        assert r.info.status == "FINISHED" and r.info.artifact_uri.startswith(str(repo / "mlruns"))
+        assert [m.step for m in client(repo).get_metric_history(r.info.run_id, "test_accuracy")] == [1, 2]
+        assert "final_test_accuracy" in r.data.metrics and "onnx_max_abs_logit_diff" in r.data.metrics
     assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))
 
 
@@ -202,11 +231,11 @@ def test_compare_shows_the_runs_and_only_the_params_that_differ(pipeline, http_m
     out = run(repo, http_mirror, "mnist-pipeline", "compare", "--csv", "--sort", "test_loss")
     assert out.returncode == 0, out.stderr
     table = pd.read_csv(io.StringIO(out.stdout))
-    assert len(table) == 3 and {"lower-lr", "in-temp"} <= set(table["run"])
+    assert len(table) == 4 and {"lower-lr", "in-temp-1", "in-temp-2"} <= set(table["run"])
     assert {"train.lr", "train.seed"} <= set(table.columns) and "model.hidden" not in table.columns
     assert list(table["test_loss"]) == sorted(table["test_loss"])
-    candidate = table.loc[table["run"] == "in-temp", "registered"].item()
-    assert candidate.startswith("mnist-cnn v3") and "candidate" in candidate
+    candidate = table.loc[table["registered"].str.contains("candidate"), "registered"].item()
+    assert candidate.startswith("mnist-cnn v4")
 
 
 def _chromium() -> str | None:
@@ -268,6 +297,26 @@ def test_reproduce_a_run_exactly_without_touching_the_workspace(pipeline, http_m
     assert missing.returncode == 1 and "Traceback" not in missing.stderr
     assert "was made from commit 000000000000, which this repository does not have" in missing.stderr
     c.delete_run(orphan.info.run_id)
+
+
+def test_a_full_disk_names_the_file_and_keeps_the_earlier_outputs(pipeline):
+    """The evaluate stage on a disk that takes no file over 16 KiB (RLIMIT_FSIZE): its first big figure fails."""
+    repo, _ = pipeline
+    before = {p: p.read_bytes() for p in (repo / "reports").iterdir()}
+    cmd = [sys.executable, "stages/evaluate.py", "--data", "data/raw", "--checkpoint", "models/model.pt",
+           "--run-file", "models/mlflow_run.json", "--metrics", "reports/metrics.json",
+           "--per-class", "reports/per_class.csv", "--per-class-md", "reports/per_class.md",
+           "--confusion", "reports/confusion.csv", "--confusion-png", "reports/confusion_matrix.png",
+           "--predictions-png", "reports/predictions.png"]  # fmt: skip
+
+    def full_disk():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, 16 * 1024))
+
+    out = subprocess.run(cmd, cwd=repo, env=user_env(), capture_output=True, text=True, preexec_fn=full_disk)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.startswith("error: cannot write reports/confusion_matrix.png: File too large;")
+    after = {p: p.read_bytes() for p in (repo / "reports").iterdir()}
+    assert after == before  # every earlier output whole and as it was (rewritten files came out the same)
 
 
 @pytest.mark.parametrize("jobs", [2, pytest.param(1, marks=pytest.mark.slow)])

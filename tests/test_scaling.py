@@ -70,7 +70,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, http_
 @pytest.fixture(scope="module")
 def served_pipeline(tmp_path_factory, http_mirror, mirror_md5, mlflow_server):
     """A project that ran `dvc repro` with MLFLOW_TRACKING_URI pointing at a real tracking server."""
-    repo = make_repo(tmp_path_factory.mktemp("served"), mirror_md5)
+    repo = make_repo(tmp_path_factory.mktemp("served"), mirror_md5, export={"model_name": "served-test"})
     out = run(repo, http_mirror, "dvc", "repro", MLFLOW_TRACKING_URI=mlflow_server)
     assert out.returncode == 0, out.stdout + out.stderr
     return repo
@@ -86,12 +86,13 @@ def rest(server: str, endpoint: str, **query) -> dict:
 def test_the_server_holds_the_run_its_metrics_and_the_registered_version(served_pipeline, mlflow_server):
     repo = served_pipeline
     assert not (repo / "mlruns/mlflow.db").exists()  # nothing went to the local store
+    run_id = json.loads((repo / "models/mlflow_run.json").read_text())["run_id"]
     experiment = rest(mlflow_server, "experiments/get-by-name", experiment_name="mnist-pipeline")["experiment"]
     request = urllib.request.Request(f"{mlflow_server}/api/2.0/mlflow/runs/search",
                                      json.dumps({"experiment_ids": [experiment["experiment_id"]]}).encode(),
                                      {"Content-Type": "application/json"})  # fmt: skip
-    (found,) = json.load(urllib.request.urlopen(request, timeout=30))["runs"]
-    run_id = found["info"]["run_id"]
+    listed = json.load(urllib.request.urlopen(request, timeout=30))["runs"]
+    (found,) = [r for r in listed if r["info"]["run_id"] == run_id]
     assert found["info"]["status"] == "FINISHED"
     assert {p["key"]: p["value"] for p in found["data"]["params"]}["train.epochs"] == "2"
     metrics = {m["key"]: m["value"] for m in found["data"]["metrics"]}
@@ -102,7 +103,7 @@ def test_the_server_holds_the_run_its_metrics_and_the_registered_version(served_
     artifacts = rest(mlflow_server, "artifacts/list", run_id=run_id, path="evaluation")["files"]
     assert {"evaluation/confusion_matrix.png", "evaluation/predictions.png"} <= {a["path"] for a in artifacts}
 
-    champion = rest(mlflow_server, "registered-models/alias", name="mnist-cnn", alias="champion")["model_version"]
+    champion = rest(mlflow_server, "registered-models/alias", name="served-test", alias="champion")["model_version"]
     assert champion["version"] == "1" and champion["run_id"] == run_id
     assert set(champion["aliases"]) == {"candidate", "champion"}
 
@@ -118,7 +119,9 @@ def test_compare_reads_the_runs_from_the_server(served_pipeline, http_mirror, ml
     out = run(served_pipeline, http_mirror, "mnist-pipeline", "compare", "--csv", MLFLOW_TRACKING_URI=mlflow_server)
     assert out.returncode == 0, out.stderr
     table = pd.read_csv(io.StringIO(out.stdout), dtype={"commit": str})
-    assert len(table) == 1 and table["registered"].item().startswith("mnist-cnn v1")
+    run_id = json.loads((served_pipeline / "models/mlflow_run.json").read_text())["run_id"]
+    (row,) = table[table["run_id"] == run_id[:8]].itertuples()
+    assert row.registered.startswith("served-test v1")
 
 
 def test_dvc_remote_push_then_pull_restores_data_and_model(served_pipeline, http_mirror, tmp_path):

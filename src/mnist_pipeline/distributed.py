@@ -1,12 +1,14 @@
-"""Data-parallel training over processes started by ``torchrun``: who this process is, the process group, checks.
+"""Data-parallel training over processes started by torchrun: who this process is, the process group, checks.
 
-torchrun gives each process it starts RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE. Without them the stage is
-one process and nothing here talks to anyone. Gradients are averaged by ``DistributedDataParallel``; this module
-only shards the batches and sums the few numbers (losses, counts) that every rank contributes to.
+torchrun (PyTorch's elastic launcher, ``torch.distributed.run``) gives each process it starts RANK, WORLD_SIZE,
+LOCAL_RANK and LOCAL_WORLD_SIZE. Without them the stage is one process and nothing here talks to anyone.
+Gradients are averaged by ``DistributedDataParallel``; this module only shards the batches and sums the few
+numbers (losses, counts) that every rank contributes to.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -44,6 +46,31 @@ class Cluster:
 
 
 SINGLE = Cluster()
+
+
+def launch(nproc: int, script: str, args: list[str]) -> int:
+    """Run ``script`` with ``args`` in ``nproc`` processes on this machine under torchrun's launcher (as
+    ``torchrun --standalone --nproc-per-node nproc``); return the exit status to leave with.
+
+    A failing rank has printed its own one-line error; torchrun would add its report as a traceback, so the
+    failure is turned into the rank's exit status instead.
+    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    # Each rank sets its own thread count (see training.configure_threads); this keeps torchrun from warning.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # The launcher logs each rank's failure again, and its SIGTERM to the others; the ranks speak for themselves.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        run(get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", script, *args]))
+        return 0
+    except ChildFailedError as exc:
+        code = exc.get_first_failure()[1].exitcode
+        return code if code > 0 else 128 - code  # a negative code is the signal that ended the rank
+    except SignalException as exc:  # Ctrl-C or SIGTERM: the ranks were stopped and have said so
+        return 128 + int(exc.sigval)
 
 
 def from_env() -> Cluster:

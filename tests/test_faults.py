@@ -1,0 +1,228 @@
+"""Faults injected into real pipelines: Ctrl-C, SIGTERM, kill -9, a tracking server that is down or dies mid-run,
+corrupt data. Each test checks that nothing is lost, nothing is left half-done, and that the user is told plainly
+what happened and what to do. (Concurrent experiments and a full disk: test_pipeline.py.)"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import free_port, make_repo, ran_stages, run, user_env
+from mnist_pipeline import training
+
+pytestmark = pytest.mark.e2e
+
+STATE = Path("models/resume/train_state.pt")
+LONG = {"epochs": 30}  # long enough to interrupt in the middle; a few seconds on synthetic data
+
+
+def start_repro(repo: Path, mirror: str, **env: str) -> subprocess.Popen:
+    """`dvc repro` in a process group of its own, as a terminal runs it: a signal can reach all of it at once."""
+    return subprocess.Popen(["dvc", "repro"], cwd=repo, env=user_env(MNIST_MIRROR=mirror, **env), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+
+
+def wait_for_epochs(repo: Path, proc: subprocess.Popen, epochs: int, limit_s: float = 180) -> None:
+    """Until the train stage has saved the state of at least ``epochs`` epochs."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        state = training.load_state(repo / STATE)
+        if state is not None and len(state["history"]) >= epochs:
+            return
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "training did not get going"
+        time.sleep(0.05)
+
+
+def store(repo: Path, uri: str | None = None) -> MlflowClient:
+    return MlflowClient(uri or f"sqlite:///{repo}/mlruns/mlflow.db")
+
+
+def the_run(client: MlflowClient):
+    (only,) = client.search_runs([client.get_experiment_by_name("mnist-pipeline").experiment_id])
+    return only
+
+
+def logged_steps(client: MlflowClient, run_id: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, "test_accuracy"))
+
+
+# --- interruption and resume -----------------------------------------------------------------------------
+
+
+def interrupt(repo: Path, mirror: str, sig: signal.Signals, after_epochs: int) -> str:
+    """Start `dvc repro`, let the train stage save ``after_epochs`` more epochs, send ``sig`` to the whole
+    process group (as Ctrl-C or a job scheduler does); return its stderr."""
+    before = len((training.load_state(repo / STATE) or {"history": []})["history"])
+    proc = start_repro(repo, mirror)
+    wait_for_epochs(repo, proc, before + after_epochs)
+    os.killpg(proc.pid, sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    return err
+
+
+def test_interrupted_three_ways_the_pipeline_still_finishes_with_every_epoch_logged_once(tmp_path, http_mirror,
+                                                                                         mirror_md5):  # fmt: skip
+    """Ctrl-C, then SIGTERM, then kill -9, each in the middle of training; each rerun continues from the last
+    saved epoch; the fourth `dvc repro` finishes. One MLflow run throughout, every epoch logged exactly once,
+    one registered version, and nothing registered before the pipeline was complete."""
+    repo = make_repo(tmp_path, mirror_md5, train=LONG)
+    client = store(repo)
+    saved = 0
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        err = interrupt(repo, http_mirror, sig, after_epochs=2)
+        assert f"interrupted ({sig.name})" in err and "`dvc repro` continues from it" in err
+        assert "Traceback" not in err
+        if saved:
+            assert f"resuming after epoch {saved}/{LONG['epochs']}" in err
+        assert the_run(client).info.status == "KILLED"  # not left RUNNING
+        saved_now = len(training.load_state(repo / STATE)["history"])  # the last good checkpoint
+        assert saved + 2 <= saved_now < LONG["epochs"]
+        assert logged_steps(client, the_run(client).info.run_id) == list(range(1, saved_now + 1))
+        assert client.search_registered_models() == []  # nothing registered for an incomplete pipeline
+        saved = saved_now
+
+    interrupt(repo, http_mirror, signal.SIGKILL, after_epochs=2)  # nothing can be cleaned up
+    assert the_run(client).info.status == "RUNNING"  # what kill -9 leaves behind
+
+    again = run(repo, http_mirror, "dvc", "repro")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert ran_stages(again) == ["train", "evaluate", "export"] and "resuming after epoch" in again.stderr
+    finished = the_run(client)  # the same run, carried on to the end
+    assert finished.info.status == "FINISHED"
+    assert logged_steps(client, finished.info.run_id) == list(range(1, LONG["epochs"] + 1))
+    assert [int(v.version) for v in client.search_model_versions("name='mnist-cnn'")] == [1]
+    assert not (repo / STATE).exists()
+    assert run(repo, http_mirror, "dvc", "status").stdout.strip() == "Data and pipelines are up to date."
+
+
+# --- the tracking server ---------------------------------------------------------------------------------
+
+
+def test_a_tracking_server_that_does_not_answer_stops_the_pipeline_before_training(tmp_path, http_mirror,
+                                                                                   mirror_md5):  # fmt: skip
+    repo = make_repo(tmp_path, mirror_md5)
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    out = run(repo, http_mirror, "dvc", "repro", MLFLOW_TRACKING_URI=uri)
+    assert out.returncode != 0 and ran_stages(out) == ["download", "train"]
+    (line,) = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert line.startswith(f"error: the MLflow tracking server {uri} does not answer (")
+    assert "check that it is running" in line and "Traceback" not in out.stderr
+    assert "epoch 1" not in out.stderr  # before any training
+    assert not (repo / "models").exists() and not (repo / "reports").exists()
+
+
+class Relay:
+    """A TCP relay on 127.0.0.1 in front of a real server. `cut` makes the server vanish for its clients
+    (connections dropped, new ones refused), `restore` brings it back on the same port."""
+
+    def __init__(self, target_port: int):
+        self.target_port = target_port
+        self.port = free_port()
+        self.sockets: list[socket.socket] = []
+        self.restore()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def restore(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+
+    def cut(self) -> None:
+        for s in [self.listener, *self.sockets]:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+        self.sockets.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # cut
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            self.sockets += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+def test_a_tracking_server_lost_mid_run_keeps_the_training_and_the_next_repro_logs_it(
+    tmp_path, http_mirror, mirror_md5, mlflow_server
+):
+    relay = Relay(int(mlflow_server.rsplit(":", 1)[1]))
+    repo = make_repo(tmp_path, mirror_md5, train={**LONG, "seed": 7}, export={"model_name": "outage-test"})
+    proc = start_repro(repo, http_mirror, MLFLOW_TRACKING_URI=relay.url)
+    wait_for_epochs(repo, proc, 3)
+    relay.cut()
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "Traceback" not in err
+    assert "warning: could not log epoch" in err and "training goes on" in err
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert line.startswith(f"error: lost the MLflow store {relay.url} (")
+    assert f"the trained model is saved in {STATE}" in line and "`dvc repro` logs the missing epochs" in line
+    assert len(training.load_state(repo / STATE)["history"]) == LONG["epochs"]  # training went on to the end
+
+    relay.restore()
+    again = run(repo, http_mirror, "dvc", "repro", MLFLOW_TRACKING_URI=relay.url)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"resuming after epoch {LONG['epochs']}/{LONG['epochs']}" in again.stderr
+    assert "batch" not in again.stderr  # not trained again
+    client = store(repo, mlflow_server)
+    run_id = (repo / "models/mlflow_run.json").read_text().split('"run_id": "')[1].split('"')[0]
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert logged_steps(client, run_id) == list(range(1, LONG["epochs"] + 1))  # no epoch lost, none twice
+    assert client.get_model_version_by_alias("outage-test", "champion").run_id == run_id
+
+
+# --- corrupt data ----------------------------------------------------------------------------------------
+
+
+def test_a_flipped_byte_in_the_data_is_caught_before_training_and_repro_restores_the_file(tmp_path, http_mirror,
+                                                                                          mirror_md5):  # fmt: skip
+    repo = make_repo(tmp_path, mirror_md5)
+    assert run(repo, http_mirror, "dvc", "repro", "download").returncode == 0
+    images = repo / "data/raw/train-images-idx3-ubyte"
+    good = images.read_bytes()
+    flipped = bytearray(good)
+    flipped[1234] ^= 0x10
+    images.write_bytes(bytes(flipped))
+
+    alone = run(repo, http_mirror, "dvc", "repro", "--single-item", "train")  # the train stage on this data
+    assert alone.returncode != 0 and "Traceback" not in alone.stderr
+    assert "error: data/raw/train-images-idx3-ubyte is corrupt or was changed after download" in alone.stderr
+    assert "`dvc checkout data/raw`" in alone.stderr and "epoch 1" not in alone.stderr
+    assert not (repo / "models").exists() and not (repo / "mlruns/mlflow.db").exists()
+
+    assert "modified" in run(repo, http_mirror, "dvc", "status").stdout  # DVC sees it too
+    healed = run(repo, http_mirror, "dvc", "repro", "download")  # its output changed, so DVC restores it
+    assert healed.returncode == 0, healed.stdout + healed.stderr
+    assert "Stage 'download' is cached - skipping run, checking out outputs" in healed.stdout  # from DVC's cache
+    assert images.read_bytes() == good
