@@ -66,7 +66,9 @@ def load_onnx(path: Path):
 
 def save_torchscript(module: torch.jit.ScriptModule, path: Path) -> None:
     buffer = io.BytesIO()
-    torch.jit.save(module, buffer)
+    with warnings.catch_warnings():  # TorchScript is deprecated upstream; it stays here as the no-Python format
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(module, buffer)
     write_atomic(path, buffer.getvalue())
 
 
