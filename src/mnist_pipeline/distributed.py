@@ -61,8 +61,10 @@ def launch(nproc: int, script: str, args: list[str]) -> int:
 
     # Each rank sets its own thread count (see training.configure_threads); this keeps torchrun from warning.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    # The launcher logs each rank's failure again, and its SIGTERM to the others; the ranks speak for themselves.
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    # The launcher logs each rank's failure again, and the signals it relays; the ranks speak for themselves.
+    for name in [*logging.root.manager.loggerDict, "torch.distributed.elastic"]:
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         run(get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", script, *args]))
         return 0

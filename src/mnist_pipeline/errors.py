@@ -16,6 +16,7 @@ def run_main(main) -> None:
     that follow the first are ignored while that happens (torchrun relays a Ctrl-C as a second signal); kill -9
     still stops everything, and the next run recovers from it.
     """
+    import os
     import signal
     import sys
 
@@ -33,5 +34,6 @@ def run_main(main) -> None:
         sys.exit(1)
     except KeyboardInterrupt as exc:
         name = exc.args[0] if exc.args else "SIGINT"
-        print(f"interrupted ({name})", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank is interrupted; one says so
+            print(f"interrupted ({name})", file=sys.stderr)
         sys.exit(128 + getattr(signal, name))

@@ -200,7 +200,7 @@ def train(
     amp_dtype = autocast_dtype(cfg.precision, device)
     history: list[EpochMetrics] = []
     if resume is not None:
-        history = _restore(resume, model, optimizer, scheduler, generator)
+        history = _restore(resume, model, optimizer, scheduler, generator, rng=cluster.is_main)
         _say(log, f"resuming after epoch {len(history)}/{cfg.epochs} from the last checkpoint")
 
     start = time.perf_counter() - (history[-1].seconds if history else 0.0)
@@ -269,15 +269,18 @@ def _state(model, optimizer, scheduler, generator: torch.Generator, history: lis
     }
 
 
-def _restore(state: dict, model, optimizer, scheduler, generator: torch.Generator) -> list[EpochMetrics]:
+def _restore(state: dict, model, optimizer, scheduler, generator: torch.Generator, rng: bool) -> list[EpochMetrics]:
+    """Load ``state`` into the loop's objects; ``rng``: also the dropout generators (saved by rank 0 only, so the
+    other ranks keep streams of their own)."""
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])
     generator.set_state(state["generator"])
-    torch.set_rng_state(state["torch_rng"])
-    if state["cuda_rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    if rng:
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
     return [EpochMetrics(**m) for m in state["history"]]
 
 
