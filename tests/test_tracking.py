@@ -143,3 +143,21 @@ def test_servers_listen_on_127_0_0_1_unless_told_otherwise():
     assert (
         parser.parse_args(["serve"]).allow_pickle is False and parser.parse_args(["predict", "x"]).allow_pickle is False
     )
+
+
+def test_a_registration_interrupted_half_way_leaves_no_version(store, monkeypatch):
+    model = build(ModelConfig((4,), 3, 8, 0.0, False)).eval()
+    with tracking.start_run({}, {}):
+        uri = tracking.log_model(model, torch.rand(2, 1, 28, 28).numpy(), ["torch"])
+        tracking.register(uri, "m", 0.95)
+
+        def interrupted(*args):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(MlflowClient, "set_registered_model_alias", interrupted)  # Ctrl-C between two calls
+        with pytest.raises(KeyboardInterrupt):
+            tracking.register(uri, "m", 0.97)
+    versions = MlflowClient().search_model_versions("name='m'")
+    assert [int(v.version) for v in versions] == [1]  # version 2 was removed again
+    monkeypatch.undo()
+    assert int(MlflowClient().get_model_version_by_alias("m", "champion").version) == 1

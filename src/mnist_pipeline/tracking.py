@@ -19,7 +19,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -414,23 +414,30 @@ def register(
     champion = _champion_accuracy(client, name)  # before registering: the new version must not compete with itself
     run = mlflow.active_run()
     version = int(mlflow.register_model(model_uri, name).version)
-    promote, reason = promotion(test_accuracy, champion, min_delta)
-    tags = {
-        "test_accuracy": f"{test_accuracy:.6f}",
-        "run_id": run.info.run_id,
-        "git_commit": run.data.tags.get("git_commit", "unknown"),
-        "dvc_exp_name": run.data.tags.get("dvc_exp_name", ""),
-        "promotion": reason,
-    }
-    for key, value in tags.items():
-        client.set_model_version_tag(name, str(version), key, value)
-    client.update_model_version(
-        name, str(version), description=f"MNIST CNN, test accuracy {100 * test_accuracy:.2f}%, run {run.info.run_id}"
-    )
-    client.set_registered_model_alias(name, ALIAS_CANDIDATE, str(version))
-    aliases = [ALIAS_CANDIDATE]
-    if promote:
-        client.set_registered_model_alias(name, ALIAS_CHAMPION, str(version))
-        aliases.append(ALIAS_CHAMPION)
+    try:
+        promote, reason = promotion(test_accuracy, champion, min_delta)
+        tags = {
+            "test_accuracy": f"{test_accuracy:.6f}",
+            "run_id": run.info.run_id,
+            "git_commit": run.data.tags.get("git_commit", "unknown"),
+            "dvc_exp_name": run.data.tags.get("dvc_exp_name", ""),
+            "promotion": reason,
+        }
+        for key, value in tags.items():
+            client.set_model_version_tag(name, str(version), key, value)
+        client.update_model_version(
+            name,
+            str(version),
+            description=f"MNIST CNN, test accuracy {100 * test_accuracy:.2f}%, run {run.info.run_id}",
+        )
+        client.set_registered_model_alias(name, ALIAS_CANDIDATE, str(version))
+        aliases = [ALIAS_CANDIDATE]
+        if promote:
+            client.set_registered_model_alias(name, ALIAS_CHAMPION, str(version))
+            aliases.append(ALIAS_CHAMPION)
+    except BaseException:  # interrupted or failed half-way: no version without its tags and aliases
+        with suppress(Exception):
+            client.delete_model_version(name, str(version))
+        raise
     print(f"registered {name} version {version} ({', '.join(aliases)}): {reason}", file=log)
     return Registration(name, version, f"models:/{name}/{version}", tuple(aliases), reason)
