@@ -179,7 +179,8 @@ def test_a_tracking_server_lost_mid_run_keeps_the_training_and_the_next_repro_lo
 ):
     relay = Relay(int(mlflow_server.rsplit(":", 1)[1]))
     repo = make_repo(tmp_path, mirror_md5, train={**LONG, "seed": 7}, export={"model_name": "outage-test"})
-    proc = start_repro(repo, http_mirror, MLFLOW_TRACKING_URI=relay.url)
+    # No retries: the pipeline's default (2, with back-off) only makes the failure slower to show.
+    proc = start_repro(repo, http_mirror, MLFLOW_TRACKING_URI=relay.url, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0")
     wait_for_epochs(repo, proc, 3)
     relay.cut()
     _, err = proc.communicate(timeout=300)

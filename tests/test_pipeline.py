@@ -319,7 +319,10 @@ def test_a_full_disk_names_the_file_and_keeps_the_earlier_outputs(pipeline):
     assert after == before  # every earlier output whole and as it was (rewritten files came out the same)
 
 
-@pytest.mark.parametrize("jobs", [2, pytest.param(1, marks=pytest.mark.slow)])
+# Slow (45 s with -j 2): the default suite covers parallel experiments with two `--temp` runs above, and the race
+# on a new store with test_tracking.py::test_two_processes_creating_a_new_store_at_once_both_succeed.
+@pytest.mark.slow
+@pytest.mark.parametrize("jobs", [2, 1])
 def test_queued_experiments_each_log_and_register(tmp_path, http_mirror, mirror_md5, jobs):
     """Two queued experiments run by `--run-all -j N`: two MLflow runs, two registered versions, no lock errors
     (with -j 2 both start on a store that does not exist yet)."""
