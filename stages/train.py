@@ -99,9 +99,10 @@ def resumable_state(path: Path, key: str, wanted: bool) -> dict | None:
     state = training.load_state(path)
     if state is None:
         return None
-    if wanted and state.get("fingerprint") == key and tracking.run_exists(state.get("run_id", "")):
+    status = tracking.run_status(state.get("run_id", ""))
+    if wanted and state.get("fingerprint") == key and status is not None:
         return state
-    if tracking.run_status(state.get("run_id", "")) == "RUNNING":
+    if status == "RUNNING":
         tracking.mark_killed(state["run_id"])
     why = "from another training (params, data or code changed)" if wanted else "not resumed (train.resume: false)"
     print(f"{path} is {why}: starting over", file=sys.stderr)

@@ -201,7 +201,7 @@ def start_run(params: Mapping[str, Any], tags: Mapping[str, str], run_id: str | 
 @contextmanager
 def resume_run(run_id: str) -> Iterator[str]:
     """Reopen the run the train stage started (evaluate and export stages)."""
-    if not run_exists(run_id):
+    if run_status(run_id) is None:
         raise PipelineError(
             f"MLflow run {run_id} is not in the store {mlflow.get_tracking_uri()}; "
             "was MLFLOW_TRACKING_URI changed? Rerun the whole pipeline with `dvc repro -f train`"
@@ -211,15 +211,8 @@ def resume_run(run_id: str) -> Iterator[str]:
         yield run_id
 
 
-def run_exists(run_id: str) -> bool:
-    try:
-        MlflowClient().get_run(run_id)
-        return True
-    except MlflowException:
-        return False
-
-
 def run_status(run_id: str) -> str | None:
+    """RUNNING, FINISHED, FAILED or KILLED; None when the store has no such run."""
     try:
         return MlflowClient().get_run(run_id).info.status
     except MlflowException:
