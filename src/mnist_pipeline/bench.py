@@ -135,12 +135,22 @@ def summarise(history: list[dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="mnist-pipeline bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=1, help="run each contender with seeds 0..N-1")
+    parser.add_argument("--seeds", type=int, default=1, help="run each contender with seeds 0..N-1 (0: none)")
+    parser.add_argument("--loop", action="store_true",
+                        help="first measure the everyday loop in this project (rerun, predict, compare, load) "
+                             "against the import floor; adds one run to the store")  # fmt: skip
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="the pipeline's params")
     parser.add_argument("--only", choices=["baseline", "pipeline"], help="run one contender only")
     parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a param, as `dvc exp run -S` does (e.g. -S train.epochs=3)")  # fmt: skip
     args = parser.parse_args(argv)
+
+    if args.loop:
+        from mnist_pipeline import bench_loop
+
+        print(bench_loop.report(*bench_loop.measure(Path.cwd())), flush=True)
+        if args.seeds == 0:
+            return
 
     import pandas as pd
 
