@@ -2,15 +2,12 @@
 
 import argparse
 import json
+import tempfile
 from pathlib import Path
 
-import torch
-
-from mnist_pipeline import config, export, tracking
-from mnist_pipeline.data import load_split, verify_folder
+from mnist_pipeline import config, tracker
 from mnist_pipeline.errors import run_main
 from mnist_pipeline.files import write_atomic
-from mnist_pipeline.model import load_checkpoint, to_pixels
 
 
 def main() -> None:
@@ -26,35 +23,53 @@ def main() -> None:
     args = parser.parse_args()
 
     export_cfg = config.load(args.params).export
-    model, _ = load_checkpoint(args.checkpoint)
-    run_id = tracking.read_run_file(args.run_file)
-    verify_folder(args.data)
-    test_accuracy = json.loads(args.metrics.read_text())["test_accuracy"]
-    test = load_split(args.data, "test")
-    digits = to_pixels(torch.from_numpy(test.images[: export_cfg.parity_samples].copy()))  # (N, 1, 28, 28)
-    tracking.configure()
+    run_id = tracker.read_run_file(args.run_file)
+    with tracker.Tracker.start() as tracking, tempfile.TemporaryDirectory(prefix="mnist-export-") as tmp:
+        import numpy as np
+        import torch
 
-    def parity(exported, fmt: str) -> export.Parity:
-        result = export.check_parity(model, exported, digits, export_cfg.parity_tolerance, fmt)
-        export.require_parity(result)  # a failed check stops here: nothing more is logged or registered
-        print(f"{fmt} parity on {result.samples} test digits: max |logit diff| {result.max_abs_diff:.2e}")
-        return result
+        from mnist_pipeline import export
+        from mnist_pipeline.data import load_split, verify_folder
+        from mnist_pipeline.model import load_checkpoint, to_pixels
 
-    export.save_torchscript(export.to_torchscript(model, digits[:2]), args.torchscript)
-    export.save_onnx(model, digits[:2], args.onnx)
-    checks = {
-        "torchscript": parity(export.load_torchscript(args.torchscript), "TorchScript"),
-        "onnx": parity(export.load_onnx(args.onnx), "ONNX"),
-    }
+        model, _ = load_checkpoint(args.checkpoint)
+        verify_folder(args.data)
+        test_accuracy = json.loads(args.metrics.read_text())["test_accuracy"]
+        test = load_split(args.data, "test")
+        digits = to_pixels(torch.from_numpy(test.images[: export_cfg.parity_samples].copy()))  # (N, 1, 28, 28)
 
-    with tracking.resume_run(run_id):
-        tracking.log_params(config.flatten([export_cfg]))
-        tracking.log_artifacts([args.torchscript, args.onnx], "exported")
-        model_uri = tracking.log_model(model, digits[:4].numpy(), [f"torch>={torch.__version__.split('+')[0]}"])
-        checks["mlflow_model"] = parity(tracking.load_model(model_uri), "MLflow model (torch.export)")
-        tracking.log_metrics({f"{name}_max_abs_logit_diff": check.max_abs_diff for name, check in checks.items()})
-        registration = tracking.register(model_uri, export_cfg.model_name, test_accuracy, export_cfg.promote_min_delta)
-    report = {**{name: check.to_dict() for name, check in checks.items()}, "registered": registration.to_dict()}
+        def parity(result: export.Parity) -> export.Parity:
+            export.require_parity(result)  # a failed check stops here: nothing more is logged or registered
+            print(f"{result.format} parity on {result.samples} test digits: max |logit diff| "
+                  f"{result.max_abs_diff:.2e}")  # fmt: skip
+            return result
+
+        def check(exported, fmt: str) -> export.Parity:
+            return parity(export.check_parity(model, exported, digits, export_cfg.parity_tolerance, fmt))
+
+        export.save_torchscript(export.to_torchscript(model, digits[:2]), args.torchscript)
+        export.save_onnx(model, digits[:2], args.onnx)
+        checks = {
+            "torchscript": check(export.load_torchscript(args.torchscript), "TorchScript"),
+            "onnx": check(export.load_onnx(args.onnx), "ONNX"),
+        }
+        # The registered model is the ONNX file, checked again as users load it: through mlflow.pyfunc.
+        example, digits_file = Path(tmp) / "example.npy", Path(tmp) / "digits.npy"
+        np.save(example, digits[:4].numpy())
+        np.save(digits_file, digits.numpy())
+
+        tracking.configure()
+        with tracker.run(tracking, run_id=run_id, resume=True):
+            tracking.call("log_params", config.flatten([export_cfg]))
+            tracking.call("log_artifacts", [str(args.torchscript), str(args.onnx)], "exported")
+            model_uri = tracking.call("log_onnx_model", str(args.onnx), str(example))
+            logged = torch.tensor(tracking.call("predict_with_logged_model", model_uri, str(digits_file)))
+            checks["mlflow_model"] = check(lambda _: logged, "MLflow model (ONNX, loaded through pyfunc)")
+            tracking.call("log_metrics", {f"{name}_max_abs_logit_diff": c.max_abs_diff for name, c in checks.items()})
+            registration = tracking.call(
+                "register", model_uri, export_cfg.model_name, test_accuracy, export_cfg.promote_min_delta
+            )
+    report = {**{name: check.to_dict() for name, check in checks.items()}, "registered": registration}
     write_atomic(args.report, json.dumps(report, indent=2) + "\n")
 
 

@@ -10,12 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
-from mnist_pipeline import config, distributed, tracking, training
-from mnist_pipeline.data import load_split, verify_folder
+from mnist_pipeline import config, tracker
 from mnist_pipeline.errors import PipelineError, run_main
-from mnist_pipeline.model import save_checkpoint
 
 
 def main() -> None:
@@ -29,12 +25,33 @@ def main() -> None:
     args = parser.parse_args()
 
     params = config.load(args.params)
-    model_cfg, train_cfg = params.model, params.train
+    from mnist_pipeline import distributed  # torch: imported while the tracking process starts (or not at all)
+
     cluster = distributed.from_env()
+    if not cluster.is_main:  # its share of every batch; rank 0 logs and writes
+        train(args, params, cluster, None)
+        return
+    with tracker.Tracker.start() as tracking:  # MLflow starts up in its own process meanwhile
+        train(args, params, cluster, tracking)
+
+
+def train(args: argparse.Namespace, params: config.Params, cluster, tracking: tracker.Tracker | None) -> None:
+    import torch
+
+    from mnist_pipeline import distributed, training
+    from mnist_pipeline.data import load_split, verify_folder
+    from mnist_pipeline.model import save_checkpoint
+
+    model_cfg, train_cfg = params.model, params.train
     data_md5 = verify_folder(args.data)  # a corrupt or truncated file stops the stage here
-    if cluster.is_main:
+    # The optimizer's first step imports torch's compiler (1.7 s on a 2-core CPU) whether or not anything is
+    # compiled; imported now, that happens while the tracking process is still starting MLflow.
+    import torch._dynamo  # noqa: F401
+
+    if tracking is not None:
         uri = tracking.configure()  # an unreachable store fails here, before any training
     if train_cfg.nproc > 1 and not cluster.distributed:
+        tracking.close()
         sys.exit(distributed.launch(train_cfg.nproc, __file__, sys.argv[1:]))
     device = training.resolve_device(train_cfg.device, cluster)
     threads = training.configure_threads(train_cfg.threads, cluster)
@@ -45,16 +62,17 @@ def main() -> None:
     with distributed.process_group(cluster, device):
         resume = None
         if cluster.is_main:
-            resume = resumable_state(args.resume_state, state_key, train_cfg.resume)
+            resume = resumable_state(tracking, args.resume_state, state_key, train_cfg.resume)
         resume = distributed.broadcast(resume, cluster)
-        if not cluster.is_main:  # its share of every batch; rank 0 logs and writes
+        if not cluster.is_main:
             training.train(model_cfg, train_cfg, train_data, test_data, device, cluster=cluster, resume=resume)
             return
 
-        tags = {**tracking.run_tags(device.type, torch.__version__), "cpu_threads": str(threads),
+        tags = {**tracker.run_tags(device.type, torch.__version__), "cpu_threads": str(threads),
                 "data_md5": data_md5, "world_size": str(cluster.world_size)}  # fmt: skip
-        with tracking.start_run(config.flatten(params.sections()), tags, resume and resume["run_id"]) as run_id:
-            logger = tracking.EpochLogger(tracking.logged_epochs(run_id) if resume else 0)
+        params_flat = config.flatten(params.sections())
+        with tracker.run(tracking, params_flat, tags, resume and resume["run_id"]) as run_id:
+            logger = tracker.EpochLogger(tracking, tracking.call("logged_epochs", run_id) if resume else 0)
 
             def log_epoch(m: training.EpochMetrics) -> None:
                 logger.log(m.epoch, {"train_loss": m.train_loss, "test_loss": m.test_loss,
@@ -81,29 +99,31 @@ def main() -> None:
                     f"{args.resume_state}: once the store answers again, `dvc repro` logs the missing epochs "
                     "without training again"
                 )
-            tracking.log_metrics({"train_seconds": result.seconds})
+            tracking.call("log_metrics", {"train_seconds": result.seconds})
             if cluster.distributed:
                 per_rank = {f"train_seconds_rank{r}": s for r, s in enumerate(result.rank_seconds)}
-                tracking.log_metrics({"ddp_weight_spread": result.weight_spread, **per_rank})
+                tracking.call("log_metrics", {"ddp_weight_spread": result.weight_spread, **per_rank})
                 print(f"{cluster.world_size} ranks, training seconds per rank "
                       f"{[round(s, 2) for s in result.rank_seconds]}, largest weight difference between ranks "
                       f"{result.weight_spread:g}", file=sys.stderr)  # fmt: skip
-            tracking.write_run_file(args.run_file, run_id, uri)
+            tracker.write_run_file(args.run_file, run_id, uri)
         args.resume_state.unlink(missing_ok=True)  # finished: nothing left to resume
 
 
-def resumable_state(path: Path, key: str, wanted: bool) -> dict | None:
+def resumable_state(tracking: tracker.Tracker, path: Path, key: str, wanted: bool) -> dict | None:
     """The state saved at ``path`` when resuming is ``wanted`` and the state belongs to this very training (params,
     data, code) and its MLflow run is in the store. Any other state is set aside; its run, if a killed process
     left it RUNNING, is marked KILLED."""
+    from mnist_pipeline import training
+
     state = training.load_state(path)
     if state is None:
         return None
-    status = tracking.run_status(state.get("run_id", ""))
+    status = tracking.call("run_status", state.get("run_id", ""))
     if wanted and state.get("fingerprint") == key and status is not None:
         return state
     if status == "RUNNING":
-        tracking.mark_killed(state["run_id"])
+        tracking.call("mark_killed", state["run_id"])
     why = "from another training (params, data or code changed)" if wanted else "not resumed (train.resume: false)"
     print(f"{path} is {why}: starting over", file=sys.stderr)
     return None

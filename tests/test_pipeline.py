@@ -178,7 +178,8 @@ def test_rest_serving_round_trip(pipeline, http_mirror):
         body = json.dumps({"inputs": (images[:16] / 255.0).astype("float32").tolist()}).encode()
         request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", body,
                                          {"Content-Type": "application/json"})  # fmt: skip
-        logits = np.array(json.loads(urllib.request.urlopen(request, timeout=30).read())["predictions"])
+        answer = json.loads(urllib.request.urlopen(request, timeout=30).read())
+        logits = np.array(answer["predictions"]["logits"])  # the ONNX model's output, by its name
         assert logits.shape == (16, 10)
         assert logits.argmax(1).tolist() == evaluated_predictions(repo, 16)
     finally:

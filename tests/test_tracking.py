@@ -9,7 +9,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from mnist_pipeline import tracking
+from mnist_pipeline import export, tracker, tracking
 from mnist_pipeline.config import ModelConfig
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.model import build
@@ -32,13 +32,22 @@ def test_default_store_is_absolute_sqlite_under_mlruns(monkeypatch, tmp_path):
 
 
 def test_run_file_round_trip_and_errors(tmp_path):
-    tracking.write_run_file(tmp_path / "run.json", "abc123", "sqlite:///x.db")
-    assert tracking.read_run_file(tmp_path / "run.json") == "abc123"
+    tracker.write_run_file(tmp_path / "run.json", "abc123", "sqlite:///x.db")
+    assert tracker.read_run_file(tmp_path / "run.json") == "abc123"
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(PipelineError, match="not a run file"):
-        tracking.read_run_file(tmp_path / "bad.json")
+        tracker.read_run_file(tmp_path / "bad.json")
     with pytest.raises(PipelineError, match="missing: run the train stage"):
-        tracking.read_run_file(tmp_path / "none.json")
+        tracker.read_run_file(tmp_path / "none.json")
+
+
+def log_onnx(model, folder: Path) -> str:
+    """Export ``model`` to ONNX as the export stage does and log it into the active run; its model URI."""
+    import numpy as np
+
+    export.save_onnx(model, torch.rand(2, 1, 28, 28), folder / "model.onnx")
+    np.save(folder / "example.npy", torch.rand(4, 1, 28, 28).numpy())
+    return tracking.log_onnx_model(folder / "model.onnx", folder / "example.npy")
 
 
 @pytest.fixture
@@ -87,11 +96,11 @@ def test_promotion_rule(accuracy, champion, delta, promote, reason):
     assert decision is promote and reason in why
 
 
-def test_candidate_always_moves_champion_only_when_not_worse(store):
+def test_candidate_always_moves_champion_only_when_not_worse(store, tmp_path):
     torch.manual_seed(0)
     model = build(ModelConfig((4,), 3, 8, 0.0, False)).eval()
     with tracking.start_run({}, {}) as run_id:
-        uri = tracking.log_model(model, torch.rand(2, 1, 28, 28).numpy(), ["torch"])
+        uri = log_onnx(model, tmp_path)
         first = tracking.register(uri, "m", 0.95)
         better = tracking.register(uri, "m", 0.97)
         worse = tracking.register(uri, "m", 0.96)
@@ -111,13 +120,14 @@ def test_candidate_always_moves_champion_only_when_not_worse(store):
     with tracking.start_run({}, {}):
         margin = tracking.register(uri, "m", 0.9705, min_delta=0.001)
     assert margin.aliases == ("candidate",)
-    loaded = tracking.load_model("models:/m@champion")
+    loaded = tracking.load_model("models:/m@champion")  # ONNX, in onnxruntime
     x = torch.rand(3, 1, 28, 28)
-    torch.testing.assert_close(loaded(x), model(x))
+    torch.testing.assert_close(torch.from_numpy(loaded(x.numpy())), model(x), rtol=1e-4, atol=1e-5)
 
 
-def test_a_pickled_model_is_refused_unless_allowed(store):
-    """The pipeline logs torch.export models; a model stored with pickle could run any code when loaded."""
+def test_a_pickled_model_is_refused_unless_allowed(store, tmp_path):
+    """The pipeline logs ONNX models (earlier versions: torch.export ones); a model stored with pickle could run
+    any code when loaded."""
     import numpy as np
 
     from mnist_pipeline import predict
@@ -126,11 +136,14 @@ def test_a_pickled_model_is_refused_unless_allowed(store):
     example = np.zeros((4, 1, 28, 28), np.float32)  # as the export stage: a batch of more than one
     with mlflow.start_run():
         pickled = mlflow.pytorch.log_model(model, name="pickled", serialization_format="pickle").model_uri
-        safe = tracking.log_model(model, example, ["torch"])
+        earlier = mlflow.pytorch.log_model(model, name="pt2", serialization_format="pt2", input_example=example,
+                                           pip_requirements=["torch"]).model_uri  # fmt: skip
+        safe = log_onnx(model, tmp_path)
     with pytest.raises(PipelineError, match=r"stored with pickle, .* pass --allow-pickle only if you trust"):
         predict.load_model(pickled)
-    digits = torch.zeros(2, 1, 28, 28)
+    digits = np.zeros((2, 1, 28, 28), np.float32)
     assert predict.load_model(safe)(digits).shape == (2, 10)
+    assert predict.load_model(earlier)(digits).shape == (2, 10)
     assert predict.load_model(pickled, allow_pickle=True)(digits).shape == (2, 10)
 
 
@@ -145,10 +158,10 @@ def test_servers_listen_on_127_0_0_1_unless_told_otherwise():
     )
 
 
-def test_a_registration_interrupted_half_way_leaves_no_version(store, monkeypatch):
+def test_a_registration_interrupted_half_way_leaves_no_version(store, monkeypatch, tmp_path):
     model = build(ModelConfig((4,), 3, 8, 0.0, False)).eval()
     with tracking.start_run({}, {}):
-        uri = tracking.log_model(model, torch.rand(2, 1, 28, 28).numpy(), ["torch"])
+        uri = log_onnx(model, tmp_path)
         tracking.register(uri, "m", 0.95)
 
         def interrupted(*args):

@@ -38,7 +38,8 @@ import sys
 import numpy as np
 import mlflow.pyfunc
 model = mlflow.pyfunc.load_model(sys.argv[1])
-print(int(np.asarray(model.predict(np.load(sys.argv[2]))).argmax()))
+output = model.predict(np.load(sys.argv[2]))
+print(int(np.asarray(output["logits"] if isinstance(output, dict) else output).argmax()))
 """
 
 
@@ -62,7 +63,9 @@ class StageWatch:
         owner: dict[int, str] = {}  # pid -> stage, inherited by a stage process's children
         while not stop.is_set():
             now = time.perf_counter()
-            for pid, parent in _descendants(root_pid):
+            alive = _descendants(root_pid)
+            owner = {pid: stage for pid, stage in owner.items() if pid in dict(alive)}  # a pid can be reused
+            for pid, parent in alive:
                 stage = owner.get(pid) or owner.get(parent) or _stage_of(pid)
                 if stage is None:
                     continue
@@ -247,7 +250,7 @@ def report(floor: float, figures: list[Figure], facts: dict) -> str:
         "",
         "| figure | seconds | × F | peak RSS (MB) |",
         "|---|---:|---:|---:|",
-        f"| F: python -c \"import torch, mlflow\" (median of 3) | {floor:.2f} | 1.00 | |",
+        f'| F: python -c "import torch, mlflow" (median of 3) | {floor:.2f} | 1.00 | |',
     ]
     for f in figures:
         seconds = f"{f.seconds:.2f}" if f.seconds is not None else "n/a"

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from mnist_pipeline.errors import PipelineError
 
@@ -121,32 +120,35 @@ def read_inputs(path: Path) -> Iterator[tuple[str, np.ndarray]]:
         raise PipelineError(f"{name}: not a readable {kind} ({exc})") from None
 
 
-def load_model(reference: str, allow_pickle: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A callable from (N, 1, 28, 28) pixels to logits.
+Model = Callable[[np.ndarray], np.ndarray]  # (N, 1, 28, 28) float32 pixels -> (N, 10) logits
+
+
+def load_model(reference: str, allow_pickle: bool = False) -> Model:
+    """A callable from (N, 1, 28, 28) pixels to logits, both NumPy arrays.
 
     ``reference``: a local ``.onnx`` or TorchScript file, a registry version number (of mnist-cnn), an MLflow run
     id, or any MLflow model URI (``models:/mnist-cnn@champion``, ``models:/mnist-cnn/3``, ``runs:/<id>/model``).
-    None of these unpickle Python objects: TorchScript and ONNX are data formats, and the registered model is a
-    torch.export archive. An MLflow model stored with pickle is refused unless ``allow_pickle``.
+    None of these unpickle Python objects: TorchScript and ONNX are data formats, and the registered model is an
+    ONNX file (a torch.export archive in earlier versions). An MLflow model stored with pickle is refused unless
+    ``allow_pickle``. ONNX models run in onnxruntime: a local ``.onnx`` file needs neither torch nor MLflow.
     """
-    from mnist_pipeline import export, tracking
-
     path = Path(reference)
     if path.suffix == ".onnx":
         if not path.is_file():
             raise PipelineError(f"model {reference}: no such file")
-        return export.load_onnx(path)
+        from mnist_pipeline.onnx_runtime import load_onnx
+
+        return load_onnx(path)
     if path.suffix in (".pt", ".pth", ".ts") or path.is_file():
         if not path.is_file():
             raise PipelineError(f"model {reference}: no such file")
-        try:
-            return export.load_torchscript(path)
-        except RuntimeError as exc:
-            raise PipelineError(f"model {reference}: not a TorchScript file ({str(exc).splitlines()[0]})") from None
+        return _load_torchscript(path, reference)
     if reference.isdigit():
         reference = f"models:/mnist-cnn/{reference}"
     elif re.fullmatch(r"[0-9a-f]{32}", reference):
         reference = f"runs:/{reference}/model"
+    from mnist_pipeline import tracking
+
     tracking.configure()
     try:
         return tracking.load_model(reference, allow_pickle)
@@ -154,6 +156,23 @@ def load_model(reference: str, allow_pickle: bool = False) -> Callable[[torch.Te
         raise
     except Exception as exc:  # MlflowException and friends: say which model and why, in one line
         raise PipelineError(f"model {reference}: {str(exc).splitlines()[0][:300]}") from None
+
+
+def _load_torchscript(path: Path, reference: str) -> Model:
+    import torch
+
+    from mnist_pipeline import export
+
+    try:
+        module = export.load_torchscript(path)
+    except RuntimeError as exc:
+        raise PipelineError(f"model {reference}: not a TorchScript file ({str(exc).splitlines()[0]})") from None
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return module(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
+
+    return run
 
 
 @dataclass(frozen=True)
@@ -174,15 +193,16 @@ class Prediction:
                            "top_k": top})  # fmt: skip
 
 
-@torch.inference_mode()
-def predict(model: Callable, labels: list[str], images: np.ndarray, top_k: int) -> list[Prediction]:
+def predict(model: Model, labels: list[str], images: np.ndarray, top_k: int) -> list[Prediction]:
     """images: (N, 28, 28) float32 in [0, 1]."""
     if not labels:
         return []
-    x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).unsqueeze(1)  # (N, 1, 28, 28)
-    logits = torch.cat([torch.as_tensor(model(x[i : i + 1000])) for i in range(0, len(x), 1000)])
-    probabilities = logits.float().softmax(dim=1)
-    values, digits = probabilities.topk(top_k, dim=1)
+    x = np.ascontiguousarray(images, dtype=np.float32)[:, None]  # (N, 1, 28, 28)
+    logits = np.concatenate([np.asarray(model(x[i : i + 1000])) for i in range(0, len(x), 1000)]).astype(np.float64)
+    exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probabilities = exp / exp.sum(axis=1, keepdims=True)  # softmax, (N, 10)
+    digits = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
+    values = np.take_along_axis(probabilities, digits, axis=1)
     return [
         Prediction(label, int(d[0]), float(v[0]), [(int(a), float(b)) for a, b in zip(d, v, strict=True)])
         for label, d, v in zip(labels, digits, values, strict=True)

@@ -1,19 +1,20 @@
-"""Every MLflow call of the project: where the store is, the run shared by the stages, and the registry.
+"""Every MLflow call of the project: where the store is, the pipeline's run, and the registry.
 
 Store: ``MLFLOW_TRACKING_URI`` when set; otherwise an embedded SQLite database ``mlruns/mlflow.db`` with
 artifacts in ``mlruns/artifacts``, both resolved to absolute paths from the project root. ``dvc exp run
 --temp/--queue`` runs stages in a copy under ``<root>/.dvc/tmp/exps/``; the root is found from that copy, so
 those experiments still log to the user's store rather than into a copy that is deleted afterwards.
 
-Run handoff: the train stage starts the run and writes its id to a small JSON file (a DVC out) that the
-evaluate and export stages read to log into the same run.
+The stages call these functions through their tracking process (``tracker``), so the ones it may call take and
+return plain JSON values. The train stage starts the run and hands its id to the evaluate and export stages in
+a small JSON file (a DVC out). The registered model is the ONNX file, logged with MLflow's ``onnx`` flavor: it
+loads through ``mlflow.pyfunc`` with onnxruntime alone, without pickle, torch or this project, on a machine
+with or without a GPU.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 import time
 import urllib.error
@@ -26,13 +27,11 @@ from typing import Any, TextIO
 
 import mlflow
 import numpy as np
-import torch
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mnist_pipeline.errors import PipelineError
-from mnist_pipeline.files import write_atomic
 
 EXPERIMENT_NAME = "mnist-pipeline"
 STORE_DIR = "mlruns"
@@ -48,6 +47,13 @@ def project_root(cwd: Path | None = None) -> Path:
         if parts[i : i + 3] == (".dvc", "tmp", "exps"):
             return Path(*parts[:i])
     return root
+
+
+def warm_up(root: Path | None = None) -> None:
+    """Import what `configure` will need for this store (the SQLite store's modules take a second)."""
+    if tracking_uri(root).startswith("sqlite:"):
+        import mlflow.store.model_registry.sqlalchemy_store  # noqa: F401
+        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
 
 
 def configure(root: Path | None = None) -> str:
@@ -141,72 +147,45 @@ def tracking_uri(root: Path | None = None) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root(root) / STORE_DIR / 'mlflow.db'}"
 
 
-def git_commit() -> str:
-    """The commit the code ran from: the experiment's baseline under `dvc exp run`, else HEAD."""
-    if os.environ.get("DVC_EXP_BASELINE_REV"):
-        return os.environ["DVC_EXP_BASELINE_REV"]
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10)
-        return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def run_tags(device: str, torch_version: str) -> dict[str, str]:
-    commit = git_commit()
-    tags = {
-        "mlflow.source.git.commit": commit,
-        "git_commit": commit,
-        "device": device,
-        "torch_version": torch_version,
-    }
-    if os.environ.get("DVC_EXP_NAME"):
-        tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
-        tags["mlflow.runName"] = os.environ["DVC_EXP_NAME"]
-    return tags
-
-
 # --- the run shared by the train, evaluate and export stages ---------------------------------------------
 
 
-def write_run_file(path: Path, run_id: str, tracking_uri: str) -> None:
-    write_atomic(path, json.dumps({"run_id": run_id, "tracking_uri": tracking_uri}, indent=2) + "\n")
+def begin_run(params: Mapping[str, Any], tags: Mapping[str, str], run_id: str | None = None,
+              must_exist: bool = False) -> str:  # fmt: skip
+    """Start the pipeline's MLflow run with its params and tags, or reopen ``run_id``; return the run id.
 
-
-def read_run_file(path: Path) -> str:
-    try:
-        return json.loads(Path(path).read_text())["run_id"]
-    except FileNotFoundError:
-        raise PipelineError(f"{path} is missing: run the train stage first (`dvc repro train`)") from None
-    except (ValueError, KeyError, TypeError):
-        raise PipelineError(
-            f"{path} is not a run file written by the train stage; rerun `dvc repro -f train`"
-        ) from None
-
-
-@contextmanager
-def start_run(params: Mapping[str, Any], tags: Mapping[str, str], run_id: str | None = None) -> Iterator[str]:
-    """Start the pipeline's MLflow run (train stage), or reopen ``run_id`` to go on with an interrupted one.
-
-    The run ends FINISHED, KILLED when interrupted (Ctrl-C, SIGTERM) or FAILED on an error, so no run stays
-    RUNNING after a signal that can be caught.
+    ``must_exist``: reopening a run the store does not have is an error (the evaluate and export stages), rather
+    than a new run under that id.
     """
-    run = mlflow.start_run(tags=dict(tags)) if run_id is None else mlflow.start_run(run_id=run_id)
-    with _ending():
-        if run_id is None:
-            mlflow.log_params(dict(params))
-        yield run.info.run_id
-
-
-@contextmanager
-def resume_run(run_id: str) -> Iterator[str]:
-    """Reopen the run the train stage started (evaluate and export stages)."""
-    if run_status(run_id) is None:
+    if run_id is not None and run_status(run_id) is None and must_exist:
         raise PipelineError(
             f"MLflow run {run_id} is not in the store {mlflow.get_tracking_uri()}; "
             "was MLFLOW_TRACKING_URI changed? Rerun the whole pipeline with `dvc repro -f train`"
         )
-    mlflow.start_run(run_id=run_id)
+    run = mlflow.start_run(tags=dict(tags)) if run_id is None else mlflow.start_run(run_id=run_id)
+    if run_id is None:
+        mlflow.log_params(dict(params))
+    return run.info.run_id
+
+
+def end_run(status: str) -> None:
+    """End the active run (if any) as FINISHED, KILLED or FAILED."""
+    if mlflow.active_run() is not None:
+        mlflow.end_run(status)
+
+
+@contextmanager
+def start_run(params: Mapping[str, Any], tags: Mapping[str, str], run_id: str | None = None) -> Iterator[str]:
+    """`begin_run` for the length of a block, in this process; the run ends FINISHED, KILLED or FAILED."""
+    started = begin_run(params, tags, run_id)
+    with _ending():
+        yield started
+
+
+@contextmanager
+def resume_run(run_id: str) -> Iterator[str]:
+    """Reopen a run the store holds for the length of a block, in this process."""
+    begin_run({}, {}, run_id, must_exist=True)
     with _ending():
         yield run_id
 
@@ -273,32 +252,11 @@ def logged_epochs(run_id: str) -> int:
     return max((m.step for m in MlflowClient().get_metric_history(run_id, "test_accuracy")), default=0)
 
 
-class EpochLogger:
-    """Logs each epoch's metrics into the active run, once. If the store stops answering, training goes on: the
-    epochs not logged are noted (``lost``), and a resumed run logs them later with `log` again."""
-
-    def __init__(self, logged: int = 0):
-        self.logged = logged  # epochs the run already holds
-        self.lost: str | None = None  # what went wrong, once the store stopped answering
-
-    def log(self, epoch: int, metrics: Mapping[str, float], log: TextIO | None = None) -> None:
-        if self.lost is not None or epoch <= self.logged:
-            return
-        try:
-            log_epoch(epoch, metrics)
-        except Exception as exc:
-            self.lost = f"{type(exc).__name__} at epoch {epoch}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
-            print(f"warning: could not log epoch {epoch} to MLflow; training goes on ({self.lost})",
-                  file=log or sys.stderr)  # fmt: skip
-            return
-        self.logged = epoch
-
-
 def log_metrics(metrics: Mapping[str, float]) -> None:
     mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
 
 
-def log_artifacts(paths: list[Path], artifact_path: str | None = None) -> None:
+def log_artifacts(paths: list[str | Path], artifact_path: str | None = None) -> None:
     for path in paths:
         mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
@@ -337,50 +295,89 @@ def _champion_accuracy(client: MlflowClient, name: str) -> tuple[int, float] | N
     return int(champion.version), float(champion.tags.get("test_accuracy", "nan"))
 
 
-def log_model(model, input_example: np.ndarray, pip_requirements: list[str]) -> str:
-    """Log ``model`` to the active run with signature and input example; returns its ``models:/<id>`` URI."""
-    import mlflow.pytorch  # heavy; only the export stage needs it
+ONNX_REQUIREMENTS = ("onnx", "onnxruntime")
+
+
+def log_onnx_model(onnx_path: str | Path, example_path: str | Path) -> str:
+    """Log the ONNX file as the run's MLflow model, with signature and input example (a ``.npy`` of digits);
+    return its ``models:/<id>`` URI."""
+    import importlib.metadata
+
+    import mlflow.onnx
+    import onnx
+    import onnxruntime
     from mlflow.models import infer_signature
 
-    with torch.inference_mode():
-        output = model(torch.from_numpy(input_example)).numpy()
-    info = mlflow.pytorch.log_model(
-        model,
+    example = np.load(example_path)
+    session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    output = session.run(None, {session.get_inputs()[0].name: example})[0]
+    info = mlflow.onnx.log_model(
+        onnx.load(str(onnx_path)),
         name="model",
-        signature=infer_signature(input_example, output),
-        input_example=input_example,
-        serialization_format="pt2",  # torch.export: loads without pickle and without this project's code
-        pip_requirements=pip_requirements,
+        signature=infer_signature(example, output),
+        input_example=example,
+        # The CPU provider everywhere: the model is small, and a machine with CUDA but onnxruntime's CPU build
+        # (the usual install) then loads it exactly as one without.
+        onnx_execution_providers=["CPUExecutionProvider"],
+        save_as_external_data=False,  # one self-contained model.onnx
+        pip_requirements=[f"{name}=={importlib.metadata.version(name)}" for name in ONNX_REQUIREMENTS],
     )
     return info.model_uri
 
 
-def fetch_model(model_uri: str, allow_pickle: bool = False) -> Path:
-    """Download an MLflow PyTorch model and return its folder; refuse one stored with pickle unless allowed.
+def predict_with_logged_model(model_uri: str, digits_path: str | Path) -> list[list[float]]:
+    """Logits of the logged model, loaded as users load it (``mlflow.pyfunc``), for the digits in a ``.npy``."""
+    import mlflow.pyfunc
 
-    The pipeline logs models in the torch.export format, which loads as data. A model saved with pickle (MLflow's
-    other format) runs whatever code its author put in it when it is loaded, so it needs the user's explicit
-    ``allow_pickle``.
+    output = mlflow.pyfunc.load_model(model_uri).predict(np.load(digits_path))
+    return np.asarray(output["logits"] if isinstance(output, dict) else output).tolist()
+
+
+def fetch_model(model_uri: str, allow_pickle: bool = False) -> tuple[Path, dict]:
+    """Download an MLflow model; return its folder and its flavors. A PyTorch model stored with pickle is refused
+    unless allowed.
+
+    The pipeline registers ONNX models (earlier versions: PyTorch ``torch.export`` archives); both load as data.
+    A model saved with pickle runs whatever code its author put in it when it is loaded, so it needs the user's
+    explicit ``allow_pickle``.
     """
     import yaml
 
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
-    flavor = yaml.safe_load((local / "MLmodel").read_text()).get("flavors", {}).get("pytorch")
-    if flavor is None:
-        raise PipelineError(f"model {model_uri} is not a PyTorch model logged with MLflow")
-    if not (local / flavor.get("model_data", "data") / "model.pt2").is_file() and not allow_pickle:
+    flavors = yaml.safe_load((local / "MLmodel").read_text()).get("flavors", {})
+    if "onnx" in flavors:
+        return local, flavors
+    pytorch = flavors.get("pytorch")
+    if pytorch is None:
+        raise PipelineError(f"model {model_uri} is neither an ONNX nor a PyTorch model logged with MLflow")
+    if not (local / pytorch.get("model_data", "data") / "model.pt2").is_file() and not allow_pickle:
         raise PipelineError(
             f"model {model_uri} is stored with pickle, and loading it would run any code it contains; pass "
             "--allow-pickle only if you trust where it came from"
         )
-    return local
+    return local, flavors
 
 
 def load_model(model_uri: str, allow_pickle: bool = False):
-    """Load an MLflow PyTorch model for inference on the CPU (see `fetch_model` for the pickle rule)."""
-    import mlflow.pytorch
+    """A callable from (N, 1, 28, 28) float32 pixels (NumPy) to (N, 10) logits (NumPy), on the CPU.
 
-    return mlflow.pytorch.load_model(str(fetch_model(model_uri, allow_pickle)), map_location="cpu")
+    ONNX models run in onnxruntime, without importing torch; PyTorch ones (registered by earlier versions) need it.
+    """
+    local, flavors = fetch_model(model_uri, allow_pickle)
+    if "onnx" in flavors:
+        from mnist_pipeline.onnx_runtime import load_onnx
+
+        return load_onnx(local / flavors["onnx"]["data"])
+    import mlflow.pytorch
+    import torch
+
+    module = mlflow.pytorch.load_model(str(local), map_location="cpu")
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return module(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
+
+    return run
 
 
 def promotion(test_accuracy: float, champion: tuple[int, float] | None, min_delta: float) -> tuple[bool, str]:

@@ -13,6 +13,7 @@ was never interrupted.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -313,7 +314,7 @@ def load_state(path) -> dict | None:
 
 
 def write_history(path, history: list[EpochMetrics]) -> None:
-    """Per-epoch metrics as CSV, the file DVC plots as the training curves."""
-    import pandas as pd
-
-    write_atomic(path, pd.DataFrame([vars(m) for m in history]).to_csv(index=False, float_format="%.6g"))
+    """Per-epoch metrics as CSV, the file DVC plots as the training curves (six significant digits)."""
+    columns = [f.name for f in dataclasses.fields(EpochMetrics)]
+    rows = [",".join(str(v) if isinstance(v, int) else f"{v:.6g}" for v in vars(m).values()) for m in history]
+    write_atomic(path, "\n".join([",".join(columns), *rows]) + "\n")
