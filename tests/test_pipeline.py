@@ -68,6 +68,8 @@ def test_first_repro_runs_all_four_stages(pipeline):
     assert ran_stages(first) == ["download", "train", "evaluate", "export"]
     assert "epoch 2/2: train loss" in first.stderr  # progress and per-epoch test metrics
     assert "Traceback" not in first.stderr
+    # A clean run prints no library warnings, nor MLflow's notices about creating its database.
+    assert not [line for line in first.stderr.splitlines() if "Warning" in line or " INFO " in line]
 
 
 def test_one_mlflow_run_with_params_metrics_tags_and_artifacts(pipeline):
@@ -137,6 +139,25 @@ def test_torchscript_predicts_in_a_process_that_cannot_import_the_project(pipeli
     assert out.returncode == 0, out.stderr
     predicted = json.loads(out.stdout)
     assert len(predicted) == 5 and all(0 <= d <= 9 for d in predicted)
+
+
+def test_the_registered_model_loads_through_pyfunc_without_torch_or_the_project(pipeline):
+    """What a user or `mlflow models serve` does with the champion: MLflow alone, on any machine. The model is
+    ONNX run by onnxruntime's CPU provider, so where its weights were saved (CPU or GPU) does not matter."""
+    repo, _ = pipeline
+    script = (
+        "import sys; sys.modules['mnist_pipeline'] = None; sys.modules['torch'] = None  # neither can be imported\n"
+        "import json, numpy as np, mlflow.pyfunc\n"
+        "x = np.fromfile(sys.argv[1], np.uint8, offset=16).reshape(-1, 1, 28, 28)[:16].astype(np.float32) / 255\n"
+        "model = mlflow.pyfunc.load_model('models:/mnist-cnn@champion')\n"
+        "print(json.dumps(model.predict(x)['logits'].argmax(1).tolist()))\n"
+    )
+    env = user_env(MLFLOW_TRACKING_URI=f"sqlite:///{repo}/mlruns/mlflow.db")
+    out = subprocess.run([sys.executable, "-c", script, str(repo / "data/raw/t10k-images-idx3-ubyte")],
+                         capture_output=True, text=True, cwd=repo.parent, env=env)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == evaluated_predictions(repo, 16)
+    assert "Warning" not in out.stderr
 
 
 def evaluated_predictions(repo: Path, n: int) -> list[int]:

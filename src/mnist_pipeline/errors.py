@@ -1,4 +1,11 @@
-"""The one exception type a stage turns into a one-line message and a non-zero exit."""
+"""The one exception type a stage turns into a one-line message and a non-zero exit, and how signals stop it."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 class PipelineError(Exception):
@@ -21,7 +28,6 @@ def run_main(main) -> None:
     """
     import gc
     import os
-    import signal
     import sys
 
     # Start-up and shut-down. Importing torch and MLflow creates about a million objects and almost no garbage,
@@ -50,3 +56,26 @@ def run_main(main) -> None:
         sys.exit(128 + getattr(signal, name))
     finally:
         gc.freeze()
+
+
+@contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM for the length of a block that must not be cut in two; a signal that arrives
+    meanwhile is acted on (as KeyboardInterrupt) when the block ends. Outside the main thread: no effect."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum)) for sig in held}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:
+        handler = previous[received[0]]
+        if callable(handler):
+            handler(received[0], None)  # run_main's: raises KeyboardInterrupt and ignores what follows
+        elif handler == signal.SIG_DFL:
+            signal.raise_signal(received[0])  # what it would have done at once

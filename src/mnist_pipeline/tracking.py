@@ -14,6 +14,7 @@ with or without a GPU.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -64,6 +65,9 @@ def configure(root: Path | None = None) -> str:
         (project_root(root) / STORE_DIR).mkdir(exist_ok=True)
     _check_sqlite_path(uri)
     _check_server(uri)
+    # MLflow announces at INFO level that it creates (or upgrades) the tables of a new SQLite store: noise in a
+    # pipeline whose store is created on first use as a matter of course. Its warnings and errors still show.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     mlflow.set_tracking_uri(uri)
     try:
         with _store_init_lock(uri):

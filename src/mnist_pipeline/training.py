@@ -33,7 +33,7 @@ from mnist_pipeline import distributed
 from mnist_pipeline.config import ModelConfig, TrainConfig
 from mnist_pipeline.data import Split
 from mnist_pipeline.distributed import SINGLE, Cluster
-from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.errors import PipelineError, interrupts_held
 from mnist_pipeline.files import write_atomic
 from mnist_pipeline.model import ConvNet, build
 
@@ -239,10 +239,13 @@ def train(
         history.append(metrics)
         _say(log, f"epoch {epoch}/{cfg.epochs}: train loss {metrics.train_loss:.4f}  test loss {test_loss:.4f}  "
                   f"test accuracy {100 * test_accuracy:.2f}%  ({metrics.seconds:.1f} s)")  # fmt: skip
-        if on_epoch is not None:
-            on_epoch(metrics)
-        if on_checkpoint is not None and cluster.is_main:  # after on_epoch: the state can say what it logged
-            on_checkpoint(_state(model, optimizer, scheduler, generator, history))
+        # The epoch's metrics are logged and its state saved as one step: a Ctrl-C or SIGTERM in between waits
+        # until both are done, so what the store holds and what a rerun resumes from always agree.
+        with interrupts_held():
+            if on_epoch is not None:
+                on_epoch(metrics)
+            if on_checkpoint is not None and cluster.is_main:
+                on_checkpoint(_state(model, optimizer, scheduler, generator, history))
     model.eval()
     seconds = time.perf_counter() - start
     rank_seconds = distributed.gather_floats(seconds, cluster, device)
