@@ -141,7 +141,7 @@ def test_torchscript_predicts_in_a_process_that_cannot_import_the_project(pipeli
     assert len(predicted) == 5 and all(0 <= d <= 9 for d in predicted)
 
 
-def test_the_registered_model_loads_through_pyfunc_without_torch_or_the_project(pipeline):
+def test_the_registered_model_loads_through_pyfunc_without_torch_or_the_project(pipeline, monkeypatch, tmp_path):
     """What a user or `mlflow models serve` does with the champion: MLflow alone, on any machine. The model is
     ONNX run by onnxruntime's CPU provider, so where its weights were saved (CPU or GPU) does not matter."""
     repo, _ = pipeline
@@ -158,6 +158,13 @@ def test_the_registered_model_loads_through_pyfunc_without_torch_or_the_project(
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == evaluated_predictions(repo, 16)
     assert "Warning" not in out.stderr
+    import mlflow.artifacts
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{repo}/mlruns/mlflow.db")  # the registry's too
+    local = mlflow.artifacts.download_artifacts(artifact_uri="models:/mnist-cnn@champion", dst_path=str(tmp_path))
+    flavors = yaml.safe_load((Path(local) / "MLmodel").read_text())["flavors"]
+    assert set(flavors) == {"onnx", "python_function"}  # no device anywhere in it: ONNX on the CPU provider
+    assert flavors["onnx"]["providers"] == ["CPUExecutionProvider"]
 
 
 def evaluated_predictions(repo: Path, n: int) -> list[int]:
