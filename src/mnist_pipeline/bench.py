@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=1, help="run each contender with seeds 0..N-1 (0: none)")
     parser.add_argument("--loop", action="store_true",
                         help="first measure the everyday loop in this project (rerun, predict, compare, load) "
-                             "against the import floor; adds one run to the store")  # fmt: skip
+                             "against the import floor; adds three runs to the store")  # fmt: skip
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="the pipeline's params")
     parser.add_argument("--only", choices=["baseline", "pipeline"], help="run one contender only")
     parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
