@@ -7,6 +7,7 @@ stage has succeeded: its presence means a training that did not finish, which th
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -25,23 +26,23 @@ def main() -> None:
     args = parser.parse_args()
 
     params = config.load(args.params)
-    from mnist_pipeline import distributed  # torch: imported while the tracking process starts (or not at all)
-
-    cluster = distributed.from_env()
-    if not cluster.is_main:  # its share of every batch; rank 0 logs and writes
-        train(args, params, cluster, None)
+    # Rank 0 (torchrun gives each process its RANK; a process on its own has none) logs to MLflow: its tracking
+    # process starts before torch is imported here, so that the two start up side by side.
+    if os.environ.get("RANK", "0") != "0":
+        train(args, params, None)
         return
-    with tracker.Tracker.start() as tracking:  # MLflow starts up in its own process meanwhile
-        train(args, params, cluster, tracking)
+    with tracker.Tracker.start() as tracking:
+        train(args, params, tracking)
 
 
-def train(args: argparse.Namespace, params: config.Params, cluster, tracking: tracker.Tracker | None) -> None:
+def train(args: argparse.Namespace, params: config.Params, tracking: tracker.Tracker | None) -> None:
     import torch
 
     from mnist_pipeline import distributed, training
     from mnist_pipeline.data import load_split, verify_folder
     from mnist_pipeline.model import save_checkpoint
 
+    cluster = distributed.from_env()
     model_cfg, train_cfg = params.model, params.train
     data_md5 = verify_folder(args.data)  # a corrupt or truncated file stops the stage here
     # The optimizer's first step imports torch's compiler (1.7 s on a 2-core CPU) whether or not anything is
