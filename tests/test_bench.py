@@ -8,13 +8,16 @@ import threading
 
 from mnist_pipeline import bench_loop
 
-# A stand-in for a stage's process: named like one, holding 200 MB for a moment, with a child of its own.
+# A stand-in for a stage's process: named like one, holding 300 MB for a moment, with a tracking process (named
+# like one, 100 MB) and a child that is neither.
 STAGE = (
     "import subprocess, sys, time\n"
-    "block = bytearray(200_000_000)\n"
-    "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(0.6)'])\n"
+    "block = b'x' * 300_000_000  # written, so resident\n"
+    "hold = 'b = bytes(100_000_000).replace(bytes(1), bytes([1])); import time; time.sleep(0.6)'\n"
+    "tracker = subprocess.Popen([sys.executable, '-c', hold, '-m', 'mnist_pipeline.tracker'])\n"
+    "other = subprocess.Popen([sys.executable, '-c', hold])\n"
     "time.sleep(0.6)\n"
-    "child.wait()\n"
+    "tracker.wait(); other.wait()\n"
 )
 
 
@@ -28,14 +31,14 @@ def test_stage_processes_are_found_timed_and_their_peak_memory_read():
     poller.join()
     assert set(watch.first_seen) == {"evaluate"}  # the shell itself is not the stage
     assert 0.4 < watch.wall("evaluate") < 30
-    largest, total = watch.peak_mb("evaluate")
-    assert largest >= 200 and total > largest  # the stage's own process, then with its child
+    stage, tracker = watch.peak_mb("evaluate")
+    assert stage >= 250 and 80 <= tracker < 250  # the other child is in neither
     assert watch.wall("train") is None and watch.peak_mb("train") == (None, None)
 
 
 def test_the_report_gives_each_figure_as_a_ratio_to_the_floor():
-    figures = [bench_loop.Figure("W", 30.0), bench_loop.Figure("stage train", 20.0, 900.0, "all: 1100 MB")]
+    figures = [bench_loop.Figure("W", 30.0), bench_loop.Figure("stage train", 20.0, 900.0, "tracker: 200 MB")]
     text = bench_loop.report(5.0, figures, {"test_accuracy": 0.99, "warnings": []})
     assert "| W | 30.00 | 6.00 |  |" in text
-    assert "| stage train | 20.00 | 4.00 | 900 (all: 1100 MB) |" in text
+    assert "| stage train | 20.00 | 4.00 | 900 (tracker: 200 MB) |" in text
     assert "printed no warnings" in text

@@ -6,8 +6,8 @@ or loads a model with both libraries can start faster. Every other figure is pri
 - W: ``dvc repro -f -s train evaluate export`` in the project (real data, store and registry), and T, the training
   seconds that run logged; W - T is what the pipeline costs around the training. The pipeline runs 3 times (as F
   is measured 3 times): the run with the median W - T is shown, with the range;
-- each stage's wall time and peak memory, read from ``/proc`` while it runs (Linux; sampled every 20 ms, so a
-  peak reached in a stage's last 20 ms can be missed);
+- each stage's wall time, and the peak memory of its process and of its tracking process, read from ``/proc``
+  while it runs (Linux; sampled every 20 ms, so a peak reached in a stage's last 20 ms can be missed);
 - ``mnist-pipeline predict one.png`` with the champion and with ``--model models/model.onnx``;
 - ``mnist-pipeline compare``;
 - ``mlflow.pyfunc.load_model("models:/<name>@champion")`` plus one prediction, in a fresh process that does not
@@ -59,7 +59,7 @@ class StageWatch:
 
     first_seen: dict[str, float] = field(default_factory=dict)
     last_seen: dict[str, float] = field(default_factory=dict)
-    peak_kb: dict[str, dict[int, int]] = field(default_factory=dict)  # stage -> pid -> VmHWM
+    peak_kb: dict[tuple[str, str], int] = field(default_factory=dict)  # (stage, "stage" | "tracker") -> VmHWM
 
     def poll(self, root_pid: int, stop: threading.Event) -> None:
         owner: dict[int, str] = {}  # pid -> stage, inherited by a stage process's children
@@ -74,10 +74,10 @@ class StageWatch:
                 owner[pid] = stage
                 self.first_seen.setdefault(stage, now)
                 self.last_seen[stage] = now
-                hwm = _vm_hwm_kb(pid)
-                if hwm:
-                    peaks = self.peak_kb.setdefault(stage, {})
-                    peaks[pid] = max(peaks.get(pid, 0), hwm)
+                role = _role(pid)  # other children (git, a shell) are not counted: a forked child shows its
+                if role is not None:  # parent's memory until it execs
+                    key = (stage, role)
+                    self.peak_kb[key] = max(self.peak_kb.get(key, 0), _vm_hwm_kb(pid))
             stop.wait(POLL_S)
 
     def wall(self, stage: str) -> float | None:
@@ -86,11 +86,9 @@ class StageWatch:
         return self.last_seen[stage] - self.first_seen[stage]
 
     def peak_mb(self, stage: str) -> tuple[float | None, float | None]:
-        """(largest process, all the stage's processes added up), in MB."""
-        peaks = self.peak_kb.get(stage)
-        if not peaks:
-            return None, None
-        return max(peaks.values()) / 1024, sum(peaks.values()) / 1024
+        """(the stage's own process, its tracking process) peak RSS in MB; the largest, with several ranks."""
+        stage_kb, tracker_kb = self.peak_kb.get((stage, "stage")), self.peak_kb.get((stage, "tracker"))
+        return (stage_kb / 1024 if stage_kb else None), (tracker_kb / 1024 if tracker_kb else None)
 
 
 def _descendants(root: int) -> list[tuple[int, int]]:
@@ -117,6 +115,19 @@ def _stage_of(pid: int) -> str | None:
     for stage in STAGES:
         if any(arg.endswith(f"stages/{stage}.py".encode()) for arg in cmdline):
             return stage
+    return None
+
+
+def _role(pid: int) -> str | None:
+    """ "stage" for a stage's Python process (each rank, under torchrun), "tracker" for its tracking process."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    if b"mnist_pipeline.tracker" in cmdline:
+        return "tracker"
+    if any(arg.endswith(f"stages/{stage}.py".encode()) for stage in STAGES for arg in cmdline):
+        return "stage"
     return None
 
 
@@ -213,9 +224,9 @@ def measure(project: Path, repeats: int = 3, log=sys.stderr) -> tuple[float, lis
                Figure("T: training (logged train_seconds)", train_s),
                Figure("W - T: the pipeline around the training (median run)", wall - train_s, note=spread)]  # fmt: skip
     for stage in STAGES:
-        largest, total = watch.peak_mb(stage)
-        note = f"all its processes: {total:.0f} MB" if total and total != largest else ""
-        figures.append(Figure(f"stage {stage}: wall, peak RSS", watch.wall(stage), largest, note))
+        own, tracker = watch.peak_mb(stage)
+        note = f"its tracking process: {tracker:.0f} MB" if tracker else ""
+        figures.append(Figure(f"stage {stage}: wall, peak RSS", watch.wall(stage), own, note))
 
     with tempfile.TemporaryDirectory(prefix="mnist-loop-") as tmp:
         digit = data.load_split(project / "data" / "raw", "test").images[0]  # a real test digit
