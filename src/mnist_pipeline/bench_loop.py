@@ -68,14 +68,17 @@ class StageWatch:
             alive = _descendants(root_pid)
             owner = {pid: stage for pid, stage in owner.items() if pid in dict(alive)}  # a pid can be reused
             for pid, parent in alive:
-                stage = owner.get(pid) or owner.get(parent) or _stage_of(pid)
+                cmdline = _cmdline(pid)
+                stage = owner.get(pid) or owner.get(parent) or _stage_of(cmdline)
                 if stage is None:
                     continue
                 owner[pid] = stage
                 self.first_seen.setdefault(stage, now)
                 self.last_seen[stage] = now
-                role = _role(pid)  # other children (git, a shell) are not counted: a forked child shows its
-                if role is not None:  # parent's memory until it execs
+                # Memory: the stage's own process and its tracking process; other children (git, a shell) not, as
+                # a forked child shows its parent's memory until it execs.
+                role = "tracker" if b"mnist_pipeline.tracker" in cmdline else "stage" if _stage_of(cmdline) else None
+                if role is not None:
                     key = (stage, role)
                     self.peak_kb[key] = max(self.peak_kb.get(key, 0), _vm_hwm_kb(pid))
             stop.wait(POLL_S)
@@ -105,29 +108,20 @@ def _descendants(root: int) -> list[tuple[int, int]]:
     return out
 
 
-def _stage_of(pid: int) -> str | None:
+def _cmdline(pid: int) -> list[bytes]:
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
-        return None
+        return []
+
+
+def _stage_of(cmdline: list[bytes]) -> str | None:
+    """The stage a Python process runs (each rank, under torchrun); None for anything else."""
     if not cmdline or b"python" not in Path(cmdline[0].decode(errors="replace")).name.encode():
         return None  # the shell DVC starts the command in is not the stage's process
     for stage in STAGES:
         if any(arg.endswith(f"stages/{stage}.py".encode()) for arg in cmdline):
             return stage
-    return None
-
-
-def _role(pid: int) -> str | None:
-    """ "stage" for a stage's Python process (each rank, under torchrun), "tracker" for its tracking process."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return None
-    if b"mnist_pipeline.tracker" in cmdline:
-        return "tracker"
-    if any(arg.endswith(f"stages/{stage}.py".encode()) for stage in STAGES for arg in cmdline):
-        return "stage"
     return None
 
 
