@@ -192,3 +192,21 @@ def test_two_processes_creating_a_new_store_at_once_both_succeed(tmp_path):
     assert all(out.strip() == f"sqlite:///{tmp_path}/mlruns/mlflow.db" for out, _ in results)
     experiments = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db").search_experiments()
     assert [e.name for e in experiments if e.name != "Default"] == ["mnist-pipeline"]
+
+
+def test_reproduce_finds_a_run_by_a_unique_prefix_or_its_experiment_name(store):
+    from mnist_pipeline.reproduce import find_run
+
+    client = MlflowClient()
+    ids = []
+    for name in ("lower-lr", "wider", "wide"):
+        with tracking.start_run({}, {"mlflow.runName": name, "dvc_exp_name": name}) as run_id:
+            ids.append(run_id)
+    for run_id in ids:
+        assert find_run(client, run_id[:8], store) == run_id  # as `compare` prints it
+        assert find_run(client, run_id, store) == run_id
+    assert find_run(client, "wider", store) == ids[1] and find_run(client, "wide", store) == ids[2]
+    with pytest.raises(PipelineError, match=r"^'' matches 3 runs: .*\(lower-lr\).*; give more of the run id$"):
+        find_run(client, "", store)
+    with pytest.raises(PipelineError, match=r"no run in .* has an id starting with 'zz' or that name; .*compare"):
+        find_run(client, "zz", store)

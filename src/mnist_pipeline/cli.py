@@ -103,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--markdown", dest="format", action="store_const", const="markdown")
     compare.set_defaults(func=_compare, format="text")
     reproduce = commands.add_parser("reproduce", help="rerun a past MLflow run's code and params as a DVC experiment")
-    reproduce.add_argument("run_id", help="the MLflow run id (see `mnist-pipeline compare`)")
+    reproduce.add_argument(
+        "run_id", help="an MLflow run id, a unique prefix of one (as `compare` prints them) or a DVC experiment name"
+    )
     reproduce.set_defaults(func=_reproduce)
     store = commands.add_parser("store", help="print the MLflow tracking URI the pipeline logs to")
     store.set_defaults(func=_store)

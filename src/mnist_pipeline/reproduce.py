@@ -10,6 +10,7 @@ compared: on the CPU, with the same data, accuracy and loss must be equal to the
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -41,6 +42,30 @@ def _write_params(params_file: Path, logged: dict[str, str]) -> None:
 METRICS = ("final_test_accuracy", "final_test_loss")
 
 
+def find_run(client, reference: str, uri: str) -> str:
+    """The full id of the run ``reference`` names: a whole run id, a unique prefix of one (as `compare` prints
+    them), or the name of a DVC experiment (a run's name). Ambiguous or unknown: one line saying which runs match."""
+    if re.fullmatch(r"[0-9a-f]{32}", reference):
+        return reference
+    experiment = client.get_experiment_by_name(tracking.EXPERIMENT_NAME)
+    runs = client.search_runs([experiment.experiment_id], max_results=50_000) if experiment else []
+    matches = {
+        r.info.run_id: r.info.run_name
+        for r in runs
+        if r.info.run_id.startswith(reference.lower())
+        or reference in (r.info.run_name, r.data.tags.get("dvc_exp_name"))
+    }
+    if len(matches) == 1:
+        return next(iter(matches))
+    if not matches:
+        raise PipelineError(
+            f"no run in {uri} has an id starting with {reference!r} or that name; `mnist-pipeline compare` lists "
+            "the runs, with the first 8 characters of each id"
+        )
+    listed = ", ".join(f"{run_id[:12]} ({name})" for run_id, name in sorted(matches.items()))
+    raise PipelineError(f"{reference!r} matches {len(matches)} runs: {listed}; give more of the run id")
+
+
 def reproduce(run_id: str, root: Path, log=sys.stderr) -> tuple[str, dict[str, float], dict[str, float]]:
     """Rerun ``run_id``; return (new run id, original final metrics, reproduced final metrics)."""
     from mlflow.exceptions import MlflowException
@@ -48,6 +73,7 @@ def reproduce(run_id: str, root: Path, log=sys.stderr) -> tuple[str, dict[str, f
 
     uri = tracking.configure(root)
     client = MlflowClient()
+    run_id = find_run(client, run_id, uri)
     try:
         original = client.get_run(run_id)
     except MlflowException:
