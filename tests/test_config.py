@@ -94,3 +94,12 @@ def test_flatten_covers_every_key_of_params(params):
     flat = config.flatten(config.load(REPO_ROOT / "params.yaml").sections())
     assert set(flat) == {f"{s}.{k}" for s, section in params.items() for k in section}
     assert flat["model.conv_channels"] == str(params["model"]["conv_channels"])
+
+
+def test_the_train_stage_reruns_for_every_train_key_but_the_two_that_cannot_change_the_model(params):
+    """dvc.yaml lists the train keys one by one; a key added to params.yaml must be added there too."""
+    stage = yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]["train"]
+    listed = {entry for entry in stage["params"] if isinstance(entry, str)}
+    assert "model" in listed
+    assert {f"train.{key}" for key in params["train"]} - listed == {"train.log_every", "train.resume"}
+    assert listed - {"model"} <= {f"train.{key}" for key in params["train"]}  # no key that does not exist

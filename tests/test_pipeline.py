@@ -222,6 +222,21 @@ def test_second_repro_runs_nothing(pipeline, http_mirror):
     assert len(runs(repo)) == 1
 
 
+def test_params_that_cannot_change_the_model_rerun_nothing(pipeline, http_mirror):
+    repo, _ = pipeline
+    params_file = repo / "params.yaml"
+    before = params_file.read_text()
+    params = yaml.safe_load(before)
+    params["train"].update(log_every=7, resume=False)
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        again = run(repo, http_mirror, "dvc", "repro")
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert ran_stages(again) == []
+    finally:
+        params_file.write_text(before)
+
+
 def test_exp_run_with_a_train_param_reruns_train_evaluate_export_only(pipeline, http_mirror):
     repo, _ = pipeline
     exp = run(repo, http_mirror, "dvc", "exp", "run", "-S", "train.lr=0.002", "-n", "lower-lr")
