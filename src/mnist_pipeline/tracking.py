@@ -265,10 +265,6 @@ def log_artifacts(paths: list[str | Path], artifact_path: str | None = None) -> 
         mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
 
-def set_tags(tags: Mapping[str, Any]) -> None:
-    mlflow.set_tags({k: str(v) for k, v in tags.items()})
-
-
 # --- the model registry ------------------------------------------------------------------------------------
 
 
