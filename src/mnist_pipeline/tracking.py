@@ -70,7 +70,7 @@ def configure(root: Path | None = None) -> str:
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     mlflow.set_tracking_uri(uri)
     try:
-        with _store_init_lock(uri):
+        with _store_lock(uri):
             client = MlflowClient()  # the first client of a new SQLite store creates its schema
             if client.get_experiment_by_name(EXPERIMENT_NAME) is None:
                 client.create_experiment(EXPERIMENT_NAME)
@@ -85,12 +85,13 @@ def configure(root: Path | None = None) -> str:
 
 
 @contextmanager
-def _store_init_lock(uri: str) -> Iterator[None]:
-    """Serialise opening a local SQLite store between processes.
+def _store_lock(uri: str) -> Iterator[None]:
+    """Serialise a read-then-write on a local SQLite store between processes.
 
-    Two pipelines starting at once on a store that does not exist yet (queued experiments with ``-j 2``) would
-    both run MLflow's schema migrations and one would fail ("duplicate column name"); a file lock beside the
-    database makes the second wait until the first has created it.
+    Two pipelines starting at once (queued experiments with ``-j 2``, two ``dvc exp run --temp``) would both run
+    MLflow's schema migrations on a new store, and one would fail ("duplicate column name"); both would register a
+    version, and the one that got the older version could move ``candidate`` last. A file lock beside the database
+    makes the second wait until the first is done.
     """
     if not uri.startswith("sqlite:///"):
         yield
@@ -401,6 +402,12 @@ def register(
     """
     log = log or sys.stderr
     client = MlflowClient()
+    with _store_lock(mlflow.get_tracking_uri()):  # versions get their aliases in the order they were created
+        return _register(client, model_uri, name, test_accuracy, min_delta, log)
+
+
+def _register(client: MlflowClient, model_uri: str, name: str, test_accuracy: float, min_delta: float,
+              log: TextIO) -> Registration:  # fmt: skip
     champion = _champion_accuracy(client, name)  # before registering: the new version must not compete with itself
     run = mlflow.active_run()
     version = int(mlflow.register_model(model_uri, name).version)
