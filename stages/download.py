@@ -1,20 +1,9 @@
-"""Stage download: fetch the four MNIST IDX files into a folder, verified (see mnist_pipeline.data)."""
+"""Stage download: fetch the four IDX files of the data set into a folder, verified (see ``mnist_pipeline.data``).
 
-import argparse
-from pathlib import Path
+dvc.yaml runs this script; what the stage does lives in mnist_pipeline.stages.download.
+"""
 
-from mnist_pipeline import config, data
-from mnist_pipeline.errors import run_main
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--out", type=Path, required=True, help="folder for the decompressed IDX files")
-    args = parser.parse_args()
-    data_cfg = config.load(args.params).data
-    data.download(args.out, data.expected_files(data_cfg.dataset, data_cfg.expected_md5))
-
+from mnist_pipeline.stages import download, main
 
 if __name__ == "__main__":
-    run_main(main)
+    main(download)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
@@ -84,7 +85,7 @@ def test_one_mlflow_run_with_params_metrics_tags_and_artifacts(pipeline):
     assert run.data.metrics["final_test_accuracy"] == pytest.approx(metrics["test_accuracy"])
     assert metrics["test_accuracy"] > 0.5  # learnable synthetic classes
     assert run.data.tags["git_commit"] == git(repo, "rev-parse", "HEAD").strip()
-    assert run.data.tags["device"] == "cpu" and run.data.tags["torch_version"]
+    assert run.data.tags["env.device"] == "cpu" and run.data.tags["env.torch"] == torch.__version__
     artifacts = {a.path for a in client(repo).list_artifacts(run.info.run_id, "evaluation")}
     assert {"evaluation/confusion_matrix.png", "evaluation/predictions.png", "evaluation/per_class.csv"} <= artifacts
     assert run.info.status == "FINISHED"

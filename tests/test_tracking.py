@@ -9,7 +9,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from mnist_pipeline import export, tracker, tracking
+from mnist_pipeline import export, registry, runs, store, tracker
 from mnist_pipeline.config import ModelConfig
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.model import build
@@ -17,18 +17,18 @@ from mnist_pipeline.model import build
 
 def test_project_root_escapes_dvc_experiment_copies(monkeypatch):
     monkeypatch.delenv("DVC_ROOT", raising=False)
-    assert tracking.project_root(Path("/home/u/proj")) == Path("/home/u/proj")
-    assert tracking.project_root(Path("/home/u/proj/.dvc/tmp/exps/tmpab12cd")) == Path("/home/u/proj")
-    assert tracking.project_root(Path("/home/u/proj/.dvc/tmp/exps/run/x/y")) == Path("/home/u/proj")
+    assert store.project_root(Path("/home/u/proj")) == Path("/home/u/proj")
+    assert store.project_root(Path("/home/u/proj/.dvc/tmp/exps/tmpab12cd")) == Path("/home/u/proj")
+    assert store.project_root(Path("/home/u/proj/.dvc/tmp/exps/run/x/y")) == Path("/home/u/proj")
 
 
 def test_default_store_is_absolute_sqlite_under_mlruns(monkeypatch, tmp_path):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("DVC_ROOT", raising=False)
     copy = tmp_path / ".dvc" / "tmp" / "exps" / "tmp123"
-    assert tracking.tracking_uri(copy) == f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    assert store.tracking_uri(copy) == f"sqlite:///{tmp_path}/mlruns/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
-    assert tracking.tracking_uri(copy) == "http://127.0.0.1:5000"
+    assert store.tracking_uri(copy) == "http://127.0.0.1:5000"
 
 
 def test_run_file_round_trip_and_errors(tmp_path):
@@ -47,14 +47,14 @@ def log_onnx(model, folder: Path) -> str:
 
     export.save_onnx(model, torch.rand(2, 1, 28, 28), folder / "model.onnx")
     np.save(folder / "example.npy", torch.rand(4, 1, 28, 28).numpy())
-    return tracking.log_onnx_model(folder / "model.onnx", folder / "example.npy")
+    return registry.log_onnx_model(folder / "model.onnx", folder / "example.npy")
 
 
 @pytest.fixture
-def store(tmp_path, monkeypatch):
+def local_store(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.chdir(tmp_path)  # artifacts of this store land beside it
-    uri = tracking.configure(tmp_path)
+    uri = store.configure(tmp_path)
     yield uri
     mlflow.set_tracking_uri(None)
 
@@ -63,20 +63,20 @@ def test_unreachable_store_is_one_clear_line(monkeypatch, tmp_path):
     (tmp_path / "mlflow.db").mkdir()  # a folder where the database file should be
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     with pytest.raises(PipelineError) as exc:
-        tracking.configure(tmp_path)
+        store.configure(tmp_path)
     assert "MLFLOW_TRACKING_URI" in str(exc.value) and "\n" not in str(exc.value)
 
 
-def test_rerun_with_changed_param_keeps_the_first_value(store):
-    with tracking.start_run({"export.parity_samples": 512}, {"device": "cpu"}) as run_id:
+def test_rerun_with_changed_param_keeps_the_first_value(local_store):
+    with runs.start_run({"export.parity_samples": 512}, {"device": "cpu"}) as run_id:
         pass
-    with tracking.resume_run(run_id):
-        tracking.log_params({"export.parity_samples": 256, "evaluate.examples": 24})
+    with runs.resume_run(run_id):
+        runs.log_params({"export.parity_samples": 256, "evaluate.examples": 24})
     run = MlflowClient().get_run(run_id)
     assert run.data.params == {"export.parity_samples": "512", "evaluate.examples": "24"}
     assert run.data.tags["rerun.export.parity_samples"] == "256"
     with pytest.raises(PipelineError, match="is not in the store"):
-        with tracking.resume_run("0" * 32):
+        with runs.resume_run("0" * 32):
             pass
 
 
@@ -92,19 +92,19 @@ def test_rerun_with_changed_param_keeps_the_first_value(store):
     ],
 )
 def test_promotion_rule(accuracy, champion, delta, promote, reason):
-    decision, why = tracking.promotion(accuracy, champion, delta)
+    decision, why = registry.promotion(accuracy, champion, delta)
     assert decision is promote and reason in why
 
 
-def test_candidate_always_moves_champion_only_when_not_worse(store, tmp_path):
+def test_candidate_always_moves_champion_only_when_not_worse(local_store, tmp_path):
     torch.manual_seed(0)
     model = build(ModelConfig((4,), 3, 8, 0.0, False)).eval()
-    with tracking.start_run({}, {}) as run_id:
+    with runs.start_run({}, {}) as run_id:
         uri = log_onnx(model, tmp_path)
-        first = tracking.register(uri, "m", 0.95)
-        better = tracking.register(uri, "m", 0.97)
-        worse = tracking.register(uri, "m", 0.96)
-        equal = tracking.register(uri, "m", 0.97)
+        first = registry.register(uri, "m", 0.95)
+        better = registry.register(uri, "m", 0.97)
+        worse = registry.register(uri, "m", 0.96)
+        equal = registry.register(uri, "m", 0.97)
     assert (first.version, first.aliases) == (1, ("candidate", "champion"))
     assert first.champion_reason == "no champion yet"
     assert better.aliases == ("candidate", "champion")
@@ -117,15 +117,15 @@ def test_candidate_always_moves_champion_only_when_not_worse(store, tmp_path):
     assert version.tags["test_accuracy"] == "0.960000" and version.tags["run_id"] == run_id
     assert version.tags["promotion"].startswith("kept champion v2") and version.tags["git_commit"]
     assert version.description.startswith("MNIST CNN, test accuracy 96.00%")
-    with tracking.start_run({}, {}):
-        margin = tracking.register(uri, "m", 0.9705, min_delta=0.001)
+    with runs.start_run({}, {}):
+        margin = registry.register(uri, "m", 0.9705, min_delta=0.001)
     assert margin.aliases == ("candidate",)
-    loaded = tracking.load_model("models:/m@champion")  # ONNX, in onnxruntime
+    loaded = registry.load_model("models:/m@champion")  # ONNX, in onnxruntime
     x = torch.rand(3, 1, 28, 28)
     torch.testing.assert_close(torch.from_numpy(loaded(x.numpy())), model(x), rtol=1e-4, atol=1e-5)
 
 
-def test_a_pickled_model_is_refused_unless_allowed(store, tmp_path):
+def test_a_pickled_model_is_refused_unless_allowed(local_store, tmp_path):
     """The pipeline logs ONNX models (earlier versions: torch.export ones); a model stored with pickle could run
     any code when loaded."""
     import numpy as np
@@ -158,18 +158,18 @@ def test_servers_listen_on_127_0_0_1_unless_told_otherwise():
     )
 
 
-def test_a_registration_interrupted_half_way_leaves_no_version(store, monkeypatch, tmp_path):
+def test_a_registration_interrupted_half_way_leaves_no_version(local_store, monkeypatch, tmp_path):
     model = build(ModelConfig((4,), 3, 8, 0.0, False)).eval()
-    with tracking.start_run({}, {}):
+    with runs.start_run({}, {}):
         uri = log_onnx(model, tmp_path)
-        tracking.register(uri, "m", 0.95)
+        registry.register(uri, "m", 0.95)
 
         def interrupted(*args):
             raise KeyboardInterrupt
 
         monkeypatch.setattr(MlflowClient, "set_registered_model_alias", interrupted)  # Ctrl-C between two calls
         with pytest.raises(KeyboardInterrupt):
-            tracking.register(uri, "m", 0.97)
+            registry.register(uri, "m", 0.97)
     versions = MlflowClient().search_model_versions("name='m'")
     assert [int(v.version) for v in versions] == [1]  # version 2 was removed again
     monkeypatch.undo()
@@ -184,7 +184,7 @@ def test_two_processes_creating_a_new_store_at_once_both_succeed(tmp_path):
     import sys
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    code = "from mnist_pipeline import tracking; print(tracking.configure())"
+    code = "from mnist_pipeline import store; print(store.configure())"
     procs = [subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env=env, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]  # fmt: skip
     results = [p.communicate(timeout=120) for p in procs]
@@ -194,19 +194,19 @@ def test_two_processes_creating_a_new_store_at_once_both_succeed(tmp_path):
     assert [e.name for e in experiments if e.name != "Default"] == ["mnist-pipeline"]
 
 
-def test_reproduce_finds_a_run_by_a_unique_prefix_or_its_experiment_name(store):
+def test_reproduce_finds_a_run_by_a_unique_prefix_or_its_experiment_name(local_store):
     from mnist_pipeline.reproduce import find_run
 
     client = MlflowClient()
     ids = []
     for name in ("lower-lr", "wider", "wide"):
-        with tracking.start_run({}, {"mlflow.runName": name, "dvc_exp_name": name}) as run_id:
+        with runs.start_run({}, {"mlflow.runName": name, "dvc_exp_name": name}) as run_id:
             ids.append(run_id)
     for run_id in ids:
-        assert find_run(client, run_id[:8], store) == run_id  # as `compare` prints it
-        assert find_run(client, run_id, store) == run_id
-    assert find_run(client, "wider", store) == ids[1] and find_run(client, "wide", store) == ids[2]
+        assert find_run(client, run_id[:8], local_store) == run_id  # as `compare` prints it
+        assert find_run(client, run_id, local_store) == run_id
+    assert find_run(client, "wider", local_store) == ids[1] and find_run(client, "wide", local_store) == ids[2]
     with pytest.raises(PipelineError, match=r"^'' matches 3 runs: .*\(lower-lr\).*; give more of the run id$"):
-        find_run(client, "", store)
+        find_run(client, "", local_store)
     with pytest.raises(PipelineError, match=r"no run in .* has an id starting with 'zz' or that name; .*compare"):
-        find_run(client, "zz", store)
+        find_run(client, "zz", local_store)

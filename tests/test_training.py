@@ -163,9 +163,14 @@ def test_state_round_trips_through_a_file_without_pickle(tmp_path, tensors):
     assert training.load_state(tmp_path / "missing.pt") is None
 
 
-def test_state_fingerprint_changes_with_what_shapes_training_only():
-    base = training.state_fingerprint(MODEL, TRAIN, "md5")
-    assert training.state_fingerprint(MODEL, dataclasses.replace(TRAIN, log_every=1, resume=False), "md5") == base
-    assert training.state_fingerprint(MODEL, dataclasses.replace(TRAIN, lr=0.1), "md5") != base
-    assert training.state_fingerprint(MODEL, TRAIN, "other data") != base
-    assert training.state_fingerprint(dataclasses.replace(MODEL, hidden=8), TRAIN, "md5") != base
+def test_state_fingerprint_changes_with_what_shapes_training_only(tmp_path):
+    code = [tmp_path / "training.py", tmp_path / "distributed.py"]
+    for path in code:
+        path.write_text("x = 1\n")
+    base = training.state_fingerprint(MODEL, TRAIN, "md5", code)
+    assert training.state_fingerprint(MODEL, dataclasses.replace(TRAIN, log_every=1, resume=False), "md5", code) == base
+    assert training.state_fingerprint(MODEL, dataclasses.replace(TRAIN, lr=0.1), "md5", code) != base
+    assert training.state_fingerprint(MODEL, TRAIN, "other data", code) != base
+    assert training.state_fingerprint(dataclasses.replace(MODEL, hidden=8), TRAIN, "md5", code) != base
+    code[1].write_text("x = 2\n")  # an edit in any of the stage's code
+    assert training.state_fingerprint(MODEL, TRAIN, "md5", code) != base

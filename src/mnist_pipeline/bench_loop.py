@@ -187,7 +187,7 @@ def machine() -> str:
 
 def measure(project: Path, repeats: int = 3, log=sys.stderr) -> tuple[float, list[Figure], dict]:
     """Run the loop once; return (F, figures, facts about the run)."""
-    from mnist_pipeline import config, data, tracking
+    from mnist_pipeline import config, data, store
 
     project = project.resolve()
     if not (project / "dvc.yaml").is_file():
@@ -239,7 +239,7 @@ def measure(project: Path, repeats: int = 3, log=sys.stderr) -> tuple[float, lis
             figures.append(Figure(name, _median_of(repeats, cmd)))
             say(f"{name}: {figures[-1].seconds:.2f} s")
         # A fresh process that knows nothing of the project: only MLflow, the store's URI and the model's name.
-        env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri(project)}
+        env = {**os.environ, "MLFLOW_TRACKING_URI": store.tracking_uri(project)}
         pyfunc = [python, "-c", PYFUNC_SNIPPET, champion, str(npy)]
         figures.append(Figure(f"pyfunc load {champion} + predict one digit", _median_of(repeats, pyfunc, env)))
         say(f"pyfunc: {figures[-1].seconds:.2f} s")

@@ -13,9 +13,9 @@ ALLOW_PICKLE_HELP = "also load an MLflow model stored with pickle (it can run an
 
 
 def _ui(args: argparse.Namespace) -> None:
-    from mnist_pipeline import tracking
+    from mnist_pipeline import store
 
-    uri = tracking.tracking_uri()
+    uri = store.tracking_uri()
     print(f"MLflow UI on http://{args.host}:{args.port} for {uri}", file=sys.stderr)
     cmd = [
         sys.executable,
@@ -33,9 +33,9 @@ def _ui(args: argparse.Namespace) -> None:
 
 
 def _store(args: argparse.Namespace) -> None:
-    from mnist_pipeline import tracking
+    from mnist_pipeline import store
 
-    print(tracking.tracking_uri())
+    print(store.tracking_uri())
 
 
 def _predict(args: argparse.Namespace) -> None:
@@ -59,10 +59,10 @@ def _reproduce(args: argparse.Namespace) -> None:
 def _serve(args: argparse.Namespace) -> None:
     import os
 
-    from mnist_pipeline import tracking
+    from mnist_pipeline import registry, store
 
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.configure()}
-    tracking.fetch_model(args.model, args.allow_pickle)  # refuses a pickled model before anything listens
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store.configure()}
+    registry.fetch_model(args.model, args.allow_pickle)  # refuses a pickled model before anything listens
     cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", args.model, "--env-manager", "local",
            "--host", args.host, "--port", str(args.port)]  # fmt: skip
     print(f"serving {args.model} on http://{args.host}:{args.port}/invocations", file=sys.stderr)

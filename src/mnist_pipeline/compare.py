@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from mnist_pipeline import tracking
+from mnist_pipeline import names, store
 from mnist_pipeline.errors import PipelineError
 
 METRICS = {
@@ -22,9 +22,9 @@ def runs_table(last: int | None = None, sort_by: str = "test_accuracy") -> pd.Da
 
     if sort_by not in METRICS:
         raise PipelineError(f"--sort {sort_by}: expected one of {', '.join(METRICS)}")
-    tracking.configure()
+    store.configure()
     runs = mlflow.search_runs(
-        experiment_names=[tracking.EXPERIMENT_NAME],
+        experiment_names=[names.EXPERIMENT],
         order_by=["attributes.start_time DESC"],
         max_results=last or 10_000,
     )
@@ -68,7 +68,7 @@ def _registered_versions(client) -> dict[str, str]:
 def main(last: int | None, sort_by: str, fmt: str) -> None:
     table = runs_table(last, sort_by)
     if table.empty:
-        print(f"no runs yet in the experiment {tracking.EXPERIMENT_NAME!r} of {tracking.tracking_uri()}")
+        print(f"no runs yet in the experiment {names.EXPERIMENT!r} of {store.tracking_uri()}")
     elif fmt == "csv":
         print(table.to_csv(index=False), end="")
     elif fmt == "markdown":

@@ -155,6 +155,10 @@ class TrainConfig(Section):
     nproc: int  # data-parallel processes torchrun starts on this machine (one per GPU); batch_size is global
     resume: bool  # after an interruption, continue from the last completed epoch instead of starting over
 
+    # Keys that change what is printed or whether an interrupted training continues, never the trained model:
+    # they are not among the train stage's params in dvc.yaml, nor in the resume fingerprint.
+    NO_EFFECT_ON_MODEL: typing.ClassVar[tuple[str, ...]] = ("log_every", "resume")
+
     def __post_init__(self):
         _check(0 <= self.seed < 2**32, "train.seed", self.seed, "an integer in 0..2**32-1")
         _check(self.device in DEVICES, "train.device", self.device, _allowed(DEVICES))

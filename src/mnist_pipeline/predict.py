@@ -147,11 +147,11 @@ def load_model(reference: str, allow_pickle: bool = False) -> Model:
         reference = f"models:/mnist-cnn/{reference}"
     elif re.fullmatch(r"[0-9a-f]{32}", reference):
         reference = f"runs:/{reference}/model"
-    from mnist_pipeline import tracking
+    from mnist_pipeline import registry, store
 
-    tracking.configure()
+    store.configure()
     try:
-        return tracking.load_model(reference, allow_pickle)
+        return registry.load_model(reference, allow_pickle)
     except PipelineError:
         raise
     except Exception as exc:  # MlflowException and friends: say which model and why, in one line

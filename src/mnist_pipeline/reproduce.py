@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from mnist_pipeline import tracking
+from mnist_pipeline import names, store
 from mnist_pipeline.data import MIRROR_ENV
 from mnist_pipeline.errors import PipelineError
 
@@ -47,7 +47,7 @@ def find_run(client, reference: str, uri: str) -> str:
     them), or the name of a DVC experiment (a run's name). Ambiguous or unknown: one line saying which runs match."""
     if re.fullmatch(r"[0-9a-f]{32}", reference):
         return reference
-    experiment = client.get_experiment_by_name(tracking.EXPERIMENT_NAME)
+    experiment = client.get_experiment_by_name(names.EXPERIMENT)
     runs = client.search_runs([experiment.experiment_id], max_results=50_000) if experiment else []
     matches = {
         r.info.run_id: r.info.run_name
@@ -71,7 +71,7 @@ def reproduce(run_id: str, root: Path, log=sys.stderr) -> tuple[str, dict[str, f
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    uri = tracking.configure(root)
+    uri = store.configure(root)
     client = MlflowClient()
     run_id = find_run(client, run_id, uri)
     try:
@@ -131,7 +131,7 @@ def reproduce(run_id: str, root: Path, log=sys.stderr) -> tuple[str, dict[str, f
 
 def main(run_id: str) -> int:
     """Print the comparison; exit status 0 when every final metric is reproduced exactly."""
-    new_id, before, after = reproduce(run_id, tracking.project_root())
+    new_id, before, after = reproduce(run_id, store.project_root())
     for metric in METRICS:
         same = (
             "exactly equal"

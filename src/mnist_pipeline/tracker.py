@@ -3,8 +3,8 @@
 Importing MLflow and its SQLite store takes about as long as importing torch (3 s and 2.5 s on a 2-core CPU).
 A stage starts its tracking process first thing, so MLflow starts up on another core while the stage imports
 torch and reads its data; the stage then sends it each call (open the store, start a run, log an epoch, register
-a model) and waits for the answer. The calls are the functions of ``tracking`` named in ``CALLS``, with plain JSON
-arguments and results, one line each way over the child's stdin and stdout.
+a model) and waits for the answer. The calls are the functions of ``store``, ``runs`` and ``registry`` named in
+``CALLS``, with plain JSON arguments and results, one line each way over the child's stdin and stdout.
 
 The tracking process ignores SIGINT and SIGTERM: the stage, interrupted, ends its run as KILLED through it. If the
 stage dies without a word (kill -9), the tracking process sees its input close, ends a run left open as KILLED
@@ -22,14 +22,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
+from mnist_pipeline import names
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.files import write_atomic
 
-# What a stage may ask of the tracking process: names of functions of `tracking`.
-CALLS = (
-    "configure", "run_status", "mark_killed", "begin_run", "end_run", "log_params", "log_epoch", "log_metrics",
-    "log_artifacts", "logged_epochs", "log_onnx_model", "predict_with_logged_model", "register",
-)  # fmt: skip
+# What a stage may ask of the tracking process: call name -> the module whose function it is.
+CALLS = {
+    **dict.fromkeys(["configure"], "store"),
+    **dict.fromkeys(["run_status", "mark_killed", "begin_run", "end_run", "log_params", "log_epoch", "log_metrics",
+                     "log_artifacts", "logged_epochs"], "runs"),
+    **dict.fromkeys(["log_onnx_model", "predict_with_logged_model", "register"], "registry"),
+}  # fmt: skip
 
 
 class Tracker:
@@ -68,12 +71,12 @@ class Tracker:
         self._process.wait()
 
     def configure(self) -> str:
-        """Open the store (see `tracking.configure`); an unusable one fails here, before any work."""
+        """Open the store (see `store.configure`); an unusable one fails here, before any work."""
         self.uri = self.call("configure")
         return self.uri
 
     def call(self, name: str, *args: Any) -> Any:
-        """Run ``tracking.<name>(*args)`` in the tracking process and return its result."""
+        """Run the function ``name`` of ``CALLS`` in the tracking process and return its result."""
         self._next_id += 1
         request = json.dumps({"id": self._next_id, "call": name, "args": args})
         try:
@@ -157,16 +160,16 @@ def git_commit() -> str:
         return "unknown"
 
 
-def run_tags(device: str, torch_version: str) -> dict[str, str]:
+def run_tags(device, threads: int) -> dict[str, str]:
+    """The train stage's run tags: the commit, the DVC experiment, and what else determines the digits
+    (``environment``) for a training on ``device`` (a torch.device) with ``threads`` CPU threads."""
+    from mnist_pipeline import environment
+
     commit = git_commit()
-    tags = {
-        "mlflow.source.git.commit": commit,
-        "git_commit": commit,
-        "device": device,
-        "torch_version": torch_version,
-    }
+    tags = {"mlflow.source.git.commit": commit, names.GIT_COMMIT: commit}
+    tags.update(environment.tags(device, threads, Path.cwd()))
     if os.environ.get("DVC_EXP_NAME"):
-        tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
+        tags[names.DVC_EXP_NAME] = os.environ["DVC_EXP_NAME"]
         tags["mlflow.runName"] = os.environ["DVC_EXP_NAME"]
     return tags
 
@@ -202,15 +205,20 @@ def serve() -> None:
     answers = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # anything MLflow prints goes to stderr, not into answers
 
-    from mnist_pipeline import tracking  # the slow part, while the stage imports torch
+    import importlib
 
-    tracking.warm_up()
+    # The slow part, while the stage imports torch. The registry's module is imported on its first call: a stage
+    # that never registers does not load it (nor depend on it, in dvc.yaml).
+    from mnist_pipeline import runs, store
+
+    store.warm_up()
     for line in sys.stdin:
         request = json.loads(line)
         try:
             if request["call"] not in CALLS:
                 raise PipelineError(f"unknown tracking call {request['call']!r}")
-            result = getattr(tracking, request["call"])(*request["args"])
+            module = importlib.import_module(f"mnist_pipeline.{CALLS[request['call']]}")
+            result = getattr(module, request["call"])(*request["args"])
             answer = {"result": result.to_dict() if hasattr(result, "to_dict") else result}
         except PipelineError as exc:
             answer = {"error": str(exc)}
@@ -218,7 +226,7 @@ def serve() -> None:
             detail = (str(exc).splitlines() or [""])[0][:300]
             answer = {"error": f"MLflow: {type(exc).__name__}: {detail}"}
         answers.write(json.dumps({"id": request["id"], **answer}) + "\n")
-    tracking.end_run("KILLED")  # the stage is gone: a run it left open did not finish
+    runs.end_run("KILLED")  # the stage is gone: a run it left open did not finish
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TextIO
 
 import numpy as np
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mnist_pipeline import distributed
+from mnist_pipeline import distributed, names
 from mnist_pipeline.config import ModelConfig, TrainConfig
 from mnist_pipeline.data import Split
 from mnist_pipeline.distributed import SINGLE, Cluster
@@ -155,6 +156,11 @@ class EpochMetrics:
     test_loss: float
     test_accuracy: float
     seconds: float  # wall time since training started, at the end of this epoch (time before a resume included)
+
+    def metrics(self) -> dict[str, float]:
+        """What each epoch logs to MLflow."""
+        return {names.TRAIN_LOSS: self.train_loss, names.TEST_LOSS: self.test_loss,
+                names.TEST_ACCURACY: self.test_accuracy}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -288,14 +294,13 @@ def _restore(state: dict, model, optimizer, scheduler, generator: torch.Generato
     return [EpochMetrics(**m) for m in state["history"]]
 
 
-def state_fingerprint(model_cfg: ModelConfig, cfg: TrainConfig, data_md5: str) -> str:
-    """What a saved state must match to be resumed: the params that shape training, the data and this code."""
-    import mnist_pipeline.model as model_module
-
-    settings = {k: v for k, v in cfg.to_dict().items() if k not in ("resume", "log_every")}
+def state_fingerprint(model_cfg: ModelConfig, cfg: TrainConfig, data_md5: str, code: list[Path]) -> str:
+    """What a saved state must match to be resumed: the params that shape training, the data and the ``code``
+    files (the train stage's code deps: whatever would rerun the stage makes a saved state useless)."""
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in TrainConfig.NO_EFFECT_ON_MODEL}
     digest = hashlib.sha256(json.dumps([model_cfg.to_dict(), settings, data_md5], sort_keys=True).encode())
-    for module in (sys.modules[__name__], model_module):
-        digest.update(open(module.__file__, "rb").read())
+    for path in sorted(code, key=str):
+        digest.update(Path(path).name.encode() + b"\0" + Path(path).read_bytes())
     return digest.hexdigest()
 
 

@@ -1,0 +1,22 @@
+"""The names the pipeline writes and others read: MLflow experiment, metrics, tags and aliases. Defined here once."""
+
+EXPERIMENT = "mnist-pipeline"
+
+# Per-epoch metrics: MLflow metrics with the epoch as step, and the columns of reports/history.csv.
+TRAIN_LOSS = "train_loss"
+TEST_LOSS = "test_loss"
+TEST_ACCURACY = "test_accuracy"
+EPOCH_METRICS = (TRAIN_LOSS, TEST_LOSS, TEST_ACCURACY)
+TRAIN_SECONDS = "train_seconds"
+# The evaluate stage's metrics (reports/metrics.json) are logged into the run under this prefix.
+FINAL = "final_"
+
+# Run tags.
+GIT_COMMIT = "git_commit"
+DATA_MD5 = "data_md5"
+DVC_EXP_NAME = "dvc_exp_name"
+RERUN = "rerun."  # prefix: a param a stage rerun alone changed after training logged it
+
+# Registered model aliases.
+ALIAS_CANDIDATE = "candidate"  # the newest version
+ALIAS_CHAMPION = "champion"  # the best version so far; what `predict` and `serve` use by default

@@ -1,0 +1,193 @@
+"""The model registry: the logged model, its registered versions and their aliases, and loading a model back.
+
+The registered model is the ONNX file, logged with MLflow's ``onnx`` flavor: it loads through ``mlflow.pyfunc``
+with onnxruntime alone, without pickle, torch or this project, on a machine with or without a GPU. Each new
+version becomes ``candidate``; ``champion`` moves to it when it is at least as accurate (see `promotion`).
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import mlflow
+import numpy as np
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from mnist_pipeline import names, store
+from mnist_pipeline.errors import PipelineError
+
+
+@dataclass(frozen=True)
+class Registration:
+    name: str
+    version: int
+    model_uri: str
+    aliases: tuple[str, ...]
+    champion_reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "model_uri": self.model_uri,
+            "aliases": list(self.aliases),
+            "champion_reason": self.champion_reason,
+        }
+
+
+def _champion_accuracy(client: MlflowClient, name: str) -> tuple[int, float] | None:
+    """(version, test accuracy) of the current champion, or None when there is none."""
+    try:
+        champion = client.get_model_version_by_alias(name, names.ALIAS_CHAMPION)
+    except MlflowException:
+        return None
+    return int(champion.version), float(champion.tags.get(names.TEST_ACCURACY, "nan"))
+
+
+ONNX_REQUIREMENTS = ("onnx", "onnxruntime")
+
+
+def log_onnx_model(onnx_path: str | Path, example_path: str | Path) -> str:
+    """Log the ONNX file as the run's MLflow model, with signature and input example (a ``.npy`` of digits);
+    return its ``models:/<id>`` URI."""
+    import importlib.metadata
+
+    import mlflow.onnx
+    import onnx
+    import onnxruntime
+    from mlflow.models import infer_signature
+
+    example = np.load(example_path)
+    session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    output = session.run(None, {session.get_inputs()[0].name: example})[0]
+    info = mlflow.onnx.log_model(
+        onnx.load(str(onnx_path)),
+        name="model",
+        signature=infer_signature(example, output),
+        input_example=example,
+        # The CPU provider everywhere: the model is small, and a machine with CUDA but onnxruntime's CPU build
+        # (the usual install) then loads it exactly as one without.
+        onnx_execution_providers=["CPUExecutionProvider"],
+        save_as_external_data=False,  # one self-contained model.onnx
+        pip_requirements=[f"{name}=={importlib.metadata.version(name)}" for name in ONNX_REQUIREMENTS],
+    )
+    return info.model_uri
+
+
+def predict_with_logged_model(model_uri: str, digits_path: str | Path) -> list[list[float]]:
+    """Logits of the logged model, loaded as users load it (``mlflow.pyfunc``), for the digits in a ``.npy``."""
+    import mlflow.pyfunc
+
+    output = mlflow.pyfunc.load_model(model_uri).predict(np.load(digits_path))
+    return np.asarray(output["logits"] if isinstance(output, dict) else output).tolist()
+
+
+def fetch_model(model_uri: str, allow_pickle: bool = False) -> tuple[Path, dict]:
+    """Download an MLflow model; return its folder and its flavors. A PyTorch model stored with pickle is refused
+    unless allowed.
+
+    The pipeline registers ONNX models (earlier versions: PyTorch ``torch.export`` archives); both load as data.
+    A model saved with pickle runs whatever code its author put in it when it is loaded, so it needs the user's
+    explicit ``allow_pickle``.
+    """
+    import yaml
+
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
+    flavors = yaml.safe_load((local / "MLmodel").read_text()).get("flavors", {})
+    if "onnx" in flavors:
+        return local, flavors
+    pytorch = flavors.get("pytorch")
+    if pytorch is None:
+        raise PipelineError(f"model {model_uri} is neither an ONNX nor a PyTorch model logged with MLflow")
+    if not (local / pytorch.get("model_data", "data") / "model.pt2").is_file() and not allow_pickle:
+        raise PipelineError(
+            f"model {model_uri} is stored with pickle, and loading it would run any code it contains; pass "
+            "--allow-pickle only if you trust where it came from"
+        )
+    return local, flavors
+
+
+def load_model(model_uri: str, allow_pickle: bool = False):
+    """A callable from (N, 1, 28, 28) float32 pixels (NumPy) to (N, 10) logits (NumPy), on the CPU.
+
+    ONNX models run in onnxruntime, without importing torch; PyTorch ones (registered by earlier versions) need it.
+    """
+    local, flavors = fetch_model(model_uri, allow_pickle)
+    if "onnx" in flavors:
+        from mnist_pipeline.onnx_runtime import load_onnx
+
+        return load_onnx(local / flavors["onnx"]["data"])
+    import mlflow.pytorch
+    import torch
+
+    module = mlflow.pytorch.load_model(str(local), map_location="cpu")
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return module(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
+
+    return run
+
+
+def promotion(test_accuracy: float, champion: tuple[int, float] | None, min_delta: float) -> tuple[bool, str]:
+    """Should a new version with ``test_accuracy`` become champion? Returns (decision, reason in one line)."""
+    if champion is None:
+        return True, "no champion yet"
+    version, accuracy = champion
+    if test_accuracy >= accuracy + min_delta:
+        return True, f"test accuracy {test_accuracy:.4f} >= champion v{version}'s {accuracy:.4f} + {min_delta:g}"
+    return False, f"kept champion v{version}: test accuracy {test_accuracy:.4f} < its {accuracy:.4f} + {min_delta:g}"
+
+
+def register(
+    model_uri: str, name: str, test_accuracy: float, min_delta: float = 0.0, log: TextIO | None = None
+) -> Registration:
+    """Register a logged model as a new version of ``name`` and move the aliases.
+
+    ``candidate`` always moves to the new version; ``champion`` moves when the new version's test accuracy is at
+    least the current champion's plus ``min_delta``, or when there is no champion yet. The decision and its reason
+    are printed and kept as the version's ``promotion`` tag.
+    """
+    log = log or sys.stderr
+    client = MlflowClient()
+    with store.lock(mlflow.get_tracking_uri()):  # versions get their aliases in the order they were created
+        return _register(client, model_uri, name, test_accuracy, min_delta, log)
+
+
+def _register(client: MlflowClient, model_uri: str, name: str, test_accuracy: float, min_delta: float,
+              log: TextIO) -> Registration:  # fmt: skip
+    champion = _champion_accuracy(client, name)  # before registering: the new version must not compete with itself
+    run = mlflow.active_run()
+    version = int(mlflow.register_model(model_uri, name).version)
+    try:
+        promote, reason = promotion(test_accuracy, champion, min_delta)
+        tags = {
+            names.TEST_ACCURACY: f"{test_accuracy:.6f}",
+            "run_id": run.info.run_id,
+            names.GIT_COMMIT: run.data.tags.get(names.GIT_COMMIT, "unknown"),
+            names.DVC_EXP_NAME: run.data.tags.get(names.DVC_EXP_NAME, ""),
+            "promotion": reason,
+        }
+        for key, value in tags.items():
+            client.set_model_version_tag(name, str(version), key, value)
+        client.update_model_version(
+            name,
+            str(version),
+            description=f"MNIST CNN, test accuracy {100 * test_accuracy:.2f}%, run {run.info.run_id}",
+        )
+        client.set_registered_model_alias(name, names.ALIAS_CANDIDATE, str(version))
+        aliases = [names.ALIAS_CANDIDATE]
+        if promote:
+            client.set_registered_model_alias(name, names.ALIAS_CHAMPION, str(version))
+            aliases.append(names.ALIAS_CHAMPION)
+    except BaseException:  # interrupted or failed half-way: no version without its tags and aliases
+        with suppress(Exception):
+            client.delete_model_version(name, str(version))
+        raise
+    print(f"registered {name} version {version} ({', '.join(aliases)}): {reason}", file=log)
+    return Registration(name, version, f"models:/{name}/{version}", tuple(aliases), reason)

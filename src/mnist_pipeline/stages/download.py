@@ -1,0 +1,18 @@
+"""Stage download: fetch the four IDX files of the data set into a folder, verified (see ``mnist_pipeline.data``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from mnist_pipeline import config, data
+from mnist_pipeline.stages import path
+
+
+@dataclass(frozen=True)
+class Paths:
+    out: Path = path("folder for the decompressed IDX files")
+
+
+def run(params: config.Params, paths: Paths) -> None:
+    data.download(paths.out, data.expected_files(params.data.dataset, params.data.expected_md5))

@@ -1,0 +1,137 @@
+"""Where the MLflow store is, and opening it.
+
+``MLFLOW_TRACKING_URI`` when set; otherwise an embedded SQLite database ``mlruns/mlflow.db`` with artifacts
+beside it in ``mlruns/``, both resolved to absolute paths from the project root. ``dvc exp run --temp/--queue``
+runs stages in a copy under ``<root>/.dvc/tmp/exps/``; the root is found from that copy, so those experiments
+still log to the user's store rather than into a copy that is deleted afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from mnist_pipeline import names
+from mnist_pipeline.errors import PipelineError
+
+STORE_DIR = "mlruns"
+
+
+def project_root(cwd: Path | None = None) -> Path:
+    """The user's project root, also from inside a DVC experiment's temporary copy of it."""
+    root = Path(os.environ.get("DVC_ROOT") or cwd or Path.cwd()).resolve()
+    parts = root.parts
+    for i in range(len(parts) - 3):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return root
+
+
+def warm_up(root: Path | None = None) -> None:
+    """Import what `configure` will need for this store (the SQLite store's modules take a second)."""
+    if tracking_uri(root).startswith("sqlite:"):
+        import mlflow.store.model_registry.sqlalchemy_store  # noqa: F401
+        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+
+
+def configure(root: Path | None = None) -> str:
+    """Point MLflow at the store (see the module docstring), make sure the experiment exists, return the URI."""
+    uri = tracking_uri(root)
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        # The embedded store; MLflow keeps the artifacts beside the database, in mlruns/<experiment id>/.
+        (project_root(root) / STORE_DIR).mkdir(exist_ok=True)
+    _check_sqlite_path(uri)
+    _check_server(uri)
+    # MLflow announces at INFO level that it creates (or upgrades) the tables of a new SQLite store: noise in a
+    # pipeline whose store is created on first use as a matter of course. Its warnings and errors still show.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+    mlflow.set_tracking_uri(uri)
+    try:
+        with lock(uri):
+            client = MlflowClient()  # the first client of a new SQLite store creates its schema
+            if client.get_experiment_by_name(names.EXPERIMENT) is None:
+                client.create_experiment(names.EXPERIMENT)
+            mlflow.set_experiment(names.EXPERIMENT)
+    except Exception as exc:  # connection refused, unreadable database, ...
+        first_line = (str(exc).splitlines() or [""])[0][:200]
+        raise PipelineError(
+            f"cannot use the MLflow store {uri} ({type(exc).__name__}: {first_line}); "
+            "check MLFLOW_TRACKING_URI, or unset it to use the local store in mlruns/"
+        ) from None
+    return uri
+
+
+@contextmanager
+def lock(uri: str) -> Iterator[None]:
+    """Serialise a read-then-write on a local SQLite store between processes.
+
+    Two pipelines starting at once (queued experiments with ``-j 2``, two ``dvc exp run --temp``) would both run
+    MLflow's schema migrations on a new store, and one would fail ("duplicate column name"); both would register a
+    version, and the one that got the older version could move ``candidate`` last. A file lock beside the database
+    makes the second wait until the first is done.
+    """
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no inter-process lock, as before
+        yield
+        return
+    with open(uri.removeprefix("sqlite:///") + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _check_sqlite_path(uri: str) -> None:
+    """Fail at once on an unusable SQLite path; MLflow itself retries for about two minutes."""
+    if not uri.startswith("sqlite:///"):
+        return
+    path = Path(uri.removeprefix("sqlite:///"))
+    if path.exists() and not path.is_file():
+        problem = "is not a file"
+    elif not path.exists() and not (path.parent.is_dir() and os.access(path.parent, os.W_OK)):
+        problem = "cannot be created (its folder is missing or not writable)"
+    else:
+        return
+    raise PipelineError(f"MLflow store {uri}: {path} {problem}; check MLFLOW_TRACKING_URI")
+
+
+# MLflow retries an unanswered HTTP request 7 times with a doubling back-off: minutes before an error. A pipeline
+# should rather fail fast (or, mid-run, go on training without the server); values the user sets win.
+HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+PROBE_TIMEOUT_S = 5
+
+
+def _check_server(uri: str) -> None:
+    """One quick request to a tracking server's /health before anything else; a one-line error if it is down."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    for name, value in HTTP_RETRY_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=PROBE_TIMEOUT_S).close()
+    except urllib.error.HTTPError:
+        return  # it answers (perhaps asking for credentials, which MLflow's own requests carry)
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise PipelineError(
+            f"the MLflow tracking server {uri} does not answer ({reason}); check that it is running and "
+            "reachable from here, or unset MLFLOW_TRACKING_URI to use the local store in mlruns/"
+        ) from None
+
+
+def tracking_uri(root: Path | None = None) -> str:
+    """The URI `configure` uses, without touching the store."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root(root) / STORE_DIR / 'mlflow.db'}"
