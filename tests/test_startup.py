@@ -9,12 +9,15 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 from mnist_pipeline import export
 from mnist_pipeline.config import ModelConfig
 from mnist_pipeline.model import build
+
+pytestmark = pytest.mark.e2e  # each test starts a command in a fresh process
 
 # Runs the `mnist-pipeline` command in this process, then prints the top-level packages it loaded.
 COMMAND = """

@@ -14,6 +14,8 @@ from mlflow.tracking import MlflowClient
 from mnist_pipeline import tracker
 from mnist_pipeline.errors import PipelineError, interrupts_held
 
+pytestmark = pytest.mark.e2e  # each test starts the real tracking process
+
 
 @pytest.fixture
 def store(tmp_path, monkeypatch):

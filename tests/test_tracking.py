@@ -176,6 +176,7 @@ def test_a_registration_interrupted_half_way_leaves_no_version(local_store, monk
     assert int(MlflowClient().get_model_version_by_alias("m", "champion").version) == 1
 
 
+@pytest.mark.e2e  # two fresh processes
 def test_two_processes_creating_a_new_store_at_once_both_succeed(tmp_path):
     """Two pipelines starting together on a store that does not exist yet (queued experiments with -j 2): without
     the file lock both ran MLflow's schema migrations and one failed with "duplicate column name"."""

@@ -4,7 +4,9 @@ The run's commit is checked out in a temporary git worktree (the user's workspac
 params.yaml is set to the run's logged params, and `dvc exp run --force` runs every stage again there (DVC's run
 cache would otherwise restore the old outputs instead of recomputing them). The new MLflow run lands in the same
 store, tagged ``reproduces=<run id>``. Afterwards the two runs' data fingerprints and final test metrics are
-compared: on the CPU, with the same data, accuracy and loss must be equal to the last digit.
+compared: with the same data, the same locked environment and the same hardware, accuracy and loss are equal to
+the last digit on the CPU. When they are not, the run tags that record the environment (``environment``) say
+which of those differ.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
-from mnist_pipeline import names, store
+from mnist_pipeline import environment, names, store
 from mnist_pipeline.data import MIRROR_ENV
 from mnist_pipeline.errors import PipelineError
 
@@ -39,7 +42,7 @@ def _write_params(params_file: Path, logged: dict[str, str]) -> None:
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-METRICS = ("final_test_accuracy", "final_test_loss")
+METRICS = (names.FINAL + names.TEST_ACCURACY, names.FINAL + names.TEST_LOSS)
 
 
 def find_run(client, reference: str, uri: str) -> str:
@@ -53,7 +56,7 @@ def find_run(client, reference: str, uri: str) -> str:
         r.info.run_id: r.info.run_name
         for r in runs
         if r.info.run_id.startswith(reference.lower())
-        or reference in (r.info.run_name, r.data.tags.get("dvc_exp_name"))
+        or reference in (r.info.run_name, r.data.tags.get(names.DVC_EXP_NAME))
     }
     if len(matches) == 1:
         return next(iter(matches))
@@ -66,8 +69,16 @@ def find_run(client, reference: str, uri: str) -> str:
     raise PipelineError(f"{reference!r} matches {len(matches)} runs: {listed}; give more of the run id")
 
 
-def reproduce(run_id: str, root: Path, log=sys.stderr) -> tuple[str, dict[str, float], dict[str, float]]:
-    """Rerun ``run_id``; return (new run id, original final metrics, reproduced final metrics)."""
+@dataclass(frozen=True)
+class Reproduction:
+    run_id: str  # the new run
+    original: dict[str, float]  # final metrics
+    reproduced: dict[str, float]
+    environment_changes: list[str]  # what `environment.differences` finds between the two runs' tags
+
+
+def reproduce(run_id: str, root: Path, log=sys.stderr) -> Reproduction:
+    """Rerun ``run_id`` and compare the new run with it."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
@@ -80,14 +91,14 @@ def reproduce(run_id: str, root: Path, log=sys.stderr) -> tuple[str, dict[str, f
         raise PipelineError(
             f"run {run_id} is not in the store {uri}; `mnist-pipeline compare` lists the runs"
         ) from None
-    commit = original.data.tags.get("git_commit", "unknown")
+    commit = original.data.tags.get(names.GIT_COMMIT, "unknown")
     if _git("cat-file", "-e", f"{commit}^{{commit}}", cwd=root).returncode != 0:
         raise PipelineError(
             f"run {run_id} was made from commit {commit[:12]}, which this repository does not have "
             "(never committed, or rebased away); fetch that commit, or rerun its params on the current code with "
             "`dvc exp run -S ...`"
         )
-    if "final_test_accuracy" not in original.data.metrics:
+    if METRICS[0] not in original.data.metrics:
         raise PipelineError(f"run {run_id} never finished its evaluate stage: there is no result to reproduce")
 
     name = f"repro-{run_id[:8]}-{os.getpid()}"
@@ -111,27 +122,29 @@ def reproduce(run_id: str, root: Path, log=sys.stderr) -> tuple[str, dict[str, f
         _git("worktree", "remove", "--force", str(worktree), cwd=root)
         shutil.rmtree(worktree.parent, ignore_errors=True)
 
-    new = client.search_runs([original.info.experiment_id], f"tags.dvc_exp_name = '{name}'")
+    new = client.search_runs([original.info.experiment_id], f"tags.{names.DVC_EXP_NAME} = '{name}'")
     if not new:
         raise PipelineError(f"the reproduced run of {run_id} was not found in {uri}")
     reproduced = new[0]
     client.set_tag(reproduced.info.run_id, "reproduces", run_id)
-    was, now = original.data.tags.get("data_md5"), reproduced.data.tags.get("data_md5")
+    was, now = original.data.tags.get(names.DATA_MD5), reproduced.data.tags.get(names.DATA_MD5)
     if was and now and was != now:
         raise PipelineError(
             f"run {run_id} trained on other data (fingerprint {was[:12]}, now {now[:12]}): the mirror served "
             f"different files, so its result cannot be reproduced exactly; the new run is {reproduced.info.run_id}"
         )
-    return (
+    return Reproduction(
         reproduced.info.run_id,
         {m: original.data.metrics[m] for m in METRICS},
         {m: reproduced.data.metrics.get(m, float("nan")) for m in METRICS},
+        environment.differences(original.data.tags, reproduced.data.tags),
     )
 
 
 def main(run_id: str) -> int:
     """Print the comparison; exit status 0 when every final metric is reproduced exactly."""
-    new_id, before, after = reproduce(run_id, store.project_root())
+    result = reproduce(run_id, store.project_root())
+    before, after = result.original, result.reproduced
     for metric in METRICS:
         same = (
             "exactly equal"
@@ -139,5 +152,12 @@ def main(run_id: str) -> int:
             else f"DIFFERENT by {after[metric] - before[metric]:+.3g}"
         )
         print(f"{metric}: reproduced {after[metric]!r}, original {before[metric]!r}: {same}")
-    print(f"run {new_id} reproduces {run_id}")
+    print(f"run {result.run_id} reproduces {run_id}")
+    if before != after:
+        if result.environment_changes:
+            print("what differs between the two runs' environments (see docs/reproducibility.md):")
+            for change in result.environment_changes:
+                print(f"  {change}")
+        else:
+            print("the two runs' recorded environments are the same: the difference is not explained by them")
     return 0 if before == after else 1

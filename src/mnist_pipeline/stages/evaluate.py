@@ -60,5 +60,5 @@ def run(params: config.Params, paths: Paths, start_tracker: Callable[[], tracker
         with tracker.run(tracking, run_id=run_id, resume=True):
             tracking.call("log_params", config.flatten([eval_cfg]))
             tracking.call("log_metrics", {names.FINAL + k: v for k, v in result.metrics().items()})
-            figures = [paths.confusion_png, paths.predictions_png, paths.per_class, paths.per_class_md]
-            tracking.call("log_artifacts", [str(figure) for figure in figures], "evaluation")
+            logged = [paths.confusion_png, paths.predictions_png, paths.per_class, paths.per_class_md, paths.confusion]
+            tracking.call("log_artifacts", [str(path) for path in logged], "evaluation")
