@@ -10,8 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
+from conftest import REPO_ROOT
 from mnist_pipeline import export, predict
 from mnist_pipeline.config import ModelConfig
 from mnist_pipeline.errors import PipelineError
@@ -150,3 +152,15 @@ def test_onnx_and_torchscript_files_predict_alike(files, tmp_path, torchscript_m
     b = predict.predict(predict.load_model(str(torchscript_model)), ["a", "b"], x.numpy(), 10)
     for pa, pb in zip(a, b, strict=True):
         assert pa.digit == pb.digit and pa.probability == pytest.approx(pb.probability, abs=1e-5)
+
+
+def test_the_default_model_is_the_champion_of_the_name_params_yaml_gives(tmp_path, monkeypatch):
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params["export"]["model_name"] = "digits"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    assert predict.champion() == "models:/digits@champion"
+    (tmp_path / "params.yaml").unlink()
+    with pytest.raises(PipelineError, match="no params.yaml in .*: run this in the project, or name a model"):
+        predict.champion()

@@ -187,7 +187,7 @@ def machine() -> str:
 
 def measure(project: Path, repeats: int = 3, log=sys.stderr) -> tuple[float, list[Figure], dict]:
     """Run the loop once; return (F, figures, facts about the run)."""
-    from mnist_pipeline import config, data, store
+    from mnist_pipeline import config, data, names, store
 
     project = project.resolve()
     if not (project / "dvc.yaml").is_file():
@@ -229,7 +229,7 @@ def measure(project: Path, repeats: int = 3, log=sys.stderr) -> tuple[float, lis
         import numpy as np
 
         np.save(npy, (digit.astype(np.float32) / 255.0).reshape(1, 1, 28, 28))
-        champion = f"models:/{model_name}@champion"
+        champion = f"models:/{model_name}@{names.ALIAS_CHAMPION}"
         for name, cmd in [
             ("predict one.png (champion)", [*cli, "predict", str(png)]),
             ("predict one.png --model models/model.onnx", [*cli, "predict", str(png), "--model",

@@ -59,9 +59,10 @@ def _reproduce(args: argparse.Namespace) -> None:
 def _serve(args: argparse.Namespace) -> None:
     import os
 
-    from mnist_pipeline import registry, store
+    from mnist_pipeline import predict, registry, store
 
     env = {**os.environ, "MLFLOW_TRACKING_URI": store.configure()}
+    args.model = args.model or predict.champion()
     registry.fetch_model(args.model, args.allow_pickle)  # refuses a pickled model before anything listens
     cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", args.model, "--env-manager", "local",
            "--host", args.host, "--port", str(args.port)]  # fmt: skip
@@ -80,15 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("inputs", nargs="+", type=Path, help="PNG/JPEG/... images, .npy arrays, IDX files")
     predict.add_argument(
         "--model",
-        default="models:/mnist-cnn@champion",
-        help="a registry URI, version number or run id, or a local .onnx / TorchScript file",
+        help="a registry URI, version number or run id, or a local .onnx / TorchScript file "
+        "(default: the champion, models:/<export.model_name>@champion)",
     )
     predict.add_argument("--json", action="store_true", help="one JSON object per line")
     predict.add_argument("--top-k", type=int, default=1, help="show the K most likely digits")
     predict.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
     predict.set_defaults(func=_predict)
     serve = commands.add_parser("serve", help="serve a registered model over REST with `mlflow models serve`")
-    serve.add_argument("--model", default="models:/mnist-cnn@champion")
+    serve.add_argument("--model", help="an MLflow model URI (default: models:/<export.model_name>@champion)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=5001)
     serve.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)

@@ -23,7 +23,6 @@ import numpy as np
 
 from mnist_pipeline.errors import PipelineError
 
-DEFAULT_MODEL = "models:/mnist-cnn@champion"
 IMAGE_SIZE, DIGIT_BOX = 28, 20
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -123,15 +122,35 @@ def read_inputs(path: Path) -> Iterator[tuple[str, np.ndarray]]:
 Model = Callable[[np.ndarray], np.ndarray]  # (N, 1, 28, 28) float32 pixels -> (N, 10) logits
 
 
-def load_model(reference: str, allow_pickle: bool = False) -> Model:
+def registered_name() -> str:
+    """The project's registered model name: ``export.model_name`` in the project's params.yaml."""
+    from mnist_pipeline import config, store
+
+    params = store.project_root() / "params.yaml"
+    if not params.is_file():
+        raise PipelineError(f"no params.yaml in {params.parent}: run this in the project, or name a model with --model")
+    return config.load(params).export.model_name
+
+
+def champion() -> str:
+    """The URI of the project's champion: what `predict` and `serve` use unless told otherwise."""
+    from mnist_pipeline import names
+
+    return f"models:/{registered_name()}@{names.ALIAS_CHAMPION}"
+
+
+def load_model(reference: str | None, allow_pickle: bool = False) -> Model:
     """A callable from (N, 1, 28, 28) pixels to logits, both NumPy arrays.
 
-    ``reference``: a local ``.onnx`` or TorchScript file, a registry version number (of mnist-cnn), an MLflow run
-    id, or any MLflow model URI (``models:/mnist-cnn@champion``, ``models:/mnist-cnn/3``, ``runs:/<id>/model``).
+    ``reference``: a local ``.onnx`` or TorchScript file, a version number of the project's registered model
+    (``export.model_name``), an MLflow run id, or any MLflow model URI (``models:/mnist-cnn@champion``,
+    ``models:/mnist-cnn/3``, ``runs:/<id>/model``); None: the champion (`champion`).
     None of these unpickle Python objects: TorchScript and ONNX are data formats, and the registered model is an
     ONNX file (a torch.export archive in earlier versions). An MLflow model stored with pickle is refused unless
     ``allow_pickle``. ONNX models run in onnxruntime: a local ``.onnx`` file needs neither torch nor MLflow.
     """
+    if reference is None:
+        reference = champion()
     path = Path(reference)
     if path.suffix == ".onnx":
         if not path.is_file():
@@ -144,7 +163,7 @@ def load_model(reference: str, allow_pickle: bool = False) -> Model:
             raise PipelineError(f"model {reference}: no such file")
         return _load_torchscript(path, reference)
     if reference.isdigit():
-        reference = f"models:/mnist-cnn/{reference}"
+        reference = f"models:/{registered_name()}/{reference}"
     elif re.fullmatch(r"[0-9a-f]{32}", reference):
         reference = f"runs:/{reference}/model"
     from mnist_pipeline import registry, store
@@ -209,7 +228,7 @@ def predict(model: Model, labels: list[str], images: np.ndarray, top_k: int) -> 
     ]
 
 
-def main(inputs: list[Path], model_ref: str, as_json: bool, top_k: int, allow_pickle: bool = False) -> int:
+def main(inputs: list[Path], model_ref: str | None, as_json: bool, top_k: int, allow_pickle: bool = False) -> int:
     """Print one line per input; return 0, or 1 when any input could not be read."""
     if not 1 <= top_k <= 10:
         raise PipelineError(f"--top-k {top_k}: expected 1..10")
