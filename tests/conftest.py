@@ -105,6 +105,7 @@ PROJECT_FILES = [
     "mlruns/.gitignore",
     "stages",
     "src",
+    "requirements",
 ]
 TINY = {
     "model": {"conv_channels": [4], "kernel_size": 3, "hidden": 16, "dropout": 0.0},
