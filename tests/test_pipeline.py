@@ -46,6 +46,7 @@ class Baseline:
     first: subprocess.CompletedProcess
     run_id: str
     export_report: dict
+    params: dict  # params.yaml as that run read it (an experiment in the copy changes the file)
 
     def __iter__(self):  # repo, first = pipeline
         return iter((self.repo, self.first))
@@ -57,7 +58,8 @@ def pipeline(tmp_path_factory, http_mirror, mirror_md5) -> Baseline:
     first = run(repo, http_mirror, "dvc", "repro", **SECRETS)
     assert first.returncode == 0, first.stdout + first.stderr
     run_id = json.loads((repo / "models/mlflow_run.json").read_text())["run_id"]
-    return Baseline(repo, first, run_id, json.loads((repo / "reports/export.json").read_text()))
+    export_report = json.loads((repo / "reports/export.json").read_text())
+    return Baseline(repo, first, run_id, export_report, yaml.safe_load((repo / "params.yaml").read_text()))
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +108,7 @@ def test_first_repro_runs_all_four_stages(pipeline):
 def test_one_mlflow_run_with_params_metrics_tags_and_artifacts(pipeline):
     repo, _ = pipeline
     run = client(repo).get_run(pipeline.run_id)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params = pipeline.params
     assert set(run.data.params) == {f"{s}.{k}" for s, section in params.items() for k in section}
     assert run.data.params["train.lr"] == str(params["train"]["lr"])
     history = client(repo).get_metric_history(run.info.run_id, "test_accuracy")
