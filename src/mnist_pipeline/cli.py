@@ -16,20 +16,69 @@ def _ui(args: argparse.Namespace) -> None:
     from mnist_pipeline import store
 
     uri = store.tracking_uri()
+    _warn_if_exposed(
+        args.host, args.port, "the MLflow UI (every run, metric, artifact and model, readable and changeable)"
+    )
     print(f"MLflow UI on http://{args.host}:{args.port} for {uri}", file=sys.stderr)
-    cmd = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "ui",
-        "--backend-store-uri",
-        uri,
-        "--host",
-        args.host,
-        "--port",
-        str(args.port),
-    ]
-    sys.exit(subprocess.call(cmd))
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
+           "--port", str(args.port)]  # fmt: skip
+    sys.exit(run_server(cmd))
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _warn_if_exposed(host: str, port: int, what: str) -> None:
+    """One line when a server is about to listen beyond this machine."""
+    if host not in LOOPBACK and not host.startswith("127."):
+        print(f"warning: --host {host} makes {what} reachable on port {port} from every network this machine is "
+              "on, without a login; keep the default 127.0.0.1 and reach it through an SSH tunnel "
+              f"(ssh -L {port}:127.0.0.1:{port} <this machine>) or a reverse proxy with authentication",
+              file=sys.stderr)  # fmt: skip
+
+
+def run_server(cmd: list[str], env: dict[str, str] | None = None) -> int:
+    """Run a server command in a process group of its own until it ends; return its exit status.
+
+    MLflow's servers start workers and job runners of their own; stopping only the first process would leave them
+    listening. Ctrl-C or SIGTERM sent to this command (run_main turns both into KeyboardInterrupt) is passed on to
+    the whole group, which is waited for, and killed if it has not stopped within ``STOP_GRACE_S``.
+    """
+    import signal
+
+    from mnist_pipeline.errors import interrupts_held
+
+    server = None
+    try:
+        with interrupts_held():  # a signal while the child starts is acted on once there is a group to stop
+            server = subprocess.Popen(cmd, env=env, start_new_session=True)
+        return server.wait()
+    except KeyboardInterrupt:
+        if server is not None:
+            _stop_group(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                pass
+            _stop_group(server.pid, signal.SIGKILL)  # whatever is left of the group, workers included
+            server.wait()
+        raise
+    finally:
+        if server is not None and server.poll() is None:  # an error of our own: leave nothing behind
+            _stop_group(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+STOP_GRACE_S = 10
+
+
+def _stop_group(pgid: int, sig) -> None:
+    import os
+
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def _store(args: argparse.Namespace) -> None:
@@ -66,8 +115,9 @@ def _serve(args: argparse.Namespace) -> None:
     registry.fetch_model(args.model, args.allow_pickle)  # refuses a pickled model before anything listens
     cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", args.model, "--env-manager", "local",
            "--host", args.host, "--port", str(args.port)]  # fmt: skip
+    _warn_if_exposed(args.host, args.port, f"the model {args.model} (anyone can send it requests)")
     print(f"serving {args.model} on http://{args.host}:{args.port}/invocations", file=sys.stderr)
-    sys.exit(subprocess.call(cmd, env=env))
+    sys.exit(run_server(cmd, env))
 
 
 def build_parser() -> argparse.ArgumentParser:
