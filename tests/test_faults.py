@@ -4,6 +4,7 @@ what happened and what to do. (Concurrent experiments and a full disk: test_pipe
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 
 from conftest import free_port, make_repo, ran_stages, run, user_env
@@ -227,3 +229,69 @@ def test_a_flipped_byte_in_the_data_is_caught_before_training_and_repro_restores
     assert healed.returncode == 0, healed.stdout + healed.stderr
     assert "Stage 'download' is cached - skipping run, checking out outputs" in healed.stdout  # from DVC's cache
     assert images.read_bytes() == good
+
+
+# --- kill -9 at the worst moments of the export stage ------------------------------------------------------
+
+
+def repro_killed_at(repo: Path, mirror: str, trigger: str) -> str:
+    """`dvc repro`, killed outright (SIGKILL to every process of it) the moment its output shows ``trigger``."""
+    proc = subprocess.Popen(["dvc", "repro"], cwd=repo, env=user_env(MNIST_MIRROR=mirror), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if trigger in line:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+    proc.stdout.close()
+    proc.wait(timeout=60)
+    output = "".join(seen)
+    assert trigger in output, output
+    return output
+
+
+def test_killed_at_any_moment_of_export_the_next_repro_leaves_the_registry_whole(tmp_path, http_mirror, mirror_md5):
+    """kill -9 of the whole pipeline before, during and right after registering: each following `dvc repro`
+    repairs what the last one left (a RUNNING run, a PENDING logged model, a half-registered version), runs the
+    export stage again (DVC's run cache may not skip it), and in the end the registry, the run and
+    reports/export.json agree."""
+    repo = make_repo(tmp_path, mirror_md5)
+    client = store(repo)
+    moments = [
+        "ONNX parity on",  # checked, nothing logged yet
+        "Created version",  # MLflow has just created the version: no tags, no aliases
+        "registered mnist-cnn version",  # registered with its aliases; reports/export.json not written
+    ]
+    outputs = [repro_killed_at(repo, http_mirror, moment) for moment in moments]
+    gone = "left RUNNING by a process that is gone: ended as KILLED"
+    assert "repaired" not in outputs[1]  # killed before export opened the store: nothing was half-done
+    assert "left half-registered: deleted" in outputs[2] and gone in outputs[2]  # the kill during registration
+
+    final = run(repo, http_mirror, "dvc", "repro")
+    assert final.returncode == 0, final.stdout + final.stderr
+    assert gone in final.stderr and "half-registered" not in final.stderr  # registered whole, then killed
+    assert ran_stages(final) == ["export"] and "is cached - skipping run" not in final.stdout
+    (pipeline_run,) = client.search_runs([client.get_experiment_by_name("mnist-pipeline").experiment_id])
+    assert pipeline_run.info.status == "FINISHED"
+    experiment = pipeline_run.info.experiment_id
+    assert all(m.status != LoggedModelStatus.PENDING for m in client.search_logged_models([experiment]))
+    versions = client.search_model_versions("name='mnist-cnn'")
+    assert versions and all("pipeline.registering" not in v.tags and "promotion" in v.tags for v in versions)
+    report = json.loads((repo / "reports/export.json").read_text())["registered"]
+    candidate = client.get_model_version_by_alias("mnist-cnn", "candidate")
+    assert int(candidate.version) == report["version"] == max(int(v.version) for v in versions)
+    assert candidate.run_id == pipeline_run.info.run_id
+    assert run(repo, http_mirror, "dvc", "status").stdout.strip() == "Data and pipelines are up to date."
+
+    # Back to deps the export stage has run with before: DVC's run cache would bring back that run's report
+    # and skip the registration, leaving `candidate` on the version in between.
+    params_file = repo / "params.yaml"
+    before = params_file.read_text()
+    params_file.write_text(before.replace("promote_min_delta: 0.0", "promote_min_delta: 0.5"))
+    assert ran_stages(run(repo, http_mirror, "dvc", "repro")) == ["export"]
+    params_file.write_text(before)
+    back = run(repo, http_mirror, "dvc", "repro")
+    assert ran_stages(back) == ["export"] and "skipping run" not in back.stdout
+    report = json.loads((repo / "reports/export.json").read_text())["registered"]
+    assert int(client.get_model_version_by_alias("mnist-cnn", "candidate").version) == report["version"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import mlflow
@@ -211,3 +212,46 @@ def test_reproduce_finds_a_run_by_a_unique_prefix_or_its_experiment_name(local_s
         find_run(client, "", local_store)
     with pytest.raises(PipelineError, match=r"no run in .* has an id starting with 'zz' or that name; .*compare"):
         find_run(client, "zz", local_store)
+
+
+def test_a_damaged_local_store_is_named_without_blaming_a_variable_nobody_set(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    (tmp_path / "mlruns").mkdir()
+    (tmp_path / "mlruns" / "mlflow.db").write_bytes(b"SQLite format 3\0" + b"\x07" * 200)  # truncated, garbled
+    try:
+        with pytest.raises(PipelineError) as exc:
+            store.configure(tmp_path)
+    finally:
+        mlflow.set_tracking_uri(None)
+    message = str(exc.value)
+    assert "MLFLOW_TRACKING_URI" not in message and "\n" not in message
+    assert f"the local store {tmp_path}/mlruns/mlflow.db is damaged" in message
+
+
+def test_repair_ends_what_dead_processes_left_and_nothing_else(local_store, tmp_path):
+    from mlflow.entities import LoggedModelStatus
+
+    from mnist_pipeline import names
+    from mnist_pipeline.repair import owner, repair
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(names.EXPERIMENT).experiment_id
+    host = socket.gethostname()
+    runs_ = {
+        "dead": client.create_run(experiment, tags={names.OWNER: f"{host}:{2**22 + 7}:1"}).info.run_id,  # > pid_max
+        "alive": client.create_run(experiment, tags={names.OWNER: owner()}).info.run_id,
+        "elsewhere": client.create_run(experiment, tags={names.OWNER: "another-host:1:1"}).info.run_id,
+    }
+    pending = client.create_logged_model(experiment, source_run_id=runs_["dead"]).model_id
+    with runs.start_run({}, {}):
+        uri = log_onnx(build(ModelConfig((4,), 3, 16, 0.0, False)).eval(), tmp_path)
+        whole = registry.register(uri, "m", 0.9)
+        half = int(mlflow.register_model(uri, "m", tags={names.REGISTERING: "1"}).version)  # as if killed here
+    done = repair(client, experiment)
+    assert len(done) == 3
+    status = {name: client.get_run(run_id).info.status for name, run_id in runs_.items()}
+    assert status == {"dead": "KILLED", "alive": "RUNNING", "elsewhere": "RUNNING"}
+    assert client.get_logged_model(pending).status == LoggedModelStatus.FAILED
+    assert [int(v.version) for v in client.search_model_versions("name='m'")] == [whole.version] != [half]
+    assert repair(client, experiment) == []  # nothing left to do

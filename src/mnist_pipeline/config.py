@@ -96,6 +96,10 @@ class Section:
 _MD5 = re.compile(r"^[0-9a-f]{32}$")
 DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("adam", "adamw", "sgd")
+# Bounds of what can work on MNIST: a batch is at most the training set (60,000 digits); a run of more epochs
+# than this is a typo (the accuracy preset needs 10).
+MAX_BATCH = 60_000
+MAX_EPOCHS = 1_000
 LR_SCHEDULES = ("constant", "onecycle")
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -162,11 +166,12 @@ class TrainConfig(Section):
     def __post_init__(self):
         _check(0 <= self.seed < 2**32, "train.seed", self.seed, "an integer in 0..2**32-1")
         _check(self.device in DEVICES, "train.device", self.device, _allowed(DEVICES))
-        _check(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
-        _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
+        _check(1 <= self.epochs <= MAX_EPOCHS, "train.epochs", self.epochs, f"an integer in 1..{MAX_EPOCHS}")
+        _check(1 <= self.batch_size <= MAX_BATCH, "train.batch_size", self.batch_size,
+               f"an integer in 1..{MAX_BATCH} (the training set's size)")  # fmt: skip
         _check(self.optimizer in OPTIMIZERS, "train.optimizer", self.optimizer, _allowed(OPTIMIZERS))
         _check(0.0 < self.lr <= 10.0, "train.lr", self.lr, "a number in (0, 10]")
-        _check(self.weight_decay >= 0.0, "train.weight_decay", self.weight_decay, "a number >= 0")
+        _check(0.0 <= self.weight_decay <= 1.0, "train.weight_decay", self.weight_decay, "a number in [0, 1]")
         _check(self.lr_schedule in LR_SCHEDULES, "train.lr_schedule", self.lr_schedule, _allowed(LR_SCHEDULES))
         _check(0.0 <= self.label_smoothing < 1.0, "train.label_smoothing", self.label_smoothing, "a number in [0, 1)")
         _check(0 <= self.augment_shift <= 8, "train.augment_shift", self.augment_shift, "an integer in 0..8")

@@ -16,6 +16,10 @@ GIT_COMMIT = "git_commit"
 DATA_MD5 = "data_md5"
 DVC_EXP_NAME = "dvc_exp_name"
 RERUN = "rerun."  # prefix: a param a stage rerun alone changed after training logged it
+OWNER = "pipeline.owner"  # the process that has the run open: host:pid:start (see `repair`)
+
+# Registered model version tags.
+REGISTERING = "pipeline.registering"  # present while a version is being registered (see `repair`)
 
 # Registered model aliases.
 ALIAS_CANDIDATE = "candidate"  # the newest version

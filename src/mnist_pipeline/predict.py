@@ -15,6 +15,7 @@ import gzip
 import json
 import re
 import sys
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,13 +63,56 @@ def _normalise_size(image: np.ndarray) -> np.ndarray:
     return frame
 
 
-def _idx_images(raw: bytes, name: str) -> np.ndarray:
-    if len(raw) < 16 or raw[:4] != b"\x00\x00\x08\x03":
+MAX_PIXELS = 25_000_000  # an image larger than 5000x5000 is no handwritten digit; decoding it could take GBs
+CHUNK = 1000  # images read, checked and predicted at a time: memory stays flat however large the input
+
+
+def _idx_images(stream, name: str) -> Iterator[np.ndarray]:
+    """The images of an IDX file, CHUNK at a time, from a binary stream (a gzip stream inflates as it is read)."""
+    header = stream.read(16)
+    if len(header) < 16 or header[:4] != b"\x00\x00\x08\x03":
         raise PipelineError(f"{name}: not an IDX file of images (expected magic 0x00000803)")
-    n, h, w = (int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(3))
-    if len(raw) != 16 + n * h * w:
-        raise PipelineError(f"{name}: IDX header says {n}x{h}x{w} but the file holds {len(raw) - 16} bytes of data")
-    return np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(n, h, w)
+    n, h, w = (int.from_bytes(header[4 + 4 * i : 8 + 4 * i], "big") for i in range(3))
+    if h * w > MAX_PIXELS or h * w == 0:
+        raise PipelineError(f"{name}: IDX header says images of {h}x{w} pixels; refused")
+    for start in range(0, n, CHUNK):
+        count = min(CHUNK, n - start)
+        data = stream.read(count * h * w)
+        if len(data) != count * h * w:
+            raise PipelineError(f"{name}: IDX header says {n}x{h}x{w} but the data ends after image {start}")
+        yield from np.frombuffer(data, dtype=np.uint8).reshape(count, h, w)
+    if stream.read(1):
+        raise PipelineError(f"{name}: IDX header says {n}x{h}x{w} but the file holds more data")
+
+
+def _npy_images(path: Path, name: str) -> Iterator[tuple[str, np.ndarray]]:
+    """The images of a .npy array, memory-mapped and checked CHUNK at a time; never unpickled."""
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise PipelineError(f"{name}: not a readable .npy array ({exc})") from None
+    if array.dtype.kind not in "biuf":
+        raise PipelineError(f"{name}: expected numbers, got an array of {array.dtype}")
+    array = array.reshape(array.shape[:1] + array.shape[2:]) if array.ndim == 4 and array.shape[1] == 1 else array
+    if array.ndim not in (2, 3):
+        raise PipelineError(f"{name}: expected an array of shape (H, W) or (N, H, W), got {array.shape}")
+    images = array[None] if array.ndim == 2 else array
+    if images.shape[1] * images.shape[2] > MAX_PIXELS:
+        raise PipelineError(f"{name}: images of {images.shape[1]}x{images.shape[2]} pixels; refused")
+    scale = 1.0
+    if array.dtype.kind == "f":  # floats: [0, 1] or 0-255, decided over the whole array; nothing may be NaN or inf
+        peak = 0.0
+        for start in range(0, len(images), CHUNK):
+            chunk = images[start : start + CHUNK]
+            finite = np.isfinite(chunk).reshape(len(chunk), -1).all(axis=1)
+            if not finite.all():
+                first = start + int(np.argmin(finite))
+                where = f"{name}[{first}]" if array.ndim == 3 else name
+                raise PipelineError(f"{where}: holds NaN or infinite values; refused (nothing of {name} is predicted)")
+            peak = max(peak, float(chunk.max()))
+        scale = 255.0 if peak <= 1.0 else 1.0
+    for i in range(len(images)):
+        yield (name if array.ndim == 2 else f"{name}[{i}]"), np.asarray(images[i], dtype=np.float32) * scale
 
 
 def read_inputs(path: Path) -> Iterator[tuple[str, np.ndarray]]:
@@ -80,43 +124,46 @@ def read_inputs(path: Path) -> Iterator[tuple[str, np.ndarray]]:
         raise PipelineError(f"{name}: the file is empty")
     suffix = path.suffix.lower()
     if suffix == ".npy":
-        try:
-            array = np.load(path, allow_pickle=False)  # never unpickle a file given on the command line
-        except (ValueError, OSError) as exc:
-            raise PipelineError(f"{name}: not a readable .npy array ({exc})") from None
-        if array.dtype.kind == "f" and array.max() <= 1.0:
-            array = array * 255.0
-        array = array.squeeze() if array.ndim == 4 else array
-        if array.ndim == 2:
-            yield name, array
-        elif array.ndim == 3:
-            yield from ((f"{name}[{i}]", a) for i, a in enumerate(array))
-        else:
-            raise PipelineError(f"{name}: expected an array of shape (H, W) or (N, H, W), got {array.shape}")
+        yield from _npy_images(path, name)
         return
     with path.open("rb") as f:
         head = f.read(4)
     if head[:2] == b"\x1f\x8b" or head == b"\x00\x00\x08\x03" or re.search(r"idx\d", path.name):
-        raw = path.read_bytes()
-        if raw[:2] == b"\x1f\x8b":
-            try:
-                raw = gzip.decompress(raw)
-            except (OSError, EOFError) as exc:
-                raise PipelineError(f"{name}: not a complete gzip file ({exc})") from None
-        yield from ((f"{name}[{i}]", a) for i, a in enumerate(_idx_images(raw, name)))
+        opener = gzip.open if head[:2] == b"\x1f\x8b" else open
+        try:
+            with opener(path, "rb") as stream:
+                yield from ((f"{name}[{i}]", a) for i, a in enumerate(_idx_images(stream, name)))
+        except (OSError, EOFError, zlib.error) as exc:
+            raise PipelineError(f"{name}: not a complete gzip file ({exc})") from None
         return
     from PIL import Image, UnidentifiedImageError
 
+    Image.MAX_IMAGE_PIXELS = None  # PIL's own guard raises past 179 M pixels; the lower limit below is checked first
     try:
-        with Image.open(path) as image:
-            if image.mode in ("RGBA", "LA") or "transparency" in image.info:
-                # transparent strokes on nothing: composite on white first
-                background = Image.new("RGBA", image.size, "white")
-                image = Image.alpha_composite(background, image.convert("RGBA"))
-            yield name, np.asarray(image.convert("L"))
+        with Image.open(path) as image:  # reads the header only: the size is known before anything is decoded
+            if image.width * image.height > MAX_PIXELS:
+                raise PipelineError(f"{name}: an image of {image.width}x{image.height} pixels; refused "
+                                    f"(at most {MAX_PIXELS:,})")  # fmt: skip
+            yield name, _greyscale(image)
     except (UnidentifiedImageError, OSError) as exc:
         kind = "image" if suffix in IMAGE_SUFFIXES else "image, .npy or IDX file"
         raise PipelineError(f"{name}: not a readable {kind} ({exc})") from None
+
+
+def _greyscale(image) -> np.ndarray:
+    """0-255 greyscale. Transparency: the strokes are the opaque pixels, put on a background they stand out from
+    (white strokes on a transparent background must not vanish on white)."""
+    from PIL import Image
+
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        alpha = np.asarray(rgba.getchannel("A"), dtype=np.float32)
+        grey = np.asarray(rgba.convert("L"), dtype=np.float32)
+        opaque = alpha > 127
+        strokes_light = bool(opaque.any()) and grey[opaque].mean() > 127
+        background = Image.new("RGBA", image.size, "black" if strokes_light else "white")
+        return np.asarray(Image.alpha_composite(background, rgba).convert("L"))
+    return np.asarray(image.convert("L"))
 
 
 Model = Callable[[np.ndarray], np.ndarray]  # (N, 1, 28, 28) float32 pixels -> (N, 10) logits
@@ -232,16 +279,26 @@ def main(inputs: list[Path], model_ref: str | None, as_json: bool, top_k: int, a
     """Print one line per input; return 0, or 1 when any input could not be read."""
     if not 1 <= top_k <= 10:
         raise PipelineError(f"--top-k {top_k}: expected 1..10")
-    labels, images, failed = [], [], 0
+    labels, images, failed, model = [], [], 0, None
+
+    def flush() -> None:  # predict and print what has been read so far
+        nonlocal model
+        if labels:
+            model = model or load_model(model_ref, allow_pickle)
+            for prediction in predict(model, labels, np.stack(images), top_k):
+                print(prediction.json() if as_json else prediction.line(top_k > 1), flush=True)
+            labels.clear()
+            images.clear()
+
     for path in inputs:
         try:
             for label, image in read_inputs(path):
                 images.append(preprocess(image, label))
                 labels.append(label)
+                if len(labels) == CHUNK:
+                    flush()
         except PipelineError as exc:
             print(f"error: {exc}", file=sys.stderr)
             failed += 1
-    model = load_model(model_ref, allow_pickle) if labels else None
-    for prediction in predict(model, labels, np.stack(images) if images else np.empty((0, 28, 28)), top_k):
-        print(prediction.json() if as_json else prediction.line(top_k > 1))
+    flush()
     return 1 if failed else 0

@@ -163,7 +163,8 @@ def _register(client: MlflowClient, model_uri: str, name: str, test_accuracy: fl
               log: TextIO) -> Registration:  # fmt: skip
     champion = _champion_accuracy(client, name)  # before registering: the new version must not compete with itself
     run = mlflow.active_run()
-    version = int(mlflow.register_model(model_uri, name).version)
+    # Marked until it has all its tags: a registration that dies half-way leaves a version `repair` recognises.
+    version = int(mlflow.register_model(model_uri, name, tags={names.REGISTERING: "1"}).version)
     try:
         promote, reason = promotion(test_accuracy, champion, min_delta)
         tags = {
@@ -180,6 +181,7 @@ def _register(client: MlflowClient, model_uri: str, name: str, test_accuracy: fl
             str(version),
             description=f"MNIST CNN, test accuracy {100 * test_accuracy:.2f}%, run {run.info.run_id}",
         )
+        client.delete_model_version_tag(name, str(version), names.REGISTERING)  # complete: now it may get aliases
         client.set_registered_model_alias(name, names.ALIAS_CANDIDATE, str(version))
         aliases = [names.ALIAS_CANDIDATE]
         if promote:

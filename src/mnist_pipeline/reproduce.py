@@ -98,6 +98,9 @@ def reproduce(run_id: str, root: Path, log=sys.stderr) -> Reproduction:
             "(never committed, or rebased away); fetch that commit, or rerun its params on the current code with "
             "`dvc exp run -S ...`"
         )
+    if original.info.status != "FINISHED":
+        print(f"note: run {run_id} never finished (status {original.info.status}): reproducing what it had done",
+              file=log)  # fmt: skip
     if METRICS[0] not in original.data.metrics:
         raise PipelineError(f"run {run_id} never finished its evaluate stage: there is no result to reproduce")
 

@@ -34,7 +34,10 @@ def begin_run(params: Mapping[str, Any], tags: Mapping[str, str], run_id: str | 
             f"MLflow run {run_id} is not in the store {mlflow.get_tracking_uri()}; "
             "was MLFLOW_TRACKING_URI changed? Rerun the whole pipeline with `dvc repro -f train`"
         )
+    from mnist_pipeline.repair import owner
+
     run = mlflow.start_run(tags=dict(tags)) if run_id is None else mlflow.start_run(run_id=run_id)
+    mlflow.set_tag(names.OWNER, owner())  # whoever has it open now: if this process dies, `repair` ends the run
     if run_id is None:
         mlflow.log_params(dict(params))
     return run.info.run_id

@@ -21,6 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from mnist_pipeline import names
 from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.repair import repair
 
 STORE_DIR = "mlruns"
 
@@ -45,7 +46,8 @@ def warm_up(root: Path | None = None) -> None:
 def configure(root: Path | None = None) -> str:
     """Point MLflow at the store (see the module docstring), make sure the experiment exists, return the URI."""
     uri = tracking_uri(root)
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
+    chosen = bool(os.environ.get("MLFLOW_TRACKING_URI"))  # before MLflow sets it for the processes it starts
+    if not chosen:
         # The embedded store; MLflow keeps the artifacts beside the database, in mlruns/<experiment id>/.
         (project_root(root) / STORE_DIR).mkdir(exist_ok=True)
     _check_sqlite_path(uri)
@@ -59,14 +61,22 @@ def configure(root: Path | None = None) -> str:
             client = MlflowClient()  # the first client of a new SQLite store creates its schema
             if client.get_experiment_by_name(names.EXPERIMENT) is None:
                 client.create_experiment(names.EXPERIMENT)
-            mlflow.set_experiment(names.EXPERIMENT)
+            experiment = mlflow.set_experiment(names.EXPERIMENT)
+            repair(client, experiment.experiment_id)  # what killed processes left half-done
     except Exception as exc:  # connection refused, unreadable database, ...
         first_line = (str(exc).splitlines() or [""])[0][:200]
-        raise PipelineError(
-            f"cannot use the MLflow store {uri} ({type(exc).__name__}: {first_line}); "
-            "check MLFLOW_TRACKING_URI, or unset it to use the local store in mlruns/"
-        ) from None
+        problem = f"{type(exc).__name__}: {first_line}"
+        raise PipelineError(f"cannot use the MLflow store {uri} ({problem}); {_hint(uri, chosen)}") from None
     return uri
+
+
+def _hint(uri: str, chosen: bool) -> str:
+    """What to do about a store that cannot be used: the variable that ``chose`` it, or the local file itself."""
+    if chosen:
+        return "check MLFLOW_TRACKING_URI, or unset it to use the local store in mlruns/"
+    path = uri.removeprefix("sqlite:///")
+    return (f"the local store {path} is damaged or not an MLflow database: restore it from a backup, or move it "
+            "aside to start a new one (its runs are then no longer listed)")  # fmt: skip
 
 
 @contextmanager
@@ -105,7 +115,9 @@ def _check_sqlite_path(uri: str) -> None:
         problem = "cannot be created (its folder is missing or not writable)"
     else:
         return
-    raise PipelineError(f"MLflow store {uri}: {path} {problem}; check MLFLOW_TRACKING_URI")
+    raise PipelineError(f"MLflow store {uri}: {path} {problem}; "
+                        + ("check MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else
+                           "the local store lives in mlruns/ under the project root"))  # fmt: skip
 
 
 # MLflow retries an unanswered HTTP request 7 times with a doubling back-off: minutes before an error. A pipeline

@@ -149,6 +149,10 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per
     return None
 
 
+class TrainingDiverged(PipelineError):
+    """The loss became NaN or infinite: the training is stopped and its saved state is worthless."""
+
+
 @dataclass(frozen=True)
 class EpochMetrics:
     epoch: int
@@ -201,6 +205,9 @@ def train(
         torch.backends.cudnn.benchmark = True
     net = distributed.wrap(model, device, cluster)
     optimizer = make_optimizer(model, cfg)
+    if cfg.batch_size > len(train_data):
+        raise PipelineError(f"train.batch_size {cfg.batch_size} is larger than the training set "
+                            f"({len(train_data)} digits); expected at most that")  # fmt: skip
     steps_per_epoch = -(-len(train_data) // cfg.batch_size)
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)  # batch order and shifts: alike on all ranks
@@ -234,6 +241,12 @@ def train(
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
+            if not torch.isfinite(batch_loss):  # stop at once: every later step would be as meaningless
+                raise TrainingDiverged(
+                    f"training diverged: the loss is {batch_loss.item()} at epoch {epoch}, batch {step}/"
+                    f"{steps_per_epoch} (train.lr {cfg.lr:g}, train.optimizer {cfg.optimizer}, train.weight_decay "
+                    f"{cfg.weight_decay:g}, train.precision {cfg.precision}); lower train.lr first. Nothing was saved"
+                )
             loss_sum += batch_loss.detach()
             seen += len(batch)
             if step % cfg.log_every == 0 and log is not None:

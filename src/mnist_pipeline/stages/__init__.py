@@ -30,7 +30,17 @@ def main(stage: ModuleType) -> None:
         parser.add_argument(flag, dest=field.name, type=Path, required=True, help=field.metadata.get("help"))
     args = vars(parser.parse_args())
     params_file = args.pop("params")
-    run_main(lambda: stage.run(config.load(params_file), paths(**args)))
+    run_main(lambda: stage.run(_load(params_file), paths(**args)))
+
+
+def _load(params_file: Path) -> config.Params:
+    try:
+        return config.load(params_file)
+    except config.ConfigError as exc:  # under `dvc repro`, DVC has already moved the stage's outputs aside
+        raise config.ConfigError(
+            f"{exc}; nothing was written (`dvc checkout` brings back the outputs of the last "
+            "run, which DVC removes before a stage starts)"
+        ) from None
 
 
 def path(help: str | None = None) -> Any:

@@ -87,6 +87,9 @@ def _train(params: config.Params, paths: Paths, tracking: tracker.Tracker | None
             try:
                 result = training.train(model_cfg, train_cfg, train_data, test_data, device, on_epoch=log_epoch,
                                         cluster=cluster, resume=resume, on_checkpoint=checkpoint)  # fmt: skip
+            except training.TrainingDiverged:
+                paths.resume_state.unlink(missing_ok=True)  # the epochs before led here: resuming would diverge again
+                raise
             except KeyboardInterrupt:
                 if paths.resume_state.exists():
                     print(
