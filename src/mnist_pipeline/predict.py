@@ -86,33 +86,47 @@ def _idx_images(stream, name: str) -> Iterator[np.ndarray]:
 
 
 def _npy_images(path: Path, name: str) -> Iterator[tuple[str, np.ndarray]]:
-    """The images of a .npy array, memory-mapped and checked CHUNK at a time; never unpickled."""
+    """The images of a .npy array, read CHUNK at a time (never the whole array at once) and never unpickled."""
     try:
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
+        with path.open("rb") as f:
+            version = np.lib.format.read_magic(f)
+            header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = header(f)
+            offset = f.tell()
     except (ValueError, OSError) as exc:
         raise PipelineError(f"{name}: not a readable .npy array ({exc})") from None
-    if array.dtype.kind not in "biuf":
-        raise PipelineError(f"{name}: expected numbers, got an array of {array.dtype}")
-    array = array.reshape(array.shape[:1] + array.shape[2:]) if array.ndim == 4 and array.shape[1] == 1 else array
-    if array.ndim not in (2, 3):
-        raise PipelineError(f"{name}: expected an array of shape (H, W) or (N, H, W), got {array.shape}")
-    images = array[None] if array.ndim == 2 else array
-    if images.shape[1] * images.shape[2] > MAX_PIXELS:
-        raise PipelineError(f"{name}: images of {images.shape[1]}x{images.shape[2]} pixels; refused")
+    if dtype.hasobject or dtype.kind not in "biuf":
+        raise PipelineError(f"{name}: not a readable .npy array (expected numbers, got {dtype})")
+    if len(shape) == 4 and shape[1] == 1:
+        shape = shape[:1] + shape[2:]
+    if len(shape) not in (2, 3) or fortran:
+        raise PipelineError(f"{name}: expected an array of shape (H, W) or (N, H, W), got {shape}")
+    (n, h, w), single = ((1, *shape), True) if len(shape) == 2 else (shape, False)
+    if h * w > MAX_PIXELS:
+        raise PipelineError(f"{name}: images of {h}x{w} pixels; refused")
+    if path.stat().st_size < offset + n * h * w * dtype.itemsize:
+        raise PipelineError(f"{name}: the file is shorter than its header's {shape} {dtype} says")
+
+    def chunks() -> Iterator[tuple[int, np.ndarray]]:
+        with path.open("rb") as f:
+            f.seek(offset)
+            for start in range(0, n, CHUNK):
+                count = min(CHUNK, n - start)
+                yield start, np.fromfile(f, dtype=dtype, count=count * h * w).reshape(count, h, w)
+
     scale = 1.0
-    if array.dtype.kind == "f":  # floats: [0, 1] or 0-255, decided over the whole array; nothing may be NaN or inf
+    if dtype.kind == "f":  # floats: [0, 1] or 0-255, decided over the whole array; nothing may be NaN or inf
         peak = 0.0
-        for start in range(0, len(images), CHUNK):
-            chunk = images[start : start + CHUNK]
+        for start, chunk in chunks():
             finite = np.isfinite(chunk).reshape(len(chunk), -1).all(axis=1)
             if not finite.all():
-                first = start + int(np.argmin(finite))
-                where = f"{name}[{first}]" if array.ndim == 3 else name
+                where = name if single else f"{name}[{start + int(np.argmin(finite))}]"
                 raise PipelineError(f"{where}: holds NaN or infinite values; refused (nothing of {name} is predicted)")
             peak = max(peak, float(chunk.max()))
         scale = 255.0 if peak <= 1.0 else 1.0
-    for i in range(len(images)):
-        yield (name if array.ndim == 2 else f"{name}[{i}]"), np.asarray(images[i], dtype=np.float32) * scale
+    for start, chunk in chunks():
+        for i, image in enumerate(chunk.astype(np.float32) * scale, start):
+            yield (name if single else f"{name}[{i}]"), image
 
 
 def read_inputs(path: Path) -> Iterator[tuple[str, np.ndarray]]:
