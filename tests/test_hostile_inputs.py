@@ -21,11 +21,11 @@ from mnist_pipeline.config import ModelConfig, TrainConfig
 from mnist_pipeline.errors import PipelineError
 from test_predict import digit
 
-BOMB_BYTES = 400 * 2**20  # what the bomb below inflates to
+BOMB_BYTES = 128 * 2**20  # what the bomb below inflates to
 
 
 def gzip_bomb(size: int = BOMB_BYTES, head: bytes = b"") -> bytes:
-    """A small .gz (about 400 KB) that inflates to ``size`` bytes: ``head``, then zeros."""
+    """A small .gz (about 1/1000 of ``size``) that inflates to ``size`` bytes: ``head``, then zeros."""
     packer = zlib.compressobj(9, zlib.DEFLATED, 31)
     chunk = bytes(2**20)
     parts = [packer.compress(head)]
@@ -48,18 +48,20 @@ def test_a_decompression_bomb_is_refused_without_inflating_it(bomb):
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert len(bomb) < 2**20 and peak < 32 * 2**20  # what it held: the expected size and change, not 400 MB
+    assert len(bomb) < 2**20 and peak < 32 * 2**20  # what it held: the expected size and change, not 128 MB
 
 
-def test_the_download_stage_skips_a_mirror_serving_a_bomb_and_takes_the_next(tmp_path, bomb, mirror_dir, mirror_md5):
+def test_the_download_stage_skips_a_mirror_serving_a_bomb_and_takes_the_next(tmp_path, bomb, mirror_dir, mirror_md5,
+                                                                             monkeypatch):  # fmt: skip
+    monkeypatch.setattr(data, "MAX_IDX_BYTES", 64 * 2**20)  # the limit for a data set of one's own (256 MiB)
     hostile = tmp_path / "hostile"
     hostile.mkdir()
     for name in data.FILE_NAMES:
         (hostile / f"{name}.gz").write_bytes(bomb)
-    files = data.expected_files("mnist", mirror_md5)  # the synthetic set's checksums: at most 256 MiB a file
+    files = data.expected_files("mnist", mirror_md5)  # the synthetic set's checksums: at most MAX_IDX_BYTES a file
     data.download(tmp_path / "raw", files, mirror_list=[str(hostile), str(mirror_dir)])
     assert data.verify_folder(tmp_path / "raw")
-    with pytest.raises(PipelineError, match=r"inflates to more than 268,435,456 bytes, more than the file can be"):
+    with pytest.raises(PipelineError, match=r"inflates to more than 67,108,864 bytes, more than the file can be"):
         data.download(tmp_path / "raw2", files, mirror_list=[str(hostile)])
     assert not (tmp_path / "raw2" / data.FILE_NAMES[0]).exists()
 
