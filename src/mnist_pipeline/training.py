@@ -241,14 +241,14 @@ def train(
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
-            if not torch.isfinite(batch_loss):  # stop at once: every later step would be as meaningless
-                raise TrainingDiverged(
-                    f"training diverged: the loss is {batch_loss.item()} at epoch {epoch}, batch {step}/"
-                    f"{steps_per_epoch} (train.lr {cfg.lr:g}, train.optimizer {cfg.optimizer}, train.weight_decay "
-                    f"{cfg.weight_decay:g}, train.precision {cfg.precision}); lower train.lr first. Nothing was saved"
-                )
             loss_sum += batch_loss.detach()
             seen += len(batch)
+            # A non-finite loss stays in the sum, so checking the sum is enough. One process on the CPU checks every
+            # step (it costs nothing); on a GPU a check waits for the GPU, and across ranks all must agree, so there
+            # it happens with the progress line and at the end of the epoch: at most log_every steps later.
+            if (not cluster.distributed and device.type != "cuda") or step % cfg.log_every == 0 or \
+                    step == steps_per_epoch:  # fmt: skip
+                _stop_if_diverged(loss_sum, cfg, epoch, step, steps_per_epoch, cluster)
             if step % cfg.log_every == 0 and log is not None:
                 _say(log, f"epoch {epoch}/{cfg.epochs}  batch {step}/{steps_per_epoch}  "
                           f"[{seen}/{len(train_data)}]  loss {loss.item():.4f}")  # fmt: skip
@@ -269,6 +269,18 @@ def train(
     seconds = time.perf_counter() - start
     rank_seconds = distributed.gather_floats(seconds, cluster, device)
     return TrainResult(model, history, device, seconds, rank_seconds, distributed.weight_spread(model, cluster))
+
+
+def _stop_if_diverged(loss_sum: torch.Tensor, cfg: TrainConfig, epoch: int, step: int, steps: int,
+                      cluster: Cluster) -> None:  # fmt: skip
+    """Raise TrainingDiverged, on every rank at once, when any rank's loss is no longer finite."""
+    bad = (~torch.isfinite(loss_sum)).to(torch.float32).reshape(1)
+    if distributed.sum_over_ranks(bad, cluster).item() > 0:
+        raise TrainingDiverged(
+            f"training diverged: the loss is {loss_sum.item()} at epoch {epoch}, batch {step}/{steps} (train.lr "
+            f"{cfg.lr:g}, train.optimizer {cfg.optimizer}, train.weight_decay {cfg.weight_decay:g}, train.precision "
+            f"{cfg.precision}); lower train.lr first. Nothing was saved"
+        )
 
 
 def _say(log: TextIO | None, line: str) -> None:
