@@ -164,3 +164,14 @@ def test_the_default_model_is_the_champion_of_the_name_params_yaml_gives(tmp_pat
     (tmp_path / "params.yaml").unlink()
     with pytest.raises(PipelineError, match="no params.yaml in .*: run this in the project, or name a model"):
         predict.champion()
+
+
+def test_a_reader_that_stops_early_gets_no_traceback(files, torchscript_model):
+    """`mnist-pipeline predict ... | head -1`: the pipe closes while predictions are still printed."""
+    cmd = [sys.executable, "-m", "mnist_pipeline.cli", "predict", "--model", str(torchscript_model),
+           *[str(files / "batch.npy")] * 3000]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().startswith(str(files / "batch.npy"))
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141 and err == ""

@@ -49,6 +49,10 @@ def run_main(main) -> None:
     except PipelineError as exc:
         print(f"error: {' '.join(str(exc).splitlines())}", file=sys.stderr)  # one line, whatever it quotes
         sys.exit(1)
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as Unix tools do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # nothing left to flush into the closed pipe at exit
+        sys.exit(128 + signal.SIGPIPE)
     except KeyboardInterrupt as exc:
         name = exc.args[0] if exc.args else "SIGINT"
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank is interrupted; one says so
