@@ -106,6 +106,7 @@ PROJECT_FILES = [
     "stages",
     "src",
     "requirements",
+    "plots",
 ]
 TINY = {
     "model": {"conv_channels": [4], "kernel_size": 3, "hidden": 16, "dropout": 0.0},

@@ -100,6 +100,7 @@ FIELDS: dict[str, dict[str, tuple[st.SearchStrategy, st.SearchStrategy]]] = {
     "evaluate": {
         "batch_size": (st.integers(1, 10_000), int_outside(1, None)),
         "examples": (st.integers(1, 100), int_outside(1, 100)),
+        "mistakes": (st.integers(0, 100), int_outside(0, 100)),
     },
     "export": {
         "model_name": (

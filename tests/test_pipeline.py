@@ -99,7 +99,7 @@ SECRETS = {
 def test_first_repro_runs_all_four_stages(pipeline):
     repo, first = pipeline
     assert ran_stages(first) == ["download", "train", "evaluate", "export"]
-    assert "epoch 2/2: train loss" in first.stderr  # progress and per-epoch test metrics
+    assert "epoch 2/2 done: train loss (epoch mean)" in first.stderr  # progress and per-epoch test metrics
     assert "Traceback" not in first.stderr
     # A clean run prints no library warnings, nor MLflow's notices about creating its database.
     assert not [line for line in first.stderr.splitlines() if "Warning" in line or " INFO " in line]

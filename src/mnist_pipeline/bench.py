@@ -133,17 +133,31 @@ def summarise(history: list[dict]) -> dict:
     return {"test_accuracy": history[-1]["test_accuracy"], "train_s": history[-1]["seconds"], "to_99_s": reached}
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="mnist-pipeline bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=1, help="run each contender with seeds 0..N-1 (0: none)")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mnist-pipeline bench",
+        description=__doc__.split("\n\n")[0] + " With --loop, the everyday loop against the import floor first.",
+        epilog="examples:\n"
+        "  MNIST_MIRROR=/path/to/mnist mnist-pipeline bench --seeds 3\n"
+        "  MNIST_MIRROR=/path/to/mnist mnist-pipeline bench --loop --seeds 0   # the loop alone\n"
+        "  mnist-pipeline bench --only pipeline -S train.epochs=3",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="run each contender with seeds 0..N-1 (0: none; default: %(default)s)")  # fmt: skip
     parser.add_argument("--loop", action="store_true",
                         help="first measure the everyday loop in this project (rerun, predict, compare, load) "
                              "against the import floor; adds three runs to the store")  # fmt: skip
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="the pipeline's params")
-    parser.add_argument("--only", choices=["baseline", "pipeline"], help="run one contender only")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"),
+                        help="the pipeline's params (default: %(default)s)")  # fmt: skip
+    parser.add_argument("--only", choices=["baseline", "pipeline"], help="run one contender only (default: both)")
     parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a param, as `dvc exp run -S` does (e.g. -S train.epochs=3)")  # fmt: skip
-    args = parser.parse_args(argv)
+                        help="override a param as `dvc exp run -S` does (-S train.epochs=3); repeatable")  # fmt: skip
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
 
     if args.loop:
         from mnist_pipeline import bench_loop

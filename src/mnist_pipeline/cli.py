@@ -1,10 +1,11 @@
-"""The ``mnist-pipeline`` command."""
+"""The ``mnist-pipeline`` command: what users run besides `dvc repro`."""
 
 from __future__ import annotations
 
 import argparse
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 from mnist_pipeline.errors import run_main
@@ -120,49 +121,109 @@ def _serve(args: argparse.Namespace) -> None:
     sys.exit(run_server(cmd, env))
 
 
+DESCRIPTION = """\
+Use the MNIST pipeline's results: predict digits with a registered or exported model, compare the runs in MLflow,
+reproduce a past run, open the MLflow UI, serve a model over REST, and benchmark the training. The pipeline itself
+runs with `dvc repro` (download -> train -> evaluate -> export)."""
+
+PREDICT_EXAMPLES = """\
+examples:
+  mnist-pipeline predict digit.png                             # the champion: models:/mnist-cnn@champion
+  mnist-pipeline predict a.png b.png --top-k 3 --json          # the 3 likeliest digits, one JSON line per image
+  mnist-pipeline predict data/raw/t10k-images-idx3-ubyte | head  # an IDX file, streamed
+  mnist-pipeline predict digit.png --model models/model.onnx   # a local file: no MLflow, no torch"""
+
+COMPARE_EXAMPLES = """\
+examples:
+  mnist-pipeline compare                         # every run, best test accuracy first
+  mnist-pipeline compare --last 5 --sort train_seconds
+  mnist-pipeline compare --markdown > runs.md    # for a pull request; --csv for a spreadsheet"""
+
+REPRODUCE_EXAMPLES = """\
+examples:
+  mnist-pipeline reproduce b589388b              # a run id prefix, as `compare` prints it
+  mnist-pipeline reproduce lower-lr              # a DVC experiment name"""
+
+
+HELP_WIDTH = 88  # descriptions are wrapped here; the examples of an epilog are kept as written
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mnist-pipeline", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    ui = commands.add_parser("ui", help="open the MLflow UI on the project's store (bound to 127.0.0.1)")
-    ui.add_argument("--host", default="127.0.0.1")
-    ui.add_argument("--port", type=int, default=5000)
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="mnist-pipeline", description=textwrap.fill(DESCRIPTION, HELP_WIDTH),
+                                     formatter_class=raw)  # fmt: skip
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, summary: str, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=summary, description=textwrap.fill(description, HELP_WIDTH),
+                                   epilog=epilog, formatter_class=raw)  # fmt: skip
+
+    def host_and_port(sub: argparse.ArgumentParser, port: int) -> None:
+        sub.add_argument("--host", default="127.0.0.1",
+                         help="address to listen on (default: %(default)s, this machine only)")  # fmt: skip
+        sub.add_argument("--port", type=int, default=port, help="port to listen on (default: %(default)s)")
+
+    ui = command("ui", "open the MLflow UI on the project's store (bound to 127.0.0.1)",
+                 "Start the MLflow UI on the store the pipeline logs to (the same one `dvc repro` and `compare` use), "
+                 "to compare runs, metrics, figures and registered models in a browser. Ctrl-C stops it.")  # fmt: skip
+    host_and_port(ui, 5000)
     ui.set_defaults(func=_ui)
-    predict = commands.add_parser("predict", help="predict the digit in images, .npy arrays or IDX files")
+
+    predict = command("predict", "predict the digit in images, .npy arrays or IDX files",
+                      "Print the predicted digit and its probability for each input: images of any size (made "
+                      "28x28 grey, white digit on black or black on white), .npy arrays and IDX files of "
+                      "digits (one line per digit, streamed).", PREDICT_EXAMPLES)  # fmt: skip
     predict.add_argument("inputs", nargs="+", type=Path, help="PNG/JPEG/... images, .npy arrays, IDX files")
     predict.add_argument(
         "--model",
         help="a registry URI, version number or run id, or a local .onnx / TorchScript file "
         "(default: the champion, models:/<export.model_name>@champion)",
     )
-    predict.add_argument("--json", action="store_true", help="one JSON object per line")
-    predict.add_argument("--top-k", type=int, default=1, help="show the K most likely digits")
+    predict.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+    predict.add_argument("--top-k", type=int, default=1, help="show the K most likely digits (default: %(default)s)")
     predict.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
     predict.set_defaults(func=_predict)
-    serve = commands.add_parser("serve", help="serve a registered model over REST with `mlflow models serve`")
+
+    serve = command("serve", "serve a registered model over REST with `mlflow models serve`",
+                    "Serve a registered model over REST (`mlflow models serve`, in this environment): POST digits "
+                    "to /invocations, see docs/using-the-model.md. Ctrl-C stops it.")  # fmt: skip
     serve.add_argument("--model", help="an MLflow model URI (default: models:/<export.model_name>@champion)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=5001)
+    host_and_port(serve, 5001)
     serve.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
     serve.set_defaults(func=_serve)
-    compare = commands.add_parser(
-        "compare", help="the experiment's runs as a table: differing params, metrics, versions"
-    )
-    compare.add_argument("--last", type=int, help="only the N most recent runs")
-    compare.add_argument("--sort", default="test_accuracy", help="test_accuracy (default) | test_loss | train_seconds")
+
+    compare = command("compare", "the experiment's runs as a table: differing params, metrics, versions",
+                      "The pipeline's MLflow runs side by side: name, commit, only the params that differ between "
+                      "them, test accuracy and loss, training time, and the registered versions with their "
+                      "aliases.", COMPARE_EXAMPLES)  # fmt: skip
+    compare.add_argument("--last", type=int, help="only the N most recent runs (default: all)")
+    compare.add_argument("--sort", default="test_accuracy", choices=["test_accuracy", "test_loss", "train_seconds"],
+                         help="order of the rows, best first (default: %(default)s)")  # fmt: skip
     output = compare.add_mutually_exclusive_group()
-    output.add_argument("--csv", dest="format", action="store_const", const="csv")
-    output.add_argument("--markdown", dest="format", action="store_const", const="markdown")
+    output.add_argument("--csv", dest="format", action="store_const", const="csv",
+                        help="CSV with the full numbers, for programs and spreadsheets")  # fmt: skip
+    output.add_argument("--markdown", dest="format", action="store_const", const="markdown",
+                        help="a Markdown table (default: a plain-text table)")  # fmt: skip
     compare.set_defaults(func=_compare, format="text")
-    reproduce = commands.add_parser("reproduce", help="rerun a past MLflow run's code and params as a DVC experiment")
+
+    reproduce = command("reproduce", "rerun a past MLflow run's code and params as a DVC experiment",
+                        "Rerun a past run from its own commit and params as a DVC experiment in a temporary copy "
+                        "(the workspace is not touched), then say whether the test accuracy and loss came out the "
+                        "same to the last digit, and if not which recorded part of the environment differs.",
+                        REPRODUCE_EXAMPLES)  # fmt: skip
     reproduce.add_argument(
         "run_id", help="an MLflow run id, a unique prefix of one (as `compare` prints them) or a DVC experiment name"
     )
     reproduce.set_defaults(func=_reproduce)
-    store = commands.add_parser("store", help="print the MLflow tracking URI the pipeline logs to")
+
+    store = command("store", "print the MLflow tracking URI the pipeline logs to",
+                    "Print the MLflow tracking URI the pipeline logs to: MLFLOW_TRACKING_URI when set, else the "
+                    "SQLite store in mlruns/ of this project.")  # fmt: skip
     store.set_defaults(func=_store)
+
     bench = commands.add_parser(
         "bench", help="benchmark the pipeline's training against the classic tutorial", add_help=False
-    )
+    )  # its options are its own (mnist_pipeline.bench): `mnist-pipeline bench --help`
     bench.set_defaults(func=None)
     return parser
 

@@ -65,6 +65,22 @@ def _registered_versions(client) -> dict[str, str]:
     return {run_id: "; ".join(items) for run_id, items in out.items()}
 
 
+# How people read each metric: accuracy in percent, the loss to four places, seconds to one tenth. CSV keeps the
+# full numbers for programs.
+FOR_PEOPLE = {
+    "test_accuracy": lambda v: f"{100 * v:.2f}%",
+    "test_loss": lambda v: f"{v:.4f}",
+    "train_seconds": lambda v: f"{v:.1f}",
+}
+
+
+def for_people(table: pd.DataFrame) -> pd.DataFrame:
+    shown = table.copy()
+    for column, fmt in FOR_PEOPLE.items():
+        shown[column] = table[column].map(lambda v, fmt=fmt: "" if pd.isna(v) else fmt(v))
+    return shown
+
+
 def main(last: int | None, sort_by: str, fmt: str) -> None:
     table = runs_table(last, sort_by)
     if table.empty:
@@ -72,7 +88,7 @@ def main(last: int | None, sort_by: str, fmt: str) -> None:
     elif fmt == "csv":
         print(table.to_csv(index=False), end="")
     elif fmt == "markdown":
-        print(table.to_markdown(index=False, floatfmt=".4f"))
+        print(for_people(table).to_markdown(index=False, disable_numparse=True))
     else:
         with pd.option_context("display.width", 200, "display.max_columns", None, "display.max_colwidth", 40):
-            print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+            print(for_people(table).to_string(index=False))

@@ -186,11 +186,13 @@ class TrainConfig(Section):
 class EvaluateConfig(Section):
     SECTION = "evaluate"
     batch_size: int
-    examples: int  # test digits shown in the predictions figure
+    examples: int  # random test digits shown in the predictions figure
+    mistakes: int  # the model's most confident mistakes shown below them
 
     def __post_init__(self):
         _check(self.batch_size >= 1, "evaluate.batch_size", self.batch_size, "an integer >= 1")
         _check(1 <= self.examples <= 100, "evaluate.examples", self.examples, "an integer in 1..100")
+        _check(0 <= self.mistakes <= 100, "evaluate.mistakes", self.mistakes, "an integer in 0..100")
 
 
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

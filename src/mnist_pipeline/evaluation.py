@@ -28,6 +28,7 @@ class Evaluation:
     loss: float
     accuracy: float
     predicted: np.ndarray  # (N,) predicted digit per test image
+    confidence: np.ndarray  # (N,) the model's probability for its predicted digit
     confusion: np.ndarray  # (10, 10) counts, rows = actual, columns = predicted
 
     def metrics(self) -> dict[str, float]:
@@ -41,11 +42,11 @@ def confusion_matrix(actual: np.ndarray, predicted: np.ndarray, num_classes: int
 
 
 def evaluate(logits: torch.Tensor, labels: torch.Tensor) -> Evaluation:
-    predicted = logits.argmax(dim=1)
+    confidence, predicted = F.softmax(logits.float(), dim=1).max(dim=1)
     loss = F.cross_entropy(logits, labels).item()
     accuracy = (predicted == labels).double().mean().item()
     actual_np, predicted_np = labels.cpu().numpy(), predicted.cpu().numpy()
-    return Evaluation(loss, accuracy, predicted_np, confusion_matrix(actual_np, predicted_np))
+    return Evaluation(loss, accuracy, predicted_np, confidence.cpu().numpy(), confusion_matrix(actual_np, predicted_np))
 
 
 def per_class_report(confusion: np.ndarray) -> pd.DataFrame:
@@ -106,35 +107,67 @@ def plot_confusion_matrix(confusion: np.ndarray, path: Path) -> None:
 
 
 def plot_predictions(
-    images: np.ndarray, predicted: np.ndarray, actual: np.ndarray, path: Path, count: int, seed: int
+    images: np.ndarray,
+    predicted: np.ndarray,
+    actual: np.ndarray,
+    confidence: np.ndarray,
+    path: Path,
+    count: int,
+    mistakes: int,
+    seed: int,
 ) -> None:
-    """Random test digits titled "predicted / actual"; misclassified ones in red with a red frame.
+    """The lesson's "look at a few predictions", made useful: ``count`` random test digits, then the model's
+    ``mistakes`` most confident mistakes (a random sample shows almost none at 99%), each titled
+    "predicted / actual"; mistakes in red with a red frame; the caption says how many of all the digits were wrong.
 
-    The digits are laid out in one image with a label above each (one Axes, not one per digit: a tenth of the
-    drawing time).
+    Each row of digits is laid out in one image with a label above each (one Axes per section, not one per digit:
+    a tenth of the drawing time).
     """
+    plt = _pyplot()
+    sample, worst = figure_digits(predicted, actual, confidence, count, mistakes, seed)
+    cols = 8
+    sections = [(f"{len(sample)} random test digits", sample, False)]
+    if len(worst):
+        sections.append((f"the {len(worst)} most confident mistakes, with the model's probability for its answer",
+                         worst, True))  # fmt: skip
+    rows = [-(-len(indices) // cols) for _, indices, _ in sections]
+    height = 1.6 * sum(rows) + 0.35 * len(sections) + 0.45  # inches: the digits, a title per section, the caption
+    fig, axes = plt.subplots(len(sections), 1, squeeze=False, figsize=(1.4 * cols, height),
+                             gridspec_kw={"height_ratios": rows})  # fmt: skip
+    for ax, (title, indices, with_confidence) in zip(axes[:, 0], sections, strict=True):
+        _digit_grid(ax, images, predicted, actual, indices, cols, confidence if with_confidence else None)
+        ax.set_title(title, fontsize=10, loc="left")
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.55 / height, hspace=0.35 / 1.6)
+    n_wrong, total = int((predicted != actual).sum()), len(images)
+    fig.suptitle(f"predicted / actual: {n_wrong:,} of {total:,} test digits wrong "
+                 f"({100 * n_wrong / max(total, 1):.2f}%), mistakes in red", fontsize=11)  # fmt: skip
+    _save_png(fig, path)
+
+
+def figure_digits(predicted: np.ndarray, actual: np.ndarray, confidence: np.ndarray, count: int, mistakes: int,
+                  seed: int) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Indices of the predictions figure: ``count`` test digits drawn with ``seed``, and the ``mistakes`` wrong
+    predictions the model was most sure of, most confident first."""
+    sample = np.random.default_rng(seed).choice(len(predicted), size=min(count, len(predicted)), replace=False)
+    wrong = np.flatnonzero(predicted != actual)
+    return sample, wrong[np.argsort(-confidence[wrong], kind="stable")][:mistakes]
+
+
+def _digit_grid(ax, images, predicted, actual, indices, cols: int, confidence: np.ndarray | None) -> None:
     from matplotlib.patches import Rectangle
 
-    plt = _pyplot()
-    rng = np.random.default_rng(seed)
-    chosen = rng.choice(len(images), size=min(count, len(images)), replace=False)
-    cols = min(8, len(chosen))
-    rows = -(-len(chosen) // cols)
+    rows = -(-len(indices) // cols)
     size, label, gap = images.shape[1], 12, 6  # pixels: a digit, the label above it, the space beside it
     cell_h, cell_w = size + label, size + gap
     mosaic = np.zeros((rows * cell_h + gap // 2, cols * cell_w), dtype=np.uint8)  # white in gray_r
-    fig = plt.figure(figsize=(1.4 * cols, 1.6 * rows + 0.4))
-    ax = fig.add_axes((0.01, 0.01, 0.98, 1 - 0.5 / (1.6 * rows + 0.4)))
-    for n, i in enumerate(chosen):
+    for n, i in enumerate(indices):
         top, left = (n // cols) * cell_h + label, (n % cols) * cell_w + gap // 2
         mosaic[top : top + size, left : left + size] = images[i]
         wrong = predicted[i] != actual[i]
-        ax.text(left + size / 2, top - 2, f"{predicted[i]} / {actual[i]}", ha="center", va="bottom", fontsize=10,
+        text = f"{predicted[i]} / {actual[i]}" + (f"  {100 * confidence[i]:.0f}%" if confidence is not None else "")
+        ax.text(left + size / 2, top - 2, text, ha="center", va="bottom", fontsize=10,
                 color="red" if wrong else "black")  # fmt: skip
         if wrong:
             ax.add_patch(Rectangle((left - 1, top - 1), size + 1, size + 1, fill=False, edgecolor="red", linewidth=2.5))
     ax.imshow(mosaic, cmap="gray_r", vmin=0, vmax=255, interpolation="nearest")
     ax.axis("off")
-    errors = int((predicted[chosen] != actual[chosen]).sum())
-    fig.suptitle(f"predicted / actual ({errors} of {len(chosen)} wrong, in red)", fontsize=10)
-    _save_png(fig, path)

@@ -251,13 +251,14 @@ def train(
                 _stop_if_diverged(loss_sum, cfg, epoch, step, steps_per_epoch, cluster)
             if step % cfg.log_every == 0 and log is not None:
                 _say(log, f"epoch {epoch}/{cfg.epochs}  batch {step}/{steps_per_epoch}  "
-                          f"[{seen}/{len(train_data)}]  loss {loss.item():.4f}")  # fmt: skip
+                          f"[{seen}/{len(train_data)}]  batch loss {loss.item():.4f}")  # fmt: skip
         train_loss = distributed.sum_over_ranks(loss_sum, cluster).item() / seen
         test_loss, test_accuracy = evaluate_loss_accuracy(model, test_data, cluster=cluster)  # fp32, like evaluate
         metrics = EpochMetrics(epoch, train_loss, test_loss, test_accuracy, time.perf_counter() - start)
         history.append(metrics)
-        _say(log, f"epoch {epoch}/{cfg.epochs}: train loss {metrics.train_loss:.4f}  test loss {test_loss:.4f}  "
-                  f"test accuracy {100 * test_accuracy:.2f}%  ({metrics.seconds:.1f} s)")  # fmt: skip
+        _say(log, f"epoch {epoch}/{cfg.epochs} done: train loss (epoch mean) {metrics.train_loss:.4f}  "
+                  f"test loss {test_loss:.4f}  test accuracy {100 * test_accuracy:.2f}%  "
+                  f"({metrics.seconds:.1f} s of training so far)")  # fmt: skip
         # The epoch's metrics are logged and its state saved as one step: a Ctrl-C or SIGTERM in between waits
         # until both are done, so what the store holds and what a rerun resumes from always agree.
         with interrupts_held():

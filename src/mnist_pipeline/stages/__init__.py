@@ -22,15 +22,20 @@ def main(stage: ModuleType) -> None:
     """The command line of a stage script: ``--params`` and one required ``--<field>`` per field of the stage's
     ``Paths`` (its ``help`` metadata is the option's help), then ``stage.run(params, paths)`` under the pipeline's
     error handling (`errors.run_main`)."""
-    paths = stage.Paths
+    args = vars(build_parser(stage).parse_args())
+    params_file = args.pop("params")
+    run_main(lambda: stage.run(_load(params_file), stage.Paths(**args)))
+
+
+def build_parser(stage: ModuleType) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=stage.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    for field in dataclasses.fields(paths):
+    parser.add_argument(
+        "--params", type=Path, default=Path("params.yaml"), help="the params file (default: %(default)s)"
+    )
+    for field in dataclasses.fields(stage.Paths):
         flag = "--" + field.name.replace("_", "-")
         parser.add_argument(flag, dest=field.name, type=Path, required=True, help=field.metadata.get("help"))
-    args = vars(parser.parse_args())
-    params_file = args.pop("params")
-    run_main(lambda: stage.run(_load(params_file), paths(**args)))
+    return parser
 
 
 def _load(params_file: Path) -> config.Params:

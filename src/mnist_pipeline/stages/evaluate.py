@@ -22,7 +22,7 @@ class Paths:
     per_class_md: Path = path("the same table in Markdown")
     confusion: Path = path("actual,predicted per digit (a DVC plot)")
     confusion_png: Path = path("the confusion matrix as a figure")
-    predictions_png: Path = path("random test digits titled with their predictions")
+    predictions_png: Path = path("random test digits and the most confident mistakes, titled with predictions")
 
 
 def run(params: config.Params, paths: Paths, start_tracker: Callable[[], tracker.Tracker] = tracker.Tracker.start):
@@ -50,9 +50,12 @@ def run(params: config.Params, paths: Paths, start_tracker: Callable[[], tracker
         evaluation.write_confusion_pairs(test.labels, result.predicted, paths.confusion)
         evaluation.plot_confusion_matrix(result.confusion, paths.confusion_png)
         evaluation.plot_predictions(
-            test.images, result.predicted, test.labels, paths.predictions_png, eval_cfg.examples, params.train.seed
-        )
-        print(f"test accuracy {100 * result.accuracy:.2f}%  test loss {result.loss:.4f}  ({len(labels)} digits)")
+            test.images, result.predicted, test.labels, result.confidence, paths.predictions_png,
+            count=eval_cfg.examples, mistakes=eval_cfg.mistakes, seed=params.train.seed,
+        )  # fmt: skip
+        wrong = int((result.predicted != test.labels).sum())
+        print(f"test accuracy {100 * result.accuracy:.2f}%  test loss {result.loss:.4f}  "
+              f"({wrong:,} of {len(labels):,} test digits wrong)")  # fmt: skip
 
         # The store is opened last: by now the tracking process has started, so this stage never waits for it. If
         # the store cannot be used, the stage fails here and `dvc repro` runs it again.
