@@ -101,6 +101,7 @@ PROJECT_FILES = [
     ".dvcignore",
     ".gitignore",
     ".dvc/config",
+    ".dvc/plots",
     ".dvc/.gitignore",
     "mlruns/.gitignore",
     "stages",

@@ -356,6 +356,108 @@ def test_mlflow_ui_compares_two_runs_in_a_real_browser(pipeline, lower_lr, http_
             assert _shown(run_.data.metrics[name]) in metrics, (name, run_.data.metrics[name])
 
 
+# What `dvc plots show` draws, by plot id: each file once, with the axis titles of dvc.yaml.
+PLOTS = {
+    "Loss per epoch (train and test)": ("epoch", "cross-entropy loss"),
+    "Test accuracy per epoch": ("epoch", "test accuracy"),
+    "Confusion matrix of the test digits": ("predicted digit", "actual digit"),
+    "reports/confusion_matrix.png": None,
+    "reports/predictions.png": None,
+}
+
+
+def _axis_titles(spec: dict) -> set[str]:
+    found = set()
+    for key, value in spec.items():
+        if key in ("x", "y") and isinstance(value, dict) and isinstance(value.get("title"), str):
+            found.add(value["title"])
+        elif isinstance(value, dict):
+            found |= _axis_titles(value)
+        elif isinstance(value, list):
+            for item in value:
+                found |= _axis_titles(item) if isinstance(item, dict) else set()
+    return found
+
+
+def test_dvc_plots_show_draws_each_file_once_with_titled_axes(pipeline, http_mirror):
+    repo, _ = pipeline
+    out = run(repo, http_mirror, "dvc", "plots", "show", "--json")
+    assert out.returncode == 0, out.stderr
+    shown = json.loads(out.stdout)["data"]
+    assert set(shown) == set(PLOTS)  # the stages' files are not drawn a second time under their own names
+    for plot_id, axes in PLOTS.items():
+        (plot,) = shown[plot_id]
+        if axes is None:
+            assert plot["type"] == "image"
+            continue
+        spec = plot["content"]
+        assert spec["title"]["text"] == plot_id
+        titles = _axis_titles(spec)
+        for axis in axes:
+            assert any(title.startswith(axis) for title in titles), (plot_id, axis, titles)
+
+
+def _draw_offline(sync_api, page_file: Path) -> dict:
+    """Open a `dvc plots` page in headless Chromium with every request but file:// refused; what it drew."""
+    refused = []
+
+    def only_files(route):
+        if route.request.url.startswith("file:"):
+            route.continue_()
+        else:
+            refused.append(route.request.url)
+            route.abort()
+
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=_chromium(), args=CHROMIUM_ARGS)
+        context = browser.new_context(offline=True)
+        context.route("**/*", only_files)
+        page = context.new_page()
+        errors = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto(page_file.as_uri())
+        page.wait_for_function("document.querySelectorAll('svg.marks').length >= 3", timeout=60_000)
+        drawn = page.evaluate("""() => ({
+            charts: [...document.querySelectorAll('svg.marks')].map(svg => ({
+                text: svg.textContent,
+                lines: svg.querySelectorAll('.mark-line path[d]').length,
+                cells: svg.querySelectorAll('.mark-rect path[d]').length,
+            })),
+            images: [...document.images].map(img => ({src: img.getAttribute('src'), width: img.naturalWidth})),
+        })""")
+        browser.close()
+    return {**drawn, "refused": refused, "errors": errors}
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(_chromium() is None, reason="Chromium is not installed (Debian: apt-get install chromium)")
+def test_dvc_plots_show_and_diff_draw_in_a_browser_without_a_network(pipeline, lower_lr, http_mirror):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    repo = pipeline.repo
+    other = run(repo, http_mirror, "dvc", "exp", "run", "--temp", "-S", "train.lr=0.02", "-n", "higher-lr")
+    assert other.returncode == 0, other.stdout + other.stderr
+
+    show = run(repo, http_mirror, "dvc", "plots", "show", "-o", "shown")
+    assert show.returncode == 0, show.stderr
+    drawn = _draw_offline(sync_api, repo / "shown" / "index.html")
+    assert drawn["refused"] == [] and drawn["errors"] == []
+    loss, accuracy, confusion = drawn["charts"]
+    assert "Loss per epoch" in loss["text"] and loss["lines"] >= 2  # train and test
+    assert "Test accuracy per epoch" in accuracy["text"] and accuracy["lines"] >= 1
+    assert "Confusion matrix" in confusion["text"] and confusion["cells"] >= 10
+    assert len(drawn["images"]) == 2 and all(image["width"] > 0 for image in drawn["images"])
+
+    diff = run(repo, http_mirror, "dvc", "plots", "diff", "lower-lr", "higher-lr", "-o", "diffed")
+    assert diff.returncode == 0, diff.stderr
+    drawn = _draw_offline(sync_api, repo / "diffed" / "index.html")
+    assert drawn["refused"] == [] and drawn["errors"] == []
+    loss, accuracy, confusion = drawn["charts"]
+    for chart in (loss, accuracy, confusion):
+        assert "lower-lr" in chart["text"] and "higher-lr" in chart["text"], chart["text"][:300]
+    assert loss["lines"] >= 4 and accuracy["lines"] >= 2  # each experiment's lines
+    assert len(drawn["images"]) == 4 and all(image["width"] > 0 for image in drawn["images"])
+
+
 def test_reproduce_a_run_exactly_without_touching_the_workspace(pipeline, http_mirror):
     repo, _ = pipeline
     original = client(repo).get_run(pipeline.run_id)  # the first `dvc repro`

@@ -75,7 +75,9 @@ FOR_PEOPLE = {
 
 
 def for_people(table: pd.DataFrame) -> pd.DataFrame:
-    shown = table.copy()
+    """The table as text: metrics rounded as FOR_PEOPLE says, and a blank where a run has no value (a param that
+    did not exist yet, a run that did not finish)."""
+    shown = table.astype(object).where(table.notna(), "")
     for column, fmt in FOR_PEOPLE.items():
         shown[column] = table[column].map(lambda v, fmt=fmt: "" if pd.isna(v) else fmt(v))
     return shown

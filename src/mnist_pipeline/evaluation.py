@@ -131,13 +131,13 @@ def plot_predictions(
         sections.append((f"the {len(worst)} most confident mistakes, with the model's probability for its answer",
                          worst, True))  # fmt: skip
     rows = [-(-len(indices) // cols) for _, indices, _ in sections]
-    height = 1.6 * sum(rows) + 0.35 * len(sections) + 0.45  # inches: the digits, a title per section, the caption
+    height = 1.6 * sum(rows) + 0.35 * len(sections) + 0.6  # inches: the digits, a title per section, the caption
     fig, axes = plt.subplots(len(sections), 1, squeeze=False, figsize=(1.4 * cols, height),
                              gridspec_kw={"height_ratios": rows})  # fmt: skip
     for ax, (title, indices, with_confidence) in zip(axes[:, 0], sections, strict=True):
         _digit_grid(ax, images, predicted, actual, indices, cols, confidence if with_confidence else None)
         ax.set_title(title, fontsize=10, loc="left")
-    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.55 / height, hspace=0.35 / 1.6)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.75 / height, hspace=0.3 / 1.6)
     n_wrong, total = int((predicted != actual).sum()), len(images)
     fig.suptitle(f"predicted / actual: {n_wrong:,} of {total:,} test digits wrong "
                  f"({100 * n_wrong / max(total, 1):.2f}%), mistakes in red", fontsize=11)  # fmt: skip
@@ -164,7 +164,7 @@ def _digit_grid(ax, images, predicted, actual, indices, cols: int, confidence: n
         top, left = (n // cols) * cell_h + label, (n % cols) * cell_w + gap // 2
         mosaic[top : top + size, left : left + size] = images[i]
         wrong = predicted[i] != actual[i]
-        text = f"{predicted[i]} / {actual[i]}" + (f"  {100 * confidence[i]:.0f}%" if confidence is not None else "")
+        text = f"{predicted[i]} / {actual[i]}" + (f"  {100 * confidence[i]:.1f}%" if confidence is not None else "")
         ax.text(left + size / 2, top - 2, text, ha="center", va="bottom", fontsize=10,
                 color="red" if wrong else "black")  # fmt: skip
         if wrong:

@@ -159,12 +159,26 @@ def register(
         return _register(client, model_uri, name, test_accuracy, min_delta, log)
 
 
+def _new_version(client: MlflowClient, model_uri: str, name: str, run_id: str, tags: dict[str, str]):
+    """``mlflow.register_model`` of a ``models:/<id>`` URI, without the two lines it prints (the caller prints one
+    that says more)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+    model_id = model_uri.removeprefix("models:/")
+    return client.create_model_version(name, source=model_uri, run_id=run_id, tags=tags, model_id=model_id)
+
+
 def _register(client: MlflowClient, model_uri: str, name: str, test_accuracy: float, min_delta: float,
               log: TextIO) -> Registration:  # fmt: skip
     champion = _champion_accuracy(client, name)  # before registering: the new version must not compete with itself
     run = mlflow.active_run()
     # Marked until it has all its tags: a registration that dies half-way leaves a version `repair` recognises.
-    version = int(mlflow.register_model(model_uri, name, tags={names.REGISTERING: "1"}).version)
+    version = int(_new_version(client, model_uri, name, run.info.run_id, tags={names.REGISTERING: "1"}).version)
     try:
         promote, reason = promotion(test_accuracy, champion, min_delta)
         tags = {
