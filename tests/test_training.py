@@ -54,7 +54,7 @@ def test_training_lowers_the_loss_and_learns(tensors):
     assert result.history[-1].train_loss < result.history[0].train_loss
     assert result.history[-1].test_accuracy > 0.8  # 10 well-separated synthetic classes
     # progress: a line every log_every batches and one per epoch
-    assert "epoch 1/2  batch 5/20  [250/1000]  loss" in log.getvalue()
+    assert "epoch 1/2  batch 5/20  [250/1000]  batch loss" in log.getvalue()
     assert "epoch 2/2 done: train loss (epoch mean)" in log.getvalue() and "test accuracy" in log.getvalue()
 
 
