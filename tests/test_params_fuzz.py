@@ -90,6 +90,7 @@ FIELDS: dict[str, dict[str, tuple[st.SearchStrategy, st.SearchStrategy]]] = {
         "weight_decay": (st.floats(0.0, 1.0), number_outside(0.0, 1.0)),
         "lr_schedule": (st.sampled_from(config.LR_SCHEDULES), choice_outside(config.LR_SCHEDULES)),
         "label_smoothing": (st.floats(0.0, 1.0, exclude_max=True), number_outside(0.0, 1.0, hi_open=True)),
+        "validation": (st.integers(0, 59_999), int_outside(0, 59_999)),
         "augment_shift": (st.integers(0, 8), int_outside(0, 8)),
         "precision": (st.sampled_from(config.PRECISIONS), choice_outside(config.PRECISIONS)),
         "threads": (st.integers(0, 1024), int_outside(0, 1024)),

@@ -25,6 +25,7 @@ TRAIN = TrainConfig(
     lr_schedule="onecycle",
     label_smoothing=0.0,
     augment_shift=0,
+    validation=0,
     precision="auto",
     threads=0,
     log_every=5,
@@ -174,3 +175,23 @@ def test_state_fingerprint_changes_with_what_shapes_training_only(tmp_path):
     assert training.state_fingerprint(dataclasses.replace(MODEL, hidden=8), TRAIN, "md5", code) != base
     code[1].write_text("x = 2\n")  # an edit in any of the stage's code
     assert training.state_fingerprint(MODEL, TRAIN, "md5", code) != base
+
+
+def test_a_validation_split_is_drawn_by_the_seed_and_measured_each_epoch_without_the_test_split(tensors, tmp_path):
+    train, _ = tensors
+    rest, held = train.hold_out(200, seed=3)
+    assert len(rest) == len(train) - 200 and len(held) == 200
+    again_rest, again_held = train.hold_out(200, seed=3)
+    assert torch.equal(held.y, again_held.y) and torch.equal(held.images, again_held.images)
+    _, other = train.hold_out(200, seed=4)
+    assert not torch.equal(held.images, other.images)
+    log = io.StringIO()
+    result = training.train(MODEL, TRAIN, rest, None, torch.device("cpu"), log=log, validation_data=held)
+    last = result.history[-1]
+    assert last.test_loss is None and last.val_accuracy > 0.8
+    assert set(last.metrics()) == {"train_loss", "val_loss", "val_accuracy"}
+    assert "validation accuracy" in log.getvalue() and "test" not in log.getvalue()
+    training.write_history(tmp_path / "h.csv", result.history)
+    assert (tmp_path / "h.csv").read_text().splitlines()[0] == "epoch,train_loss,seconds,val_loss,val_accuracy"
+    with pytest.raises(PipelineError, match="train.validation 1000 must leave digits"):
+        train.hold_out(len(train), seed=0)

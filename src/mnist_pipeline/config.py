@@ -153,6 +153,7 @@ class TrainConfig(Section):
     lr_schedule: str
     label_smoothing: float
     augment_shift: int  # shift each training digit by up to this many pixels (0 = no augmentation)
+    validation: int  # training digits held out, drawn with the seed, and measured after each epoch (0 = none)
     precision: str  # auto = bf16 autocast on CUDA, fp32 on CPU
     threads: int  # CPU threads for torch; 0 = one per core
     log_every: int  # print the running loss every this many batches
@@ -175,6 +176,8 @@ class TrainConfig(Section):
         _check(self.lr_schedule in LR_SCHEDULES, "train.lr_schedule", self.lr_schedule, _allowed(LR_SCHEDULES))
         _check(0.0 <= self.label_smoothing < 1.0, "train.label_smoothing", self.label_smoothing, "a number in [0, 1)")
         _check(0 <= self.augment_shift <= 8, "train.augment_shift", self.augment_shift, "an integer in 0..8")
+        _check(0 <= self.validation < MAX_BATCH, "train.validation", self.validation,
+               f"an integer in 0..{MAX_BATCH - 1} (digits of the training set held out)")  # fmt: skip
         _check(self.precision in PRECISIONS, "train.precision", self.precision, _allowed(PRECISIONS))
         _check(0 <= self.threads <= 1024, "train.threads", self.threads, "an integer in 0..1024 (0 = one per core)")
         _check(self.log_every >= 1, "train.log_every", self.log_every, "an integer >= 1")

@@ -6,7 +6,9 @@ EXPERIMENT = "mnist-pipeline"
 TRAIN_LOSS = "train_loss"
 TEST_LOSS = "test_loss"
 TEST_ACCURACY = "test_accuracy"
-EPOCH_METRICS = (TRAIN_LOSS, TEST_LOSS, TEST_ACCURACY)
+VAL_LOSS = "val_loss"  # on the training digits held out by train.validation (and by the tuner)
+VAL_ACCURACY = "val_accuracy"
+EPOCH_METRICS = (TRAIN_LOSS, TEST_LOSS, TEST_ACCURACY, VAL_LOSS, VAL_ACCURACY)
 TRAIN_SECONDS = "train_seconds"
 # The evaluate stage's metrics (reports/metrics.json) are logged into the run under this prefix.
 FINAL = "final_"

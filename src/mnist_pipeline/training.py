@@ -90,6 +90,15 @@ class Tensors:
     def __len__(self) -> int:
         return len(self.y)
 
+    def hold_out(self, count: int, seed: int) -> tuple[Tensors, Tensors]:
+        """(the rest, ``count`` digits drawn with ``seed``): a validation split that is the same on every machine."""
+        if not 0 < count < len(self):
+            raise PipelineError(f"train.validation {count} must leave digits to train on (the training set has "
+                                f"{len(self)})")  # fmt: skip
+        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed)).to(self.y.device)
+        held, kept = order[:count].sort().values, order[count:].sort().values
+        return Tensors(self.images[kept], self.y[kept]), Tensors(self.images[held], self.y[held])
+
 
 def random_offsets(n: int, max_shift: int, generator: torch.Generator) -> torch.Tensor:
     """(2, n, 1) random offsets in 0..2*max_shift for `shift_images`, drawn for a whole global batch, so that
@@ -157,14 +166,27 @@ class TrainingDiverged(PipelineError):
 class EpochMetrics:
     epoch: int
     train_loss: float
-    test_loss: float
-    test_accuracy: float
+    test_loss: float | None  # None when training without the test split (the tuner)
+    test_accuracy: float | None
     seconds: float  # wall time since training started, at the end of this epoch (time before a resume included)
+    val_loss: float | None = None  # on the held-out training digits, when train.validation > 0
+    val_accuracy: float | None = None
 
     def metrics(self) -> dict[str, float]:
-        """What each epoch logs to MLflow."""
-        return {names.TRAIN_LOSS: self.train_loss, names.TEST_LOSS: self.test_loss,
-                names.TEST_ACCURACY: self.test_accuracy}  # fmt: skip
+        """What each epoch logs to MLflow: the figures it has."""
+        named = {names.TRAIN_LOSS: self.train_loss, names.TEST_LOSS: self.test_loss,
+                 names.TEST_ACCURACY: self.test_accuracy, names.VAL_LOSS: self.val_loss,
+                 names.VAL_ACCURACY: self.val_accuracy}  # fmt: skip
+        return {name: value for name, value in named.items() if value is not None}
+
+    def summary(self) -> str:
+        """The epoch's figures as the console shows them."""
+        parts = [f"train loss (epoch mean) {self.train_loss:.4f}"]
+        if self.val_loss is not None:
+            parts.append(f"validation loss {self.val_loss:.4f}  validation accuracy {100 * self.val_accuracy:.2f}%")
+        if self.test_loss is not None:
+            parts.append(f"test loss {self.test_loss:.4f}  test accuracy {100 * self.test_accuracy:.2f}%")
+        return "  ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -181,18 +203,20 @@ def train(
     model_cfg: ModelConfig,
     cfg: TrainConfig,
     train_data: Tensors,
-    test_data: Tensors,
+    test_data: Tensors | None,
     device: torch.device,
     on_epoch: Callable[[EpochMetrics], None] | None = None,
     log: TextIO | None = None,
     cluster: Cluster = SINGLE,
     resume: dict | None = None,
     on_checkpoint: Callable[[dict], None] | None = None,
+    validation_data: Tensors | None = None,
 ) -> TrainResult:
     """Train a fresh model, or continue the state ``resume`` (from ``on_checkpoint``) where it stopped.
 
-    After each epoch: measure the model on the test split, call ``on_epoch`` with the metrics, then hand the
-    resumable state to ``on_checkpoint`` (rank 0). Only rank 0 prints; every rank must call this.
+    After each epoch: measure the model on the validation digits (if any) and the test split (if given: the tuner
+    gives none), call ``on_epoch`` with the metrics, then hand the resumable state to ``on_checkpoint`` (rank 0).
+    Only rank 0 prints; every rank must call this.
     """
     log = (log or sys.stderr) if cluster.is_main else None
     torch.manual_seed(cfg.seed)  # weight init and dropout
@@ -253,12 +277,15 @@ def train(
                 _say(log, f"epoch {epoch}/{cfg.epochs}  batch {step}/{steps_per_epoch}  "
                           f"[{seen}/{len(train_data)}]  batch loss {loss.item():.4f}")  # fmt: skip
         train_loss = distributed.sum_over_ranks(loss_sum, cluster).item() / seen
-        test_loss, test_accuracy = evaluate_loss_accuracy(model, test_data, cluster=cluster)  # fp32, like evaluate
-        metrics = EpochMetrics(epoch, train_loss, test_loss, test_accuracy, time.perf_counter() - start)
+        val_loss = val_accuracy = test_loss = test_accuracy = None  # fp32, like the evaluate stage
+        if validation_data is not None:
+            val_loss, val_accuracy = evaluate_loss_accuracy(model, validation_data, cluster=cluster)
+        if test_data is not None:
+            test_loss, test_accuracy = evaluate_loss_accuracy(model, test_data, cluster=cluster)
+        metrics = EpochMetrics(epoch, train_loss, test_loss, test_accuracy, time.perf_counter() - start, val_loss,
+                               val_accuracy)  # fmt: skip
         history.append(metrics)
-        _say(log, f"epoch {epoch}/{cfg.epochs} done: train loss (epoch mean) {metrics.train_loss:.4f}  "
-                  f"test loss {test_loss:.4f}  test accuracy {100 * test_accuracy:.2f}%  "
-                  f"({metrics.seconds:.1f} s of training so far)")  # fmt: skip
+        _say(log, f"epoch {epoch}/{cfg.epochs} done: {metrics.summary()}  ({metrics.seconds:.1f} s of training so far)")
         # The epoch's metrics are logged and its state saved as one step: a Ctrl-C or SIGTERM in between waits
         # until both are done, so what the store holds and what a rerun resumes from always agree.
         with interrupts_held():
@@ -347,8 +374,13 @@ def load_state(path) -> dict | None:
         return None
 
 
+def _csv_number(value) -> str:
+    return "" if value is None else str(value) if isinstance(value, int) else f"{value:.6g}"
+
+
 def write_history(path, history: list[EpochMetrics]) -> None:
-    """Per-epoch metrics as CSV, the file DVC plots as the training curves (six significant digits)."""
-    columns = [f.name for f in dataclasses.fields(EpochMetrics)]
-    rows = [",".join(str(v) if isinstance(v, int) else f"{v:.6g}" for v in vars(m).values()) for m in history]
+    """Per-epoch metrics as CSV, the file DVC plots as the training curves (six significant digits); the
+    validation columns only when there was a validation split."""
+    columns = [f.name for f in dataclasses.fields(EpochMetrics) if any(getattr(m, f.name) is not None for m in history)]
+    rows = [",".join(_csv_number(getattr(m, name)) for name in columns) for m in history]
     write_atomic(path, "\n".join([",".join(columns), *rows]) + "\n")

@@ -61,6 +61,9 @@ def _train(params: config.Params, paths: Paths, tracking: tracker.Tracker | None
     device = training.resolve_device(train_cfg.device, cluster)
     threads = training.configure_threads(train_cfg.threads, cluster)
     train_data = training.Tensors.from_split(load_split(paths.data, "train"), device)
+    validation_data = None
+    if train_cfg.validation:
+        train_data, validation_data = train_data.hold_out(train_cfg.validation, train_cfg.seed)
     test_data = training.Tensors.from_split(load_split(paths.data, "test"), device)
     state_key = training.state_fingerprint(model_cfg, train_cfg, data_md5, code_deps("train"))
 
@@ -70,7 +73,8 @@ def _train(params: config.Params, paths: Paths, tracking: tracker.Tracker | None
             resume = resumable_state(tracking, paths.resume_state, state_key, train_cfg.resume)
         resume = distributed.broadcast(resume, cluster)
         if not cluster.is_main:
-            training.train(model_cfg, train_cfg, train_data, test_data, device, cluster=cluster, resume=resume)
+            training.train(model_cfg, train_cfg, train_data, test_data, device, cluster=cluster, resume=resume,
+                           validation_data=validation_data)  # fmt: skip
             return
 
         tags = {**tracker.run_tags(device, threads), names.DATA_MD5: data_md5,
@@ -86,7 +90,8 @@ def _train(params: config.Params, paths: Paths, tracking: tracker.Tracker | None
 
             try:
                 result = training.train(model_cfg, train_cfg, train_data, test_data, device, on_epoch=log_epoch,
-                                        cluster=cluster, resume=resume, on_checkpoint=checkpoint)  # fmt: skip
+                                        cluster=cluster, resume=resume, on_checkpoint=checkpoint,
+                                        validation_data=validation_data)  # fmt: skip
             except training.TrainingDiverged:
                 paths.resume_state.unlink(missing_ok=True)  # the epochs before led here: resuming would diverge again
                 raise
