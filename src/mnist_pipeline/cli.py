@@ -106,6 +106,15 @@ def _reproduce(args: argparse.Namespace) -> None:
     sys.exit(reproduce.main(args.run_id))
 
 
+def _tune(args: argparse.Namespace) -> None:
+    from mnist_pipeline import tune
+
+    options = tune.Options(params=args.params, space=args.space, sets=args.set, trials=args.trials,
+                           timeout=args.timeout, jobs=args.jobs, storage=args.storage, study=args.study,
+                           seed=args.seed, apply=args.apply)  # fmt: skip
+    sys.exit(tune.main(options))
+
+
 def _serve(args: argparse.Namespace) -> None:
     import os
 
@@ -138,6 +147,13 @@ examples:
   mnist-pipeline compare                         # every run, best test accuracy first
   mnist-pipeline compare --last 5 --sort train_seconds
   mnist-pipeline compare --markdown > runs.md    # for a pull request; --csv for a spreadsheet"""
+
+TUNE_EXAMPLES = """\
+examples:
+  mnist-pipeline tune --trials 20                       # the space of tune.yaml; run it again to go on
+  mnist-pipeline tune --trials 20 --timeout 1800 --apply   # then run the pipeline with the winner
+  mnist-pipeline tune --trials 40 --set 'train.lr={low: 0.002, high: 0.02, log: true}'
+  mnist-pipeline tune --trials 100 --storage postgresql://user@db-host/optuna   # several machines, one study"""
 
 REPRODUCE_EXAMPLES = """\
 examples:
@@ -215,6 +231,31 @@ def build_parser() -> argparse.ArgumentParser:
         "run_id", help="an MLflow run id, a unique prefix of one (as `compare` prints them) or a DVC experiment name"
     )
     reproduce.set_defaults(func=_reproduce)
+
+    tune = command("tune", "search params on a validation split with Optuna; hand the winner to `dvc exp run`",
+                   "Search the params of tune.yaml with Optuna: each trial trains in this process on the training "
+                   "digits minus a validation split and is scored by its validation accuracy (the test digits are "
+                   "never read); a median pruner stops trials that fall behind; a seeded sampler makes a search "
+                   "repeatable. The study is kept in a database (SQLite under tuning/ by default), so running the "
+                   "command again continues it. Every trial is an MLflow child run of the study's run, in the "
+                   "experiment mnist-pipeline-tune. At the end it prints the `dvc exp run -S ...` command that "
+                   "reruns the real pipeline with the best params.", TUNE_EXAMPLES)  # fmt: skip
+    tune.add_argument("--trials", type=int, help="stop once the study has N finished trials (complete or pruned)")
+    tune.add_argument("--timeout", type=float, help="stop starting trials after SECONDS (default: no limit)")
+    tune.add_argument("--jobs", type=int, default=1, help="trials run at once in this process (default: %(default)s)")
+    tune.add_argument("--storage", help="an Optuna storage URL shared by several machines, e.g. "
+                                        "postgresql://user@host/db (default: sqlite:///tuning/optuna.db)")  # fmt: skip
+    tune.add_argument("--study", default="mnist-tune", help="the study's name (default: %(default)s)")
+    tune.add_argument("--space", type=Path, default=Path("tune.yaml"),
+                      help="the search space and validation split (default: %(default)s)")  # fmt: skip
+    tune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="add or replace a space entry, e.g. --set 'model.hidden=[64, 128]'; repeatable")  # fmt: skip
+    tune.add_argument("--params", type=Path, default=Path("params.yaml"),
+                      help="the params every trial starts from (default: %(default)s)")  # fmt: skip
+    tune.add_argument("--seed", type=int, help="the sampler's seed (default: train.seed)")
+    tune.add_argument("--apply", action="store_true",
+                      help="then run the pipeline with the best params: a DVC experiment, an MLflow run")  # fmt: skip
+    tune.set_defaults(func=_tune)
 
     store = command("store", "print the MLflow tracking URI the pipeline logs to",
                     "Print the MLflow tracking URI the pipeline logs to: MLFLOW_TRACKING_URI when set, else the "

@@ -86,6 +86,7 @@ DATASETS = {
 MNIST_FILES = DATASETS["mnist"].files
 DEFAULT_MIRRORS = DATASETS["mnist"].mirrors
 FILE_NAMES = tuple(f.name for f in MNIST_FILES)
+TRAIN_FILE_NAMES = tuple(name for name in FILE_NAMES if name.startswith("train-"))
 
 DOWNLOAD_TIMEOUT_S = 30  # for a mirror to answer, and between two pieces of a file
 DOWNLOAD_DEADLINE_S = 300  # for a whole file (MNIST's largest is 9.9 MB): a mirror slower than that is skipped
@@ -272,8 +273,9 @@ def write_checksums(data_dir: Path) -> None:
     write_atomic(data_dir / CHECKSUMS_FILE, lines)
 
 
-def verify_folder(data_dir: Path) -> str:
-    """Check the four files against the checksums the download stage recorded; return the data's fingerprint.
+def verify_folder(data_dir: Path, only: tuple[str, ...] = FILE_NAMES) -> str:
+    """Check the four files (or ``only`` those) against the checksums the download stage recorded; return the
+    data's fingerprint.
 
     Every stage that reads the data calls this first, so a flipped byte or a truncated file (a failing disk, an
     edit by hand) stops it with the file's name and the way back, before any training or evaluation.
@@ -288,7 +290,7 @@ def verify_folder(data_dir: Path) -> str:
     except (ValueError, UnicodeDecodeError):
         raise PipelineError(f"{data_dir / CHECKSUMS_FILE} is damaged; {recover}") from None
     actual = {}
-    for name in FILE_NAMES:
+    for name in only:
         path = data_dir / name
         if not path.is_file():
             raise PipelineError(f"{path} is missing; {recover}")
@@ -302,5 +304,6 @@ def verify_folder(data_dir: Path) -> str:
 
 
 def fingerprint(md5s: Mapping[str, str]) -> str:
-    """One MD5 for the four files (from their MD5s): tells whether two runs saw the same data."""
-    return md5_of("".join(md5s[name] for name in FILE_NAMES).encode())
+    """One MD5 for the four files, or those of them given (from their MD5s): tells whether two runs saw the same
+    data."""
+    return md5_of("".join(md5s[name] for name in FILE_NAMES if name in md5s).encode())

@@ -1,0 +1,534 @@
+"""`mnist-pipeline tune`: search params with Optuna on a validation split, then hand the winner to the pipeline.
+
+Each trial trains in-process with the project's own training code on the training digits minus the validation
+ones (``tune.yaml``'s ``validation``, drawn with ``train.seed``) and reports its validation accuracy after every
+epoch to a median pruner. The test digits are never read: they stay for the pipeline's evaluate stage. Trials are
+drawn by a seeded TPE sampler and kept in an Optuna study (SQLite under the project by default, or ``--storage``:
+any database Optuna supports, shared by several machines), so a search run again continues where it stopped.
+
+In MLflow (experiment ``mnist-pipeline-tune``) the study is one parent run, each trial a child run with its params,
+its per-epoch validation metrics and its state (complete, pruned, failed, killed). At the end the parent gets
+Optuna's figures and the best trial's params, and the tuner prints the `dvc exp run -S ...` command that reruns the
+real pipeline with them; ``--apply`` runs it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mnist_pipeline import config, names, store
+from mnist_pipeline.errors import PipelineError
+
+EXPERIMENT = "mnist-pipeline-tune"
+DEFAULT_STORAGE_FILE = Path("tuning") / "optuna.db"  # under the project root
+DEFAULT_STUDY = "mnist-tune"
+# Keys a trial may set: what shapes the model and its training. Not the device, threads or process count (where it
+# runs), the validation split (the tuner's own), nor printing and resuming.
+TUNABLE_SECTIONS = ("model", "train")
+NOT_TUNABLE = {"train.device", "train.threads", "train.nproc", "train.validation", "train.log_every", "train.resume"}
+# MLflow tags of the tuner's runs.
+STUDY_TAG = "tune.study"
+ROLE_TAG = "tune.role"  # "study" (the parent) or "trial"
+STATE_TAG = "tune.state"  # a trial's end: complete, pruned, failed, killed
+PARENT_TAG = "mlflow.parentRunId"  # what the MLflow UI nests child runs by
+
+
+class SpaceError(PipelineError):
+    """A search space that cannot be searched: raised before any study exists."""
+
+
+# --- the search space ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One entry of the space: a params.yaml key and the values a trial may give it."""
+
+    key: str
+    choices: tuple | None = None
+    low: float | int | None = None
+    high: float | int | None = None
+    log: bool = False
+    step: float | int | None = None
+
+    def suggest(self, trial) -> Any:
+        if self.choices is not None:
+            return self._choice(trial.suggest_categorical(self.key, [_label(c) for c in self.choices]))
+        if isinstance(self.low, int) and isinstance(self.high, int):
+            return trial.suggest_int(self.key, self.low, self.high, log=self.log, step=self.step or 1)
+        return trial.suggest_float(self.key, self.low, self.high, log=self.log, step=self.step)
+
+    def value(self, trial_params: Mapping[str, Any]) -> Any:
+        """The param's value in a trial, from what Optuna recorded."""
+        raw = trial_params[self.key]
+        return self._choice(raw) if self.choices is not None else raw
+
+    def _choice(self, label: Any) -> Any:
+        return next(c for c in self.choices if _label(c) == label)
+
+    def as_dict(self) -> dict[str, Any]:
+        if self.choices is not None:
+            return {"choices": list(self.choices)}
+        return {"low": self.low, "high": self.high, "log": self.log, "step": self.step}
+
+
+@dataclass(frozen=True)
+class Search:
+    """What tune.yaml (and --set) ask for."""
+
+    validation: int
+    space: tuple[Dimension, ...]
+    startup_trials: int
+    warmup_epochs: int
+
+
+def _label(choice: Any) -> Any:
+    """How Optuna records a choice: as itself, or a list (e.g. conv_channels) as its text "[16, 32]", which its
+    storage and figures can show."""
+    return f"[{', '.join(str(v) for v in choice)}]" if isinstance(choice, tuple) else choice
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def parse_dimension(key: str, spec: Any, base: Mapping[str, Any], where: str) -> Dimension:
+    """One space entry, checked against params.yaml: a SpaceError naming the entry when it cannot be searched."""
+    entry = f"{where}: space entry {key!r}"
+    section, _, name = key.partition(".")
+    if section not in TUNABLE_SECTIONS or name not in base.get(section, {}) or key in NOT_TUNABLE:
+        tunable = sorted(f"{s}.{k}" for s in TUNABLE_SECTIONS for k in base.get(s, {}) if f"{s}.{k}" not in NOT_TUNABLE)
+        raise SpaceError(f"{entry}: not a param a trial can set; expected one of {', '.join(tunable)}")
+    if isinstance(spec, list):
+        if not spec:
+            raise SpaceError(f"{entry}: an empty list of choices")
+        dimension = Dimension(key, choices=tuple(tuple(v) if isinstance(v, list) else v for v in spec))
+        candidates = list(spec)
+    elif isinstance(spec, dict):
+        unknown = set(spec) - {"low", "high", "log", "step"}
+        if unknown or not {"low", "high"} <= set(spec):
+            raise SpaceError(f"{entry}: expected {{low, high}} with optional log and step, got {spec}")
+        low, high, log, step = spec["low"], spec["high"], spec.get("log", False), spec.get("step")
+        for bound, value in (("low", low), ("high", high), ("step", step)):
+            if value is not None and not _number(value):
+                raise SpaceError(f"{entry}: {bound} {value!r} is not a number")
+        if not low < high:
+            raise SpaceError(f"{entry}: the range [{low}, {high}] is empty or inverted; expected low < high")
+        if not isinstance(log, bool):
+            raise SpaceError(f"{entry}: log {log!r} is not true or false")
+        if log and (low <= 0 or step is not None):
+            raise SpaceError(f"{entry}: a log scale needs low > 0 and no step")
+        if step is not None and step <= 0:
+            raise SpaceError(f"{entry}: step {step} must be > 0")
+        dimension = Dimension(key, low=low, high=high, log=log, step=step)
+        candidates = [low, high]
+    else:
+        raise SpaceError(f"{entry}: expected a list of choices or {{low, high}}, got {spec!r}")
+    for value in candidates:  # each bound or choice must be a valid value of the param itself
+        try:
+            with_params(base, {key: list(value) if isinstance(value, tuple) else value})
+        except config.ConfigError as exc:
+            raise SpaceError(f"{entry}: {exc}") from None
+    return dimension
+
+
+def with_params(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> config.Params:
+    """params.yaml's content with ``overrides`` ({"train.lr": 0.003, ...}), built and checked as the stages do."""
+    raw = {section: dict(values) for section, values in base.items()}
+    for key, value in overrides.items():
+        section, _, name = key.partition(".")
+        raw[section][name] = value
+    return config.Params(**{name: cls.from_dict(raw[name]) for name, cls in config.SECTIONS.items()})
+
+
+def parse_set(item: str) -> tuple[str, Any]:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise SpaceError(f"--set {item!r}: expected KEY=VALUE, e.g. --set 'train.lr={{low: 0.001, high: 0.01}}'")
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise SpaceError(f"--set {item!r}: the value is not YAML") from None
+
+
+def load_search(path: Path, base: Mapping[str, Any], sets: list[str]) -> Search:
+    """tune.yaml with the --set entries on top, every entry checked: a SpaceError before anything is created."""
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise SpaceError(f"{path} is missing: it holds the search space (see the project's tune.yaml)") from None
+    except yaml.YAMLError as exc:
+        raise SpaceError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    unknown = set(raw) - {"validation", "space", "pruner"}
+    if unknown:
+        raise SpaceError(f"{path}: unknown key {sorted(unknown)[0]!r}; expected validation, space, pruner")
+    space = dict(raw.get("space") or {})
+    for item in sets:
+        key, value = parse_set(item)
+        space[key] = value
+    if not space:
+        raise SpaceError(f"{path}: the space is empty; give it at least one param to search")
+    dimensions = tuple(parse_dimension(key, spec, base, str(path)) for key, spec in space.items())
+    validation = raw.get("validation", 5000)
+    if not isinstance(validation, int) or isinstance(validation, bool) or validation < 1:
+        raise SpaceError(f"{path}: validation {validation!r} must be a number of digits >= 1")
+    pruner = raw.get("pruner") or {}
+    startup, warmup = pruner.get("startup_trials", 5), pruner.get("warmup_epochs", 0)
+    for name, value in (("startup_trials", startup), ("warmup_epochs", warmup)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise SpaceError(f"{path}: pruner.{name} {value!r} must be an integer >= 0")
+    return Search(validation, dimensions, startup, warmup)
+
+
+# --- the study -------------------------------------------------------------------------------------------------
+
+
+def default_storage(root: Path) -> str:
+    path = root / DEFAULT_STORAGE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+def open_study(name: str, storage: str, search: Search, seed: int):
+    """Create the study, or load it to continue; a study made with another space is refused (its trials would not
+    compare)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the tuner prints its own progress line per trial
+    study = optuna.create_study(
+        study_name=name,
+        storage=storage,
+        load_if_exists=True,
+        direction="maximize",
+        sampler=optuna.samplers.TPESampler(seed=seed),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=search.startup_trials, n_warmup_steps=search.warmup_epochs),
+    )
+    signature = {"space": {d.key: d.as_dict() for d in search.space}, "validation": search.validation}
+    recorded = study.user_attrs.get("search")
+    if recorded is None:
+        study.set_user_attr("search", yaml.safe_load(yaml.safe_dump(signature)))
+    elif recorded != yaml.safe_load(yaml.safe_dump(signature)):
+        raise SpaceError(f"the study {name!r} was made with another space or validation split; its trials would not "
+                         f"compare: use another --study name, or the space it was made with")  # fmt: skip
+    return study
+
+
+def counts(study) -> dict[str, int]:
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    return {state: sum(t.state == getattr(TrialState, state.upper()) for t in trials)
+            for state in ("complete", "pruned", "fail", "running")}  # fmt: skip
+
+
+def pipeline_command(search: Search, best_params: Mapping[str, Any], study: str, number: int) -> list[str]:
+    """The `dvc exp run` that reruns the real pipeline with the best trial's params (and the full training set)."""
+    command = ["dvc", "exp", "run", "-n", f"{study}-trial-{number}"]
+    for dimension in search.space:
+        value = dimension.value(best_params)
+        command += ["-S", f"{dimension.key}={_yaml_value(value)}"]
+    return command
+
+
+def _yaml_value(value: Any) -> str:
+    """A param value as `dvc exp run -S` reads it: YAML, a list in flow style ([16, 32])."""
+    value = list(value) if isinstance(value, tuple) else value
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def shell_line(command: list[str]) -> str:
+    import shlex
+
+    return " ".join(shlex.quote(part) for part in command)
+
+
+# --- MLflow ----------------------------------------------------------------------------------------------------
+
+
+class Tracking:
+    """The tuner's MLflow runs: one parent per study, one child per trial (client calls: safe across --jobs)."""
+
+    def __init__(self, study: str, storage: str):
+        from mlflow.tracking import MlflowClient
+
+        from mnist_pipeline import repair
+
+        store.configure()
+        self.client = MlflowClient()
+        experiment = self.client.get_experiment_by_name(EXPERIMENT)
+        self.experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(EXPERIMENT)
+        self.owner = repair.owner()
+        self.study = study
+        found = self.client.search_runs(
+            [self.experiment_id], f"tags.`{STUDY_TAG}` = '{study}' and tags.`{ROLE_TAG}` = 'study'", max_results=1
+        )
+        if found:  # the study goes on: so does its run
+            self.parent = found[0].info.run_id
+            self.client.update_run(self.parent, status="RUNNING")
+            self.client.set_tag(self.parent, names.OWNER, self.owner)
+        else:
+            tags = {STUDY_TAG: study, ROLE_TAG: "study", names.OWNER: self.owner, "tune.storage": _safe(storage)}
+            self.parent = self.client.create_run(self.experiment_id, tags=tags, run_name=f"study {study}").info.run_id
+
+    def start_trial(self, number: int, values: Mapping[str, Any], params: config.Params) -> str:
+        tags = {PARENT_TAG: self.parent, STUDY_TAG: self.study, ROLE_TAG: "trial", "tune.trial": str(number),
+                names.OWNER: self.owner}  # fmt: skip
+        run_id = self.client.create_run(self.experiment_id, tags=tags, run_name=f"trial {number}").info.run_id
+        from mlflow.entities import Param
+
+        flat = config.flatten([params.model, params.train])
+        self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in flat.items()])
+        return run_id
+
+    def log_epoch(self, run_id: str, epoch: int, metrics: Mapping[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(run_id, metrics=[Metric(k, v, now, epoch) for k, v in metrics.items()])
+
+    def end_trial(self, run_id: str, state: str) -> None:
+        self.client.set_tag(run_id, STATE_TAG, state)
+        status = {"complete": "FINISHED", "pruned": "FINISHED", "failed": "FAILED", "killed": "KILLED"}[state]
+        self.client.set_terminated(run_id, status)
+
+    def finish(self, study, search: Search, status: str) -> None:
+        """The study's summary on the parent run: counts, best trial and its params, Optuna's figures."""
+        from mlflow.entities import Metric
+
+        done = counts(study)
+        now = int(time.time() * 1000)
+        metrics = [Metric(f"trials_{k}", v, now, 0) for k, v in done.items() if k != "running"]
+        best = _best(study)
+        if best is not None:
+            metrics.append(Metric("best_val_accuracy", best.value, now, 0))
+            self.client.set_tag(self.parent, "tune.best_trial", str(best.number))
+            for d in search.space:
+                self.client.set_tag(self.parent, f"tune.best.{d.key}", _yaml_value(d.value(best.params)))
+        self.client.log_batch(self.parent, metrics=metrics)
+        with tempfile.TemporaryDirectory() as folder:
+            for figure in write_figures(study, Path(folder)):
+                self.client.log_artifact(self.parent, str(figure), "optuna")
+        self.client.set_terminated(self.parent, status)
+
+
+def _safe(storage: str) -> str:
+    """A storage URL without its password, as a tag may show it."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(storage)
+    if parts.password:
+        netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return storage
+
+
+def _best(study):
+    from optuna.trial import TrialState
+
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    return max(complete, key=lambda t: t.value) if complete else None
+
+
+def write_figures(study, folder: Path) -> list[Path]:
+    """Optuna's optimisation history, parameter importances and parallel coordinates as PNG files (those that can
+    be drawn: importances need two finished trials)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna.visualization.matplotlib as figures
+    from optuna.exceptions import ExperimentalWarning
+    from optuna.importance import PedAnovaImportanceEvaluator
+
+    drawn = []
+    with warnings.catch_warnings():
+        # Optuna marks its matplotlib figures experimental and says so on every call; the figures are what we want.
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        # Its parallel-coordinates figure warns through matplotlib for a param every trial gave the same value.
+        warnings.filterwarnings("ignore", "Attempting to set identical low and high ylims", UserWarning)
+        for name, draw in (
+            ("optimization_history", lambda: figures.plot_optimization_history(study)),
+            # PED-ANOVA needs no scikit-learn (fANOVA, Optuna's default, does).
+            (
+                "param_importances",
+                lambda: figures.plot_param_importances(study, evaluator=PedAnovaImportanceEvaluator()),
+            ),
+            ("parallel_coordinate", lambda: figures.plot_parallel_coordinate(study)),
+        ):
+            try:
+                axes = draw()
+            except (ValueError, RuntimeError, ZeroDivisionError):
+                continue  # too few finished trials for this figure yet
+            figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
+            path = folder / f"{name}.png"
+            figure.set_size_inches(9, 5.5)
+            figure.tight_layout()
+            figure.savefig(path, dpi=100)
+            plt.close(figure)
+            drawn.append(path)
+    return drawn
+
+
+# --- running it ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Options:
+    params: Path
+    space: Path
+    sets: list[str]
+    trials: int | None
+    timeout: float | None
+    jobs: int
+    storage: str | None
+    study: str
+    seed: int | None
+    apply: bool
+
+
+def main(options: Options) -> int:
+    root = store.project_root()
+    base = config.read_params(options.params)
+    config.load(options.params)  # params.yaml itself must be valid before any trial is built on it
+    search = load_search(options.space, base, options.sets)
+    if options.trials is None and options.timeout is None:
+        raise SpaceError("give --trials N, --timeout SECONDS or both: the search needs a limit")
+    if options.jobs < 1 or (options.trials is not None and options.trials < 1):
+        raise SpaceError("--trials and --jobs must be at least 1")
+
+    import optuna
+    import torch
+
+    from mnist_pipeline import data, training
+
+    data_dir = root / "data" / "raw"
+    data.verify_folder(data_dir, only=data.TRAIN_FILE_NAMES)  # the training files only: the test split stays unread
+    params = with_params(base, {})
+    seed = params.train.seed if options.seed is None else options.seed
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // options.jobs))
+    device = training.resolve_device(params.train.device)
+    everything = training.Tensors.from_split(data.load_split(data_dir, "train"), device)
+    train_data, validation_data = everything.hold_out(search.validation, params.train.seed)
+
+    storage = options.storage or default_storage(root)
+    study = open_study(options.study, storage, search, seed)
+    tracking = Tracking(options.study, storage)
+    print(f"study {options.study!r} in {_safe(storage)}: {len(train_data):,} training digits, "
+          f"{len(validation_data):,} for validation; MLflow run {tracking.parent[:8]} in experiment {EXPERIMENT!r}",
+          file=sys.stderr)  # fmt: skip
+
+    def objective(trial) -> float:
+        values = {dimension.key: dimension.suggest(trial) for dimension in search.space}
+        trial_params = with_params(base, {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()})
+        run_id = tracking.start_trial(trial.number, values, trial_params)
+        trial.set_user_attr("mlflow_run_id", run_id)
+
+        def on_epoch(metrics: training.EpochMetrics) -> None:
+            tracking.log_epoch(run_id, metrics.epoch, metrics.metrics())
+            trial.report(metrics.val_accuracy, metrics.epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"validation accuracy {metrics.val_accuracy:.4f} after epoch {metrics.epoch}")
+
+        try:
+            with open(os.devnull, "w") as quiet:
+                result = training.train(trial_params.model, trial_params.train, train_data, None, device,
+                                        on_epoch=on_epoch, log=quiet, validation_data=validation_data)  # fmt: skip
+        except optuna.TrialPruned:
+            tracking.end_trial(run_id, "pruned")
+            raise
+        except KeyboardInterrupt:
+            tracking.end_trial(run_id, "killed")
+            raise
+        except BaseException:
+            tracking.end_trial(run_id, "failed")
+            raise
+        tracking.end_trial(run_id, "complete")
+        return result.history[-1].val_accuracy
+
+    started = time.perf_counter()
+
+    def progress(study_, trial) -> None:
+        done = counts(study_)
+        best = _best(study_)
+        finished = done["complete"] + done["pruned"]
+        of = f"{finished}/{options.trials} finished" if options.trials else f"{finished} finished"
+        outcome = (f"validation accuracy {100 * trial.value:.2f}%" if trial.value is not None
+                   else trial.state.name.lower())  # fmt: skip
+        shown = ", ".join(f"{d.key}={_short(d.value(trial.params))}" for d in search.space if d.key in trial.params)
+        best_text = f"best {100 * best.value:.2f}% (trial {best.number})" if best else "no trial finished yet"
+        print(f"trial {trial.number} ({of}): {outcome} [{shown}]  |  {best_text}  |  pruned {done['pruned']}  |  "
+              f"{time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)  # fmt: skip
+
+    callbacks, remaining = [progress], None
+    if options.trials is not None:
+        # --trials counts the study's finished trials, however many processes or runs of this command made them:
+        # a search run again goes on up to N in all, and processes sharing a study stop together.
+        from optuna.study import MaxTrialsCallback
+        from optuna.trial import TrialState
+
+        finished = counts(study)["complete"] + counts(study)["pruned"]
+        remaining = max(0, options.trials - finished)
+        callbacks.append(MaxTrialsCallback(options.trials, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+        if finished:
+            print(f"the study has {finished} finished trials; {remaining} to go", file=sys.stderr)
+    try:
+        if remaining != 0:
+            study.optimize(objective, n_trials=remaining, timeout=options.timeout, n_jobs=options.jobs,
+                           callbacks=callbacks, catch=(), gc_after_trial=False)  # fmt: skip
+    except KeyboardInterrupt:
+        tracking.finish(study, search, "KILLED")
+        raise
+    except Exception:
+        tracking.finish(study, search, "FAILED")
+        raise
+    tracking.finish(study, search, "FINISHED")
+
+    best = _best(study)
+    done = counts(study)
+    print(f"{done['complete']} trials complete, {done['pruned']} pruned, {done['fail']} failed", file=sys.stderr)
+    if best is None:
+        print("no trial finished: nothing to apply", file=sys.stderr)
+        return 1
+    command = pipeline_command(search, best.params, options.study, best.number)
+    print(
+        f"best: trial {best.number}, validation accuracy {100 * best.value:.2f}%. Rerun the pipeline with its "
+        f"params (trained on all {len(everything):,} training digits, evaluated on the test digits):",
+        file=sys.stderr,
+    )
+    print(shell_line(command))
+    if not options.apply:
+        return 0
+    return apply(command, tracking, root)
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(list(value) if isinstance(value, tuple) else value)
+
+
+def apply(command: list[str], tracking: Tracking, root: Path) -> int:
+    """Run the pipeline as one DVC experiment with the winner's params; tag its MLflow run with the study."""
+    import json
+
+    print(f"running {shell_line(command)}", file=sys.stderr, flush=True)
+    done = subprocess.run(command, cwd=root, check=False)
+    if done.returncode != 0:
+        raise PipelineError(f"the pipeline run with the best params failed (exit status {done.returncode})")
+    run_id = json.loads((root / "models" / "mlflow_run.json").read_text())["run_id"]
+    tracking.client.set_tag(run_id, STUDY_TAG, tracking.study)
+    tracking.client.set_tag(tracking.parent, "tune.applied_run", run_id)
+    print(f"the pipeline's MLflow run {run_id[:8]} is tagged {STUDY_TAG}={tracking.study}", file=sys.stderr)
+    return 0
