@@ -108,6 +108,7 @@ PROJECT_FILES = [
     "src",
     "requirements",
     "plots",
+    "tune.yaml",
 ]
 TINY = {
     "model": {"conv_channels": [4], "kernel_size": 3, "hidden": 16, "dropout": 0.0},

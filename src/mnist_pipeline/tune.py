@@ -206,7 +206,8 @@ def open_study(name: str, storage: str, search: Search, seed: int):
     compare)."""
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the tuner prints its own progress line per trial
+    # The tuner prints a line per trial; Optuna's warnings would repeat a stopped trial's error with its traceback.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = optuna.create_study(
         study_name=name,
         storage=storage,
@@ -271,16 +272,18 @@ class Tracking:
         self.experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(EXPERIMENT)
         self.owner = repair.owner()
         self.study = study
-        found = self.client.search_runs(
-            [self.experiment_id], f"tags.`{STUDY_TAG}` = '{study}' and tags.`{ROLE_TAG}` = 'study'", max_results=1
-        )
-        if found:  # the study goes on: so does its run
-            self.parent = found[0].info.run_id
-            self.client.update_run(self.parent, status="RUNNING")
-            self.client.set_tag(self.parent, names.OWNER, self.owner)
-        else:
-            tags = {STUDY_TAG: study, ROLE_TAG: "study", names.OWNER: self.owner, "tune.storage": _safe(storage)}
-            self.parent = self.client.create_run(self.experiment_id, tags=tags, run_name=f"study {study}").info.run_id
+        with store.lock(store.tracking_uri()):  # processes sharing a study share its run: one creates it
+            found = self.client.search_runs(
+                [self.experiment_id], f"tags.`{STUDY_TAG}` = '{study}' and tags.`{ROLE_TAG}` = 'study'", max_results=1
+            )
+            if found:  # the study goes on: so does its run
+                self.parent = found[0].info.run_id
+                self.client.update_run(self.parent, status="RUNNING")
+            else:
+                tags = {STUDY_TAG: study, ROLE_TAG: "study", "tune.storage": _safe(storage)}
+                self.parent = self.client.create_run(
+                    self.experiment_id, tags=tags, run_name=f"study {study}"
+                ).info.run_id
 
     def start_trial(self, number: int, values: Mapping[str, Any], params: config.Params) -> str:
         tags = {PARENT_TAG: self.parent, STUDY_TAG: self.study, ROLE_TAG: "trial", "tune.trial": str(number),
@@ -304,8 +307,16 @@ class Tracking:
         self.client.set_terminated(run_id, status)
 
     def finish(self, study, search: Search, status: str) -> None:
-        """The study's summary on the parent run: counts, best trial and its params, Optuna's figures."""
+        """The study's summary on the parent run: counts, best trial and its params, Optuna's figures. A trial run of
+        this process still open (a Ctrl-C between two MLflow calls) is ended KILLED."""
         from mlflow.entities import Metric
+
+        open_trials = self.client.search_runs(
+            [self.experiment_id], f"tags.`{PARENT_TAG}` = '{self.parent}' and attributes.status = 'RUNNING'"
+        )
+        for run in open_trials:
+            if run.data.tags.get(names.OWNER) == self.owner:
+                self.end_trial(run.info.run_id, "killed")
 
         done = counts(study)
         now = int(time.time() * 1000)
@@ -434,6 +445,7 @@ def main(options: Options) -> int:
         trial_params = with_params(base, {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()})
         run_id = tracking.start_trial(trial.number, values, trial_params)
         trial.set_user_attr("mlflow_run_id", run_id)
+        trial.set_user_attr("worker", tracking.owner)  # which process ran it (several may share a study)
 
         def on_epoch(metrics: training.EpochMetrics) -> None:
             tracking.log_epoch(run_id, metrics.epoch, metrics.metrics())
