@@ -260,7 +260,7 @@ def test_killed_at_any_moment_of_export_the_next_repro_leaves_the_registry_whole
     client = store(repo)
     moments = [
         "ONNX parity on",  # checked, nothing logged yet
-        "Created version",  # MLflow has just created the version: no tags, no aliases
+        "registering mnist-cnn version",  # the version has just been created: no tags, no aliases
         "registered mnist-cnn version",  # registered with its aliases; reports/export.json not written
     ]
     outputs = [repro_killed_at(repo, http_mirror, moment) for moment in moments]

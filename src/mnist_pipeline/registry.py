@@ -179,6 +179,7 @@ def _register(client: MlflowClient, model_uri: str, name: str, test_accuracy: fl
     run = mlflow.active_run()
     # Marked until it has all its tags: a registration that dies half-way leaves a version `repair` recognises.
     version = int(_new_version(client, model_uri, name, run.info.run_id, tags={names.REGISTERING: "1"}).version)
+    print(f"registering {name} version {version}: tags, then aliases", file=log, flush=True)
     try:
         promote, reason = promotion(test_accuracy, champion, min_delta)
         tags = {
