@@ -285,7 +285,7 @@ class Tracking:
                     self.experiment_id, tags=tags, run_name=f"study {study}"
                 ).info.run_id
 
-    def start_trial(self, number: int, values: Mapping[str, Any], params: config.Params) -> str:
+    def start_trial(self, number: int, params: config.Params) -> str:
         tags = {PARENT_TAG: self.parent, STUDY_TAG: self.study, ROLE_TAG: "trial", "tune.trial": str(number),
                 names.OWNER: self.owner}  # fmt: skip
         run_id = self.client.create_run(self.experiment_id, tags=tags, run_name=f"trial {number}").info.run_id
@@ -443,7 +443,7 @@ def main(options: Options) -> int:
     def objective(trial) -> float:
         values = {dimension.key: dimension.suggest(trial) for dimension in search.space}
         trial_params = with_params(base, {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()})
-        run_id = tracking.start_trial(trial.number, values, trial_params)
+        run_id = tracking.start_trial(trial.number, trial_params)
         trial.set_user_attr("mlflow_run_id", run_id)
         trial.set_user_attr("worker", tracking.owner)  # which process ran it (several may share a study)
 
