@@ -153,7 +153,7 @@ examples:
   mnist-pipeline tune --trials 20                       # the space of tune.yaml; run it again to go on
   mnist-pipeline tune --trials 20 --timeout 1800 --apply   # then run the pipeline with the winner
   mnist-pipeline tune --trials 40 --set 'train.lr={low: 0.002, high: 0.02, log: true}'
-  mnist-pipeline tune --trials 100 --storage postgresql://user@db-host/optuna   # several machines, one study"""
+  mnist-pipeline tune --trials 100 --storage postgresql+psycopg://user@db-host/optuna   # several machines"""
 
 REPRODUCE_EXAMPLES = """\
 examples:
@@ -240,11 +240,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "command again continues it. Every trial is an MLflow child run of the study's run, in the "
                    "experiment mnist-pipeline-tune. At the end it prints the `dvc exp run -S ...` command that "
                    "reruns the real pipeline with the best params.", TUNE_EXAMPLES)  # fmt: skip
-    tune.add_argument("--trials", type=int, help="stop once the study has N finished trials (complete or pruned)")
-    tune.add_argument("--timeout", type=float, help="stop starting trials after SECONDS (default: no limit)")
-    tune.add_argument("--jobs", type=int, default=1, help="trials run at once in this process (default: %(default)s)")
-    tune.add_argument("--storage", help="an Optuna storage URL shared by several machines, e.g. "
-                                        "postgresql://user@host/db (default: sqlite:///tuning/optuna.db)")  # fmt: skip
+    tune.add_argument("--trials", type=int, metavar="N",
+                      help="stop once the study has N finished trials (complete or pruned)")  # fmt: skip
+    tune.add_argument("--timeout", type=float, metavar="SECONDS",
+                      help="stop starting trials after SECONDS (default: no limit)")  # fmt: skip
+    tune.add_argument("--jobs", type=int, default=1, metavar="J",
+                      help="trials run at once in this process (default: %(default)s)")  # fmt: skip
+    tune.add_argument("--storage", metavar="URL", help="an Optuna storage URL shared by several machines, e.g. "
+                      "postgresql+psycopg://user@host/db (default: sqlite:///tuning/optuna.db)")  # fmt: skip
     tune.add_argument("--study", default="mnist-tune", help="the study's name (default: %(default)s)")
     tune.add_argument("--space", type=Path, default=Path("tune.yaml"),
                       help="the search space and validation split (default: %(default)s)")  # fmt: skip
