@@ -87,10 +87,15 @@ def test_a_tracking_process_that_cannot_start_is_a_clear_error(store, monkeypatc
 
 
 def test_a_signal_during_a_held_block_waits_for_its_end():
+    # Python's own Ctrl-C handler, even where the suite was started with SIGINT ignored (`cmd &` in a script).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     done = []
-    with pytest.raises(KeyboardInterrupt):
-        with interrupts_held():
-            os.kill(os.getpid(), signal.SIGINT)
-            done.append("logged")
-            done.append("saved")
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with interrupts_held():
+                os.kill(os.getpid(), signal.SIGINT)
+                done.append("logged")
+                done.append("saved")
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert done == ["logged", "saved"]

@@ -97,6 +97,10 @@ def study_of(repo: Path, name: str = "mnist-tune", storage: str | None = None):
     return optuna.load_study(study_name=name, storage=storage or f"sqlite:///{repo}/tuning/optuna.db")
 
 
+def in_study(run, name: str = "mnist-tune") -> bool:
+    return run.data.tags.get(tune.STUDY_TAG) == name
+
+
 def tuner_runs(repo: Path):
     client = mlflow(repo)
     experiment = client.get_experiment_by_name(tune.EXPERIMENT)
@@ -115,6 +119,7 @@ def searched(tmp_path_factory, http_mirror, mirror_md5):
         (repo / "data" / "raw" / name).unlink()
     first = run(repo, http_mirror, *tune_cmd("--trials", "3"))
     second = run(repo, http_mirror, *tune_cmd("--trials", "5"))
+    assert not list((repo / "data" / "raw").glob("t10k-*"))  # both searches ran without the test split
     return repo, first, second
 
 
@@ -123,7 +128,6 @@ def test_a_search_prunes_resumes_and_never_reads_the_test_split(searched):
     repo, first, second = searched
     assert first.returncode == 0, first.stderr
     assert second.returncode == 0, second.stderr
-    assert not (repo / "data" / "raw" / "t10k-images-idx3-ubyte").exists()  # the test split was never there
     assert "the study has 3 finished trials; 2 to go" in second.stderr
     trials = study_of(repo).get_trials()
     states = [t.state for t in trials]
@@ -137,7 +141,7 @@ def test_a_search_prunes_resumes_and_never_reads_the_test_split(searched):
 @pytest.mark.e2e
 def test_each_trial_is_a_child_run_of_the_studys_run_with_its_figures(searched):
     repo, _, _ = searched
-    runs = tuner_runs(repo)
+    runs = [r for r in tuner_runs(repo) if in_study(r)]  # other tests of this module make studies of their own
     (parent,) = [r for r in runs if r.data.tags.get(tune.ROLE_TAG) == "study"]
     children = [r for r in runs if r.data.tags.get(tune.ROLE_TAG) == "trial"]
     assert parent.data.tags[tune.STUDY_TAG] == "mnist-tune" and parent.info.status == "FINISHED"
@@ -170,7 +174,7 @@ def test_apply_runs_the_pipeline_once_with_the_winner(searched, http_mirror):
     assert applied_run.data.tags["dvc_exp_name"] == f"mnist-tune-trial-{best.number}"
     assert applied_run.data.params["train.lr"] == str(best.params["train.lr"])
     assert "final_test_accuracy" in applied_run.data.metrics  # the pipeline's own evaluate stage
-    (parent,) = [r for r in tuner_runs(repo) if r.data.tags.get(tune.ROLE_TAG) == "study"]
+    (parent,) = [r for r in tuner_runs(repo) if r.data.tags.get(tune.ROLE_TAG) == "study" and in_study(r)]
     assert parent.data.tags["tune.applied_run"] == applied_run.info.run_id
     version = client.get_model_version_by_alias("mnist-cnn", "candidate")
     assert version.run_id == applied_run.info.run_id
