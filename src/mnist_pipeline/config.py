@@ -266,10 +266,14 @@ class Params:
 
 def load(path: Path) -> Params:
     """Build and validate every section of params.yaml: a typo anywhere stops any stage before it starts work."""
-    raw = read_params(path)
+    return build(read_params(path), str(path))
+
+
+def build(raw: dict[str, Any], source: str = "params.yaml") -> Params:
+    """Every section from the content of a params file (as `read_params` returns it), validated."""
     for name in SECTIONS:
         if name not in raw:
-            raise ConfigError(f"{path}: missing section {name!r}")
+            raise ConfigError(f"{source}: missing section {name!r}")
     return Params(**{name: cls.from_dict(raw[name]) for name, cls in SECTIONS.items()})
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -33,7 +34,6 @@ from mnist_pipeline.errors import PipelineError
 
 EXPERIMENT = "mnist-pipeline-tune"
 DEFAULT_STORAGE_FILE = Path("tuning") / "optuna.db"  # under the project root
-DEFAULT_STUDY = "mnist-tune"
 # Keys a trial may set: what shapes the model and its training. Not the device, threads or process count (where it
 # runs), the validation split (the tuner's own), nor printing and resuming.
 TUNABLE_SECTIONS = ("model", "train")
@@ -150,7 +150,7 @@ def with_params(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> config
     for key, value in overrides.items():
         section, _, name = key.partition(".")
         raw[section][name] = value
-    return config.Params(**{name: cls.from_dict(raw[name]) for name, cls in config.SECTIONS.items()})
+    return config.build(raw)
 
 
 def parse_set(item: str) -> tuple[str, Any]:
@@ -418,6 +418,8 @@ def main(options: Options) -> int:
         raise SpaceError("give --trials N, --timeout SECONDS or both: the search needs a limit")
     if options.jobs < 1 or (options.trials is not None and options.trials < 1):
         raise SpaceError("--trials and --jobs must be at least 1")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", options.study):
+        raise SpaceError(f"--study {options.study!r}: use letters, digits, '_', '.', '-' (it names a DVC experiment)")
 
     import optuna
     import torch
