@@ -140,7 +140,7 @@ def test_a_pickled_model_is_refused_unless_allowed(local_store, tmp_path):
         earlier = mlflow.pytorch.log_model(model, name="pt2", serialization_format="pt2", input_example=example,
                                            pip_requirements=["torch"]).model_uri  # fmt: skip
         safe = log_onnx(model, tmp_path)
-    with pytest.raises(PipelineError, match=r"stored with pickle, .* pass --allow-pickle only if you trust"):
+    with pytest.raises(PipelineError, match=r"would run code it carries .* pass --allow-pickle only if you trust"):
         predict.load_model(pickled)
     digits = np.zeros((2, 1, 28, 28), np.float32)
     assert predict.load_model(safe)(digits).shape == (2, 10)

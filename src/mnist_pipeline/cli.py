@@ -116,18 +116,12 @@ def _tune(args: argparse.Namespace) -> None:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    import os
+    from mnist_pipeline import predict, serving, store
 
-    from mnist_pipeline import predict, registry, store
-
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store.configure()}
-    args.model = args.model or predict.champion()
-    registry.fetch_model(args.model, args.allow_pickle)  # refuses a pickled model before anything listens
-    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", args.model, "--env-manager", "local",
-           "--host", args.host, "--port", str(args.port)]  # fmt: skip
-    _warn_if_exposed(args.host, args.port, f"the model {args.model} (anyone can send it requests)")
-    print(f"serving {args.model} on http://{args.host}:{args.port}/invocations", file=sys.stderr)
-    sys.exit(run_server(cmd, env))
+    store.configure()
+    model = args.model or predict.champion()
+    _warn_if_exposed(args.host, args.port, f"the model {model} (anyone can send it requests)")
+    serving.serve(model, args.host, args.port, args.allow_pickle, args.allowed_hosts)
 
 
 DESCRIPTION = """\
@@ -200,11 +194,15 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
     predict.set_defaults(func=_predict)
 
-    serve = command("serve", "serve a registered model over REST with `mlflow models serve`",
-                    "Serve a registered model over REST (`mlflow models serve`, in this environment): POST digits "
-                    "to /invocations, see docs/using-the-model.md. Ctrl-C stops it.")  # fmt: skip
+    serve = command("serve", "serve a registered model over REST with MLflow's scoring app",
+                    "Serve a registered model over REST with MLflow's scoring app (as `mlflow models serve` does), "
+                    "behind a Host check, a body-size limit and a check of every input against the model's "
+                    "signature: POST digits to /invocations, see docs/using-the-model.md. Ctrl-C stops it.")  # fmt: skip
     serve.add_argument("--model", help="an MLflow model URI (default: models:/<export.model_name>@champion)")
     host_and_port(serve, 5001)
+    serve.add_argument("--allowed-hosts", type=lambda v: [h.strip() for h in v.split(",") if h.strip()], default=[],
+                       metavar="NAMES", help="comma-separated host names requests may address besides this "
+                       "machine's loopback names and --host (e.g. the name of a reverse proxy)")  # fmt: skip
     serve.add_argument("--allow-pickle", action="store_true", help=ALLOW_PICKLE_HELP)
     serve.set_defaults(func=_serve)
 

@@ -15,13 +15,16 @@ class PipelineError(Exception):
     """
 
 
+# Ctrl-C, a scheduler's or torchrun's stop, and a closed terminal or dropped SSH session: each stops a command the
+# same way, servers it started included.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 GC_THRESHOLD = 100_000  # objects allocated between two collections of the youngest generation (Python: 700)
 
 
 def run_main(main) -> None:
     """Run a stage's or command's ``main()``; a PipelineError becomes one line on stderr and exit status 1.
 
-    SIGTERM (a scheduler's or torchrun's stop) is handled like Ctrl-C: a KeyboardInterrupt unwinds the stack, so
+    SIGTERM (a scheduler's or torchrun's stop) and SIGHUP (a closed terminal) are handled like Ctrl-C: a KeyboardInterrupt unwinds the stack, so
     that open MLflow runs end KILLED and files being written are abandoned before they replace anything. Signals
     that follow the first are ignored while that happens (torchrun relays a Ctrl-C as a second signal); kill -9
     still stops everything, and the next run recovers from it.
@@ -38,12 +41,12 @@ def run_main(main) -> None:
     gc.set_threshold(GC_THRESHOLD, 20, 20)
 
     def interrupt(signum, frame):
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
-    signal.signal(signal.SIGINT, interrupt)
-    signal.signal(signal.SIGTERM, interrupt)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, interrupt)
     try:
         main()
     except PipelineError as exc:
@@ -64,13 +67,13 @@ def run_main(main) -> None:
 
 @contextmanager
 def interrupts_held() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM for the length of a block that must not be cut in two; a signal that arrives
+    """Hold the stop signals for the length of a block that must not be cut in two; a signal that arrives
     meanwhile is acted on (as KeyboardInterrupt) when the block ends. Outside the main thread: no effect."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     received: list[int] = []
-    held = (signal.SIGINT, signal.SIGTERM)
+    held = STOP_SIGNALS
     previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum)) for sig in held}
     try:
         yield

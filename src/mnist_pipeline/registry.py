@@ -87,29 +87,55 @@ def predict_with_logged_model(model_uri: str, digits_path: str | Path) -> list[l
     return np.asarray(output["logits"] if isinstance(output, dict) else output).tolist()
 
 
-def fetch_model(model_uri: str, allow_pickle: bool = False) -> tuple[Path, dict]:
-    """Download an MLflow model; return its folder and its flavors. A PyTorch model stored with pickle is refused
-    unless allowed.
+PICKLE_REFUSED = ("loading it would run code it carries ({why}); pass --allow-pickle only if you trust where it "
+                  "came from")
 
-    The pipeline registers ONNX models (earlier versions: PyTorch ``torch.export`` archives); both load as data.
-    A model saved with pickle runs whatever code its author put in it when it is loaded, so it needs the user's
-    explicit ``allow_pickle``.
+
+def fetch_model(model_uri: str, allow_pickle: bool = False, loader: str = "predict") -> Path:
+    """Download an MLflow model and check that what ``loader`` will load of it is data, not code; return its folder.
+
+    ``loader``: ``"predict"`` (`load_model` below: the ``onnx`` flavor's file in onnxruntime, else the ``pytorch``
+    flavor's ``torch.export`` archive) or ``"python_function"`` (what ``mlflow.pyfunc.load_model`` and the scoring
+    server load: the module its ``loader_module`` names, with its ``code`` folder first on ``sys.path``). A flavor
+    list that looks safe is not enough: a folder may carry an ``onnx`` flavor beside a ``python_function`` flavor
+    that unpickles ``python_model.pkl``. Unless ``allow_pickle``, anything but ONNX or ``torch.export`` is refused.
     """
     import yaml
 
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
-    flavors = yaml.safe_load((local / "MLmodel").read_text()).get("flavors", {})
+    try:
+        flavors = yaml.safe_load((local / "MLmodel").read_text()).get("flavors") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        raise PipelineError(f"model {model_uri}: no readable MLmodel file; not an MLflow model") from None
+    why = _code_it_would_run(local, flavors, loader)
+    if why and not allow_pickle:
+        raise PipelineError(f"model {model_uri}: " + PICKLE_REFUSED.format(why=why))
+    return local
+
+
+def _code_it_would_run(local: Path, flavors: dict, loader: str) -> str | None:
+    """Why loading this model with ``loader`` could run code it carries, or None when it loads as data only."""
+    if loader == "python_function":
+        pyfunc = flavors.get("python_function") or {}
+        module = pyfunc.get("loader_module")
+        if pyfunc.get("code"):
+            return f"its python_function flavor puts its own code folder {pyfunc['code']!r} on the import path"
+        if module == "mlflow.onnx":
+            return None
+        if module == "mlflow.pytorch" and _is_export_archive(local, flavors.get("pytorch")):
+            return None
+        return f"its python_function flavor loads with {module or 'no loader'!r}, which unpickles"
     if "onnx" in flavors:
-        return local, flavors
-    pytorch = flavors.get("pytorch")
-    if pytorch is None:
-        raise PipelineError(f"model {model_uri} is neither an ONNX nor a PyTorch model logged with MLflow")
-    if not (local / pytorch.get("model_data", "data") / "model.pt2").is_file() and not allow_pickle:
-        raise PipelineError(
-            f"model {model_uri} is stored with pickle, and loading it would run any code it contains; pass "
-            "--allow-pickle only if you trust where it came from"
-        )
-    return local, flavors
+        return None
+    if _is_export_archive(local, flavors.get("pytorch")):
+        return None
+    return "it is neither ONNX nor a torch.export archive; " + (
+        "its PyTorch model is pickled" if "pytorch" in flavors else f"its flavors are {', '.join(flavors) or 'none'}"
+    )
+
+
+def _is_export_archive(local: Path, pytorch: dict | None) -> bool:
+    return bool(pytorch) and (local / pytorch.get("model_data", "data") / "model.pt2").is_file()
 
 
 def load_model(model_uri: str, allow_pickle: bool = False):
@@ -117,11 +143,17 @@ def load_model(model_uri: str, allow_pickle: bool = False):
 
     ONNX models run in onnxruntime, without importing torch; PyTorch ones (registered by earlier versions) need it.
     """
-    local, flavors = fetch_model(model_uri, allow_pickle)
+    import yaml
+
+    local = fetch_model(model_uri, allow_pickle)
+    flavors = yaml.safe_load((local / "MLmodel").read_text())["flavors"]
     if "onnx" in flavors:
         from mnist_pipeline.onnx_runtime import load_onnx
 
-        return load_onnx(local / flavors["onnx"]["data"])
+        onnx_file = (local / flavors["onnx"]["data"]).resolve()
+        if not onnx_file.is_relative_to(local.resolve()):
+            raise PipelineError(f"model {model_uri}: its onnx flavor names a file outside the model's folder")
+        return load_onnx(onnx_file)
     import mlflow.pytorch
     import torch
 
