@@ -176,8 +176,64 @@ def test_a_mirror_that_trickles_is_given_up_after_the_deadline(monkeypatch):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setattr(data, "DOWNLOAD_DEADLINE_S", 1)
     try:
-        with pytest.raises(PipelineError, match=r"/x.gz is too slow: \d bytes in 1 s"):
+        with pytest.raises(PipelineError, match=r"/x.gz is too slow: [\d,]+ bytes of the answer in 1 s"):
             data.fetch(f"http://127.0.0.1:{server.server_address[1]}/", "x.gz")
     finally:
         server.shutdown()
         server.server_close()
+
+
+class _TrickleHeaders(http.server.BaseHTTPRequestHandler):
+    """Sends its status line, then its headers one byte every 0.2 s (for at most a minute)."""
+
+    def do_GET(self):
+        self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+        self.wfile.flush()
+        for byte in b"X-Slow: " + b"a" * 300:
+            try:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+            except OSError:  # the client gave up
+                return
+            time.sleep(0.2)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def trickling_headers():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _TrickleHeaders)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_mirror_that_trickles_its_headers_is_given_up_after_the_deadline(monkeypatch, trickling_headers):
+    """The deadline covers the whole exchange: connecting, the headers and the body."""
+    monkeypatch.setattr(data, "DOWNLOAD_DEADLINE_S", 1)
+    with pytest.raises(PipelineError, match=r"/x.gz is too slow: 0 bytes of the answer in 1 s"):
+        data.fetch(trickling_headers + "/", "x.gz")
+
+
+def test_a_tracking_server_that_trickles_its_headers_is_named_in_one_line(monkeypatch, trickling_headers):
+    from mnist_pipeline import store
+
+    monkeypatch.setattr(store, "PROBE_TIMEOUT_S", 1)
+    with pytest.raises(PipelineError, match=r"tracking server http://127.0.0.1:\d+ does not answer \(no whole answer"):
+        store._check_server(trickling_headers)
+
+
+def test_a_mirror_folder_holding_a_huge_file_is_refused_without_reading_it(tmp_path):
+    with (tmp_path / "train-images-idx3-ubyte.gz").open("wb") as f:
+        f.truncate(8 * 2**30)  # 8 GiB, sparse
+    tracemalloc.start()
+    try:
+        with pytest.raises(PipelineError, match=r"is larger than \d+ bytes"):
+            data.fetch(str(tmp_path), "train-images-idx3-ubyte.gz")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * data.MAX_GZ_BYTES

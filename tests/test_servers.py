@@ -47,8 +47,10 @@ def port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def test_ui_stopped_by_its_pid_leaves_no_server_behind(tmp_path):
-    sig = signal.SIGTERM  # what a process manager or `kill <pid>` sends; Ctrl-C takes the same path
+# SIGTERM: what a process manager or `kill <pid>` sends (Ctrl-C takes the same path); SIGHUP: a closed terminal or a
+# dropped SSH session.
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_ui_stopped_by_its_pid_leaves_no_server_behind(tmp_path, sig):
     (tmp_path / "mlruns").mkdir()
     port = free_port()
     ui = subprocess.Popen(["mnist-pipeline", "ui", "--port", str(port)], cwd=tmp_path, env=user_env(),

@@ -8,6 +8,7 @@ the MD5 of its decompressed content (mirrors often recompress, which changes the
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import sys
 import time
@@ -21,6 +22,7 @@ from typing import TextIO
 
 import numpy as np
 
+from mnist_pipeline import network
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.files import write_atomic
 
@@ -89,7 +91,9 @@ FILE_NAMES = tuple(f.name for f in MNIST_FILES)
 TRAIN_FILE_NAMES = tuple(name for name in FILE_NAMES if name.startswith("train-"))
 
 DOWNLOAD_TIMEOUT_S = 30  # for a mirror to answer, and between two pieces of a file
-DOWNLOAD_DEADLINE_S = 300  # for a whole file (MNIST's largest is 9.9 MB): a mirror slower than that is skipped
+# For the whole exchange of one file (connecting, headers, body; MNIST's largest is 9.9 MB): a mirror slower than
+# that is skipped, however it trickles.
+DOWNLOAD_DEADLINE_S = 300
 MAX_GZ_BYTES = 64 * 2**20  # the largest MNIST .gz is under 10 MiB; refuse anything absurd
 # The decompressed size of each file of MNIST, Fashion-MNIST and KMNIST (60,000 and 10,000 28x28 images); a file of
 # one's own in MNIST's format (data.expected_md5) may be up to MAX_IDX_BYTES. Nothing is inflated beyond these: a
@@ -164,19 +168,27 @@ def fetch(mirror: str, filename: str) -> bytes:
         path = Path(mirror).expanduser() / filename
         if not path.is_file():
             raise PipelineError(f"{path} does not exist")
-        return path.read_bytes()
+        with path.open("rb") as f:  # read at most one byte past the limit, whatever the file's size
+            data = f.read(MAX_GZ_BYTES + 1)
+        if len(data) > MAX_GZ_BYTES:
+            raise PipelineError(f"{path} is larger than {MAX_GZ_BYTES} bytes")
+        return data
     url = mirror.rstrip("/") + "/" + filename
     request = urllib.request.Request(url, headers={"User-Agent": "mnist-pipeline"})
-    deadline = time.monotonic() + DOWNLOAD_DEADLINE_S
     chunks, size = [], 0
-    with urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_S) as response:
-        while chunk := response.read1(2**16):  # whatever has arrived: a trickle cannot hold a read open
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > MAX_GZ_BYTES:
-                raise PipelineError(f"{url} is larger than {MAX_GZ_BYTES} bytes")
-            if time.monotonic() > deadline:
-                raise PipelineError(f"{url} is too slow: {size:,} bytes in {DOWNLOAD_DEADLINE_S} s")
+    with network.deadline(DOWNLOAD_DEADLINE_S) as (urlopen, deadline):
+        try:
+            with urlopen(request, timeout=DOWNLOAD_TIMEOUT_S) as response:
+                while chunk := response.read1(2**16):  # whatever has arrived: a trickle cannot hold a read open
+                    chunks.append(chunk)
+                    size += len(chunk)
+                    if size > MAX_GZ_BYTES:
+                        raise PipelineError(f"{url} is larger than {MAX_GZ_BYTES} bytes")
+        except (OSError, http.client.HTTPException) as exc:
+            if not deadline.expired.is_set():
+                raise OSError(_reason(exc)) from None
+        if deadline.expired.is_set():  # the connection was cut: whatever was read is incomplete
+            raise PipelineError(f"{url} is too slow: {size:,} bytes of the answer in {DOWNLOAD_DEADLINE_S} s")
     return b"".join(chunks)
 
 

@@ -8,6 +8,7 @@ still log to the user's store rather than into a copy that is deleted afterwards
 
 from __future__ import annotations
 
+import http.client
 import logging
 import os
 import urllib.error
@@ -132,12 +133,21 @@ def _check_server(uri: str) -> None:
         return
     for name, value in HTTP_RETRY_DEFAULTS.items():
         os.environ.setdefault(name, value)
-    try:
-        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=PROBE_TIMEOUT_S).close()
-    except urllib.error.HTTPError:
-        return  # it answers (perhaps asking for credentials, which MLflow's own requests carry)
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", None) or exc
+    from mnist_pipeline import network
+
+    with network.deadline(PROBE_TIMEOUT_S) as (urlopen, deadline):
+        try:
+            with urlopen(f"{uri.rstrip('/')}/health", timeout=PROBE_TIMEOUT_S) as response:
+                response.read(2**16)
+            reason = None
+        except urllib.error.HTTPError:
+            reason = None  # it answers (perhaps asking for credentials, which MLflow's own requests carry)
+        except (OSError, http.client.HTTPException) as exc:
+            reason = getattr(exc, "reason", None) or exc
+        if deadline.expired.is_set():  # cut off: what came may look whole but is not
+            reason = f"no whole answer within {PROBE_TIMEOUT_S} s"
+        if reason is None:
+            return
         raise PipelineError(
             f"the MLflow tracking server {uri} does not answer ({reason}); check that it is running and "
             "reachable from here, or unset MLFLOW_TRACKING_URI to use the local store in mlruns/"
