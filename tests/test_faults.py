@@ -115,12 +115,13 @@ def test_a_tracking_server_that_does_not_answer_stops_the_pipeline_before_traini
     repo = make_repo(tmp_path, mirror_md5)
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     out = run(repo, http_mirror, "dvc", "repro", MLFLOW_TRACKING_URI=uri)
-    assert out.returncode != 0 and ran_stages(out) == ["download", "train"]
+    assert out.returncode != 0 and ran_stages(out) == ["params", "download", "train"]
     (line,) = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert line.startswith(f"error: the MLflow tracking server {uri} does not answer (")
     assert "check that it is running" in line and "Traceback" not in out.stderr
     assert "epoch 1" not in out.stderr  # before any training
-    assert not (repo / "models").exists() and not (repo / "reports").exists()
+    assert not (repo / "models").exists()  # nothing trained or written but the params check
+    assert [p.name for p in (repo / "reports").iterdir()] == ["params_checked.txt"]
 
 
 class Relay:
@@ -289,9 +290,9 @@ def test_killed_at_any_moment_of_export_the_next_repro_leaves_the_registry_whole
     params_file = repo / "params.yaml"
     before = params_file.read_text()
     params_file.write_text(before.replace("promote_min_delta: 0.0", "promote_min_delta: 0.5"))
-    assert ran_stages(run(repo, http_mirror, "dvc", "repro")) == ["export"]
+    assert ran_stages(run(repo, http_mirror, "dvc", "repro")) == ["params", "export"]
     params_file.write_text(before)
     back = run(repo, http_mirror, "dvc", "repro")
-    assert ran_stages(back) == ["export"] and "skipping run" not in back.stdout
+    assert ran_stages(back) == ["params", "export"] and "skipping run" not in back.stdout
     report = json.loads((repo / "reports/export.json").read_text())["registered"]
     assert int(client.get_model_version_by_alias("mnist-cnn", "candidate").version) == report["version"]

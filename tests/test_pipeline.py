@@ -98,7 +98,7 @@ SECRETS = {
 
 def test_first_repro_runs_all_four_stages(pipeline):
     repo, first = pipeline
-    assert ran_stages(first) == ["download", "train", "evaluate", "export"]
+    assert ran_stages(first) == ["params", "download", "train", "evaluate", "export"]
     assert "epoch 2/2 done: train loss (epoch mean)" in first.stderr  # progress and per-epoch test metrics
     assert "Traceback" not in first.stderr
     # A clean run prints no library warnings, nor MLflow's notices about creating its database.
@@ -222,6 +222,31 @@ def test_predict_on_png_files_agrees_with_the_evaluate_stage(pipeline, http_mirr
     assert predicted == evaluated_predictions(repo, 40)
 
 
+def test_a_moved_copy_of_the_project_loads_its_champion_from_its_own_store(pipeline, http_mirror, tmp_path):
+    """`cp -a project elsewhere`, then `predict` there: the champion loads from the copy's own mlruns/ (the
+    original's is put out of reach meanwhile, so nothing can be read from it)."""
+    repo, _ = pipeline
+    moved = tmp_path / "moved-project"
+    shutil.copytree(repo, moved, symlinks=True)
+    image = tmp_path / "digit.png"
+    Image.fromarray(
+        np.fromfile(repo / "data/raw/t10k-images-idx3-ubyte", np.uint8, offset=16)[:784].reshape(28, 28)
+    ).save(image)
+    away = repo.parent / "mlruns-out-of-reach"
+    (repo / "mlruns").rename(away)
+    try:
+        out = run(moved, http_mirror, "mnist-pipeline", "predict", str(image))
+    finally:
+        away.rename(repo / "mlruns")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\t")[1] == str(evaluated_predictions(repo, 1)[0])
+    assert "artifact paths now point to" in out.stderr
+    moved_store = MlflowClient(tracking_uri=f"sqlite:///{moved}/mlruns/mlflow.db")
+    champion = moved_store.get_model_version_by_alias("mnist-cnn", "champion")
+    logged = moved_store.get_logged_model(champion.source.removeprefix("models:/"))
+    assert logged.artifact_location.startswith(str(moved / "mlruns"))
+
+
 # Chromium as root, headless, with no calls home (this machine's network is closed).
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
@@ -269,15 +294,44 @@ def test_params_that_cannot_change_the_model_rerun_nothing(pipeline, http_mirror
     try:
         again = run(repo, http_mirror, "dvc", "repro")
         assert again.returncode == 0, again.stdout + again.stderr
-        assert ran_stages(again) == []
+        assert ran_stages(again) == ["params"]  # the whole file is checked again; nothing else reruns
     finally:
         params_file.write_text(before)
+
+
+def test_a_typo_in_params_loses_nothing_and_reports_every_mistake(pipeline, http_mirror):
+    """DVC removes a stage's outputs before running it; the params stage, upstream of all, stops the run first."""
+    repo, _ = pipeline
+    params_file = repo / "params.yaml"
+    before = params_file.read_text()
+    outputs = {path: path.read_bytes() for folder in ("models", "reports") for path in (repo / folder).rglob("*")
+               if path.is_file()}  # fmt: skip
+    assert repo / "reports/history.csv" in outputs
+    versions = len(client(repo).search_model_versions("name='mnist-cnn'"))
+    params = yaml.safe_load(before)
+    params["train"]["optimizer"] = "adma"
+    params["evaluate"]["exampels"] = 3
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        typo = run(repo, http_mirror, "dvc", "repro")
+        assert typo.returncode != 0
+        assert ran_stages(typo) == ["params"]
+        (error,) = [line for line in typo.stderr.splitlines() if line.startswith("error:")]
+        assert "2 mistakes" in error and "train.optimizer = 'adma'" in error and "evaluate.exampels" in error
+    finally:
+        params_file.write_text(before)
+    for path, content in outputs.items():
+        assert path.is_file() and path.read_bytes() == content, f"{path} was lost or changed"
+    fixed = run(repo, http_mirror, "dvc", "repro")
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    assert ran_stages(fixed) == []  # back as it was: no retraining, not even the check
+    assert len(client(repo).search_model_versions("name='mnist-cnn'")) == versions  # no new version
 
 
 def test_exp_run_with_a_train_param_reruns_train_evaluate_export_only(pipeline, lower_lr, http_mirror):
     repo, _ = pipeline
     exp, new, registered, candidate = lower_lr
-    assert ran_stages(exp) == ["train", "evaluate", "export"]
+    assert ran_stages(exp) == ["params", "train", "evaluate", "export"]
     assert new.data.tags["dvc_exp_name"] == "lower-lr" and new.data.params["train.lr"] == "0.002"
     assert candidate == registered > 1
     shown = run(repo, http_mirror, "dvc", "exp", "show", "--csv")
@@ -463,9 +517,13 @@ def test_reproduce_a_run_exactly_without_touching_the_workspace(pipeline, http_m
     original = client(repo).get_run(pipeline.run_id)  # the first `dvc repro`
     status_before = git(repo, "status", "--porcelain")
     lock_before = (repo / "dvc.lock").read_text()
-    out = run(repo, http_mirror, "mnist-pipeline", "reproduce", original.info.run_id)
+    registry_before = registry_state(repo)
+    nowhere = f"http://127.0.0.1:{free_port()}/"  # no mirror: the verified data already here must do
+    out = run(repo, nowhere, "mnist-pipeline", "reproduce", original.info.run_id)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "final_test_accuracy: reproduced" in out.stdout and out.stdout.count("exactly equal") == 2
+    assert "the download stage reads it from there (no network)" in out.stderr
+    assert registry_state(repo) == registry_before  # no version registered, no alias moved
     (latest,) = [r for r in runs(repo) if r.data.tags.get("reproduces") == original.info.run_id]
     assert latest.data.metrics["final_test_loss"] == original.data.metrics["final_test_loss"]
     assert git(repo, "status", "--porcelain") == status_before and (repo / "dvc.lock").read_text() == lock_before
@@ -479,6 +537,13 @@ def test_reproduce_a_run_exactly_without_touching_the_workspace(pipeline, http_m
     assert missing.returncode == 1 and "Traceback" not in missing.stderr
     assert "was made from commit 000000000000, which this repository does not have" in missing.stderr
     c.delete_run(orphan.info.run_id)
+
+
+def registry_state(repo: Path) -> tuple[list[str], dict[str, str]]:
+    c = client(repo)
+    versions = sorted(v.version for v in c.search_model_versions("name='mnist-cnn'"))
+    aliases = {alias: c.get_model_version_by_alias("mnist-cnn", alias).version for alias in ("candidate", "champion")}
+    return versions, aliases
 
 
 def test_a_full_disk_names_the_file_and_keeps_the_earlier_outputs(pipeline):

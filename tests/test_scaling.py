@@ -34,7 +34,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, http_
     repo = make_repo(tmp_path, mirror_md5, train={"nproc": 2, "batch_size": 64, "epochs": 2, "log_every": 5})
     out = run(repo, http_mirror, "dvc", "repro", "train")
     assert out.returncode == 0, out.stdout + out.stderr
-    assert ran_stages(out) == ["download", "train"] and "Traceback" not in out.stderr
+    assert ran_stages(out) == ["params", "download", "train"] and "Traceback" not in out.stderr
     assert out.stderr.count("epoch 2/2 done: train loss (epoch mean)") == 1  # rank 0 alone reports
 
     store = MlflowClient(f"sqlite:///{repo}/mlruns/mlflow.db")

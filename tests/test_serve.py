@@ -66,8 +66,11 @@ def malicious_copies(model_dir: Path, tmp_path: Path, marker: Path) -> dict[str,
         mlmodel = yaml.safe_load((folder / "MLmodel").read_text())
         if layout == "pickled-python-model":
             (folder / "python_model.pkl").write_bytes(pickle.dumps(Payload(marker)))
-            mlmodel["flavors"]["python_function"] = {"loader_module": "mlflow.pyfunc.model",
-                                                     "python_model": "python_model.pkl", "python_version": "3.11"}
+            mlmodel["flavors"]["python_function"] = {
+                "loader_module": "mlflow.pyfunc.model",
+                "python_model": "python_model.pkl",
+                "python_version": "3.11",
+            }
         else:  # the code folder goes first on sys.path: its onnxruntime.py shadows the real one
             (folder / "code").mkdir()
             (folder / "code" / "onnxruntime.py").write_text(f"open({str(marker)!r}, 'w')\n")
@@ -134,7 +137,8 @@ def server(onnx_model_dir, tmp_path_factory):
 
 
 def post(url: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
-    request = urllib.request.Request(f"{url}/invocations", body, {"Content-Type": "application/json", **(headers or {})})
+    headers = {"Content-Type": "application/json", **(headers or {})}
+    request = urllib.request.Request(f"{url}/invocations", body, headers)
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             return response.status, response.read()

@@ -16,7 +16,7 @@ ALLOW_PICKLE_HELP = "also load an MLflow model stored with pickle (it can run an
 def _ui(args: argparse.Namespace) -> None:
     from mnist_pipeline import store
 
-    uri = store.tracking_uri()
+    uri = store.configure(writes=False)  # a moved store is pointed at its folder; a read-only one read via a copy
     _warn_if_exposed(
         args.host, args.port, "the MLflow UI (every run, metric, artifact and model, readable and changeable)"
     )
@@ -118,7 +118,7 @@ def _tune(args: argparse.Namespace) -> None:
 def _serve(args: argparse.Namespace) -> None:
     from mnist_pipeline import predict, serving, store
 
-    store.configure()
+    store.configure(writes=False)
     model = args.model or predict.champion()
     _warn_if_exposed(args.host, args.port, f"the model {model} (anyone can send it requests)")
     serving.serve(model, args.host, args.port, args.allow_pickle, args.allowed_hosts)
@@ -197,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = command("serve", "serve a registered model over REST with MLflow's scoring app",
                     "Serve a registered model over REST with MLflow's scoring app (as `mlflow models serve` does), "
                     "behind a Host check, a body-size limit and a check of every input against the model's "
-                    "signature: POST digits to /invocations, see docs/using-the-model.md. Ctrl-C stops it.")  # fmt: skip
+                    "signature: POST digits to /invocations, see docs/using-the-model.md. Ctrl-C stops "
+                    "it.")  # fmt: skip
     serve.add_argument("--model", help="an MLflow model URI (default: models:/<export.model_name>@champion)")
     host_and_port(serve, 5001)
     serve.add_argument("--allowed-hosts", type=lambda v: [h.strip() for h in v.split(",") if h.strip()], default=[],

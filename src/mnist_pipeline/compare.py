@@ -22,7 +22,7 @@ def runs_table(last: int | None = None, sort_by: str = "test_accuracy") -> pd.Da
 
     if sort_by not in METRICS:
         raise PipelineError(f"--sort {sort_by}: expected one of {', '.join(METRICS)}")
-    store.configure()
+    store.configure(writes=False)
     runs = mlflow.search_runs(
         experiment_names=[names.EXPERIMENT],
         order_by=["attributes.start_time DESC"],

@@ -1,12 +1,14 @@
 """Typed, validated params: one frozen dataclass per section of params.yaml.
 
 Construction is strict: an unknown key, a missing key, a wrong type or an out-of-range value raises
-ConfigError with one line naming the key, the bad value and what is allowed. Stages build their config before
+ConfigError with one line naming the key, the bad value and what is allowed; for a whole file (`load`, `build`),
+one line for all its mistakes at once. Stages build their config before
 doing any work, so a bad param never leaves half-written outputs or an MLflow run behind.
 """
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import json
 import re
@@ -30,13 +32,30 @@ def _allowed(options: tuple[str, ...]) -> str:
     return " | ".join(options)
 
 
+# While `build` reads a whole file, each mistake is added here instead of raised, so that all of them are reported
+# at once; anywhere else (a section built on its own) the first one raises.
+_collected: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("collected", default=None)
+
+
+def _fail(message: str) -> None:
+    collected = _collected.get()
+    if collected is None:
+        raise ConfigError(message)
+    collected.append(message)
+
+
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
     if not ok:
-        raise ConfigError(f"params.yaml: {key} = {value!r} is not allowed; expected {allowed}")
+        _fail(f"params.yaml: {key} = {value!r} is not allowed; expected {allowed}")
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """Check ``value`` against a field's type; ints are accepted where floats are expected."""
+    """Check ``value`` against a field's type (raising ConfigError); ints are accepted where floats are expected."""
+
+    def _check(ok: bool, key: str, value: Any, allowed: str) -> None:  # the first type mistake of a value raises
+        if not ok:
+            raise ConfigError(f"params.yaml: {key} = {value!r} is not allowed; expected {allowed}")
+
     origin = typing.get_origin(annotation)
     if origin is tuple:  # tuple[int, ...]: a YAML list of ints
         (item_type, _) = typing.get_args(annotation)
@@ -69,16 +88,23 @@ class Section:
     def from_dict(cls, raw: Any):
         name = cls.SECTION
         if not isinstance(raw, Mapping):
-            raise ConfigError(f"params.yaml: section {name!r} must be a mapping of keys to values, got {raw!r}")
+            _fail(f"params.yaml: section {name!r} must be a mapping of keys to values, got {raw!r}")
+            return None
         fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - set(fields))
-        if unknown:
-            raise ConfigError(f"params.yaml: unknown key {name}.{unknown[0]}; {name} takes {', '.join(fields)}")
-        missing = [k for k in fields if k not in raw]
-        if missing:
-            raise ConfigError(f"params.yaml: missing key {name}.{missing[0]}")
-        hints = typing.get_type_hints(cls)
-        return cls(**{k: _coerce(raw[k], hints[k], f"{name}.{k}") for k in fields})
+        mistakes = [f"params.yaml: unknown key {name}.{key}; {name} takes {', '.join(fields)}"
+                    for key in sorted(set(raw) - set(fields))]  # fmt: skip
+        mistakes += [f"params.yaml: missing key {name}.{key}" for key in fields if key not in raw]
+        hints, values = typing.get_type_hints(cls), {}
+        for key in (key for key in fields if key in raw):
+            try:
+                values[key] = _coerce(raw[key], hints[key], f"{name}.{key}")
+            except ConfigError as exc:
+                mistakes.append(str(exc))
+        for message in mistakes:
+            _fail(message)
+        if mistakes:  # collecting: the values' ranges are checked once every key is there with its type
+            return None
+        return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML/JSON types, the same shape as in params.yaml."""
@@ -270,11 +296,25 @@ def load(path: Path) -> Params:
 
 
 def build(raw: dict[str, Any], source: str = "params.yaml") -> Params:
-    """Every section from the content of a params file (as `read_params` returns it), validated."""
-    for name in SECTIONS:
-        if name not in raw:
-            raise ConfigError(f"{source}: missing section {name!r}")
-    return Params(**{name: cls.from_dict(raw[name]) for name, cls in SECTIONS.items()})
+    """Every section from the content of a params file (as `read_params` returns it), validated. Every mistake of
+    the file is reported, in one ConfigError whose lines are joined by "; "."""
+    mistakes: list[str] = []
+    token = _collected.set(mistakes)
+    try:
+        sections = {}
+        for name, cls in SECTIONS.items():
+            if name not in raw:
+                mistakes.append(f"{source}: missing section {name!r}")
+            else:
+                sections[name] = cls.from_dict(raw[name])
+    finally:
+        _collected.reset(token)
+    if len(mistakes) == 1:
+        raise ConfigError(mistakes[0])
+    if mistakes:
+        each = (m.removeprefix("params.yaml: ").removeprefix(f"{source}: ") for m in mistakes)
+        raise ConfigError(f"{source}: {len(mistakes)} mistakes: " + "; ".join(each))
+    return Params(**sections)
 
 
 def flatten(configs: typing.Iterable[Section]) -> dict[str, Any]:

@@ -24,10 +24,11 @@ GC_THRESHOLD = 100_000  # objects allocated between two collections of the young
 def run_main(main) -> None:
     """Run a stage's or command's ``main()``; a PipelineError becomes one line on stderr and exit status 1.
 
-    SIGTERM (a scheduler's or torchrun's stop) and SIGHUP (a closed terminal) are handled like Ctrl-C: a KeyboardInterrupt unwinds the stack, so
-    that open MLflow runs end KILLED and files being written are abandoned before they replace anything. Signals
-    that follow the first are ignored while that happens (torchrun relays a Ctrl-C as a second signal); kill -9
-    still stops everything, and the next run recovers from it.
+    SIGTERM (a scheduler's or torchrun's stop) and SIGHUP (a closed terminal) are handled like Ctrl-C: a
+    KeyboardInterrupt unwinds the stack, so that open MLflow runs end KILLED, servers started are stopped, and files
+    being written are abandoned before they replace anything. Signals that follow the first are ignored while that
+    happens (torchrun relays a Ctrl-C as a second signal); kill -9 still stops everything, and the next run
+    recovers from it.
     """
     import gc
     import os

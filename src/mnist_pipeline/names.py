@@ -26,3 +26,4 @@ REGISTERING = "pipeline.registering"  # present while a version is being registe
 # Registered model aliases.
 ALIAS_CANDIDATE = "candidate"  # the newest version
 ALIAS_CHAMPION = "champion"  # the best version so far; what `predict` and `serve` use by default
+REPRODUCES = "reproduces"  # tag of a run made by `mnist-pipeline reproduce`: the run id it reproduces

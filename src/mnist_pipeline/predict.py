@@ -229,7 +229,7 @@ def load_model(reference: str | None, allow_pickle: bool = False) -> Model:
         reference = f"runs:/{reference}/model"
     from mnist_pipeline import registry, store
 
-    store.configure()
+    store.configure(writes=False)
     try:
         return registry.load_model(reference, allow_pickle)
     except PipelineError:

@@ -87,8 +87,9 @@ def predict_with_logged_model(model_uri: str, digits_path: str | Path) -> list[l
     return np.asarray(output["logits"] if isinstance(output, dict) else output).tolist()
 
 
-PICKLE_REFUSED = ("loading it would run code it carries ({why}); pass --allow-pickle only if you trust where it "
-                  "came from")
+PICKLE_REFUSED = (
+    "loading it would run code it carries ({why}); pass --allow-pickle only if you trust where it came from"
+)
 
 
 def fetch_model(model_uri: str, allow_pickle: bool = False, loader: str = "predict") -> Path:

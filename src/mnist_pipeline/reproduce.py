@@ -1,9 +1,12 @@
 """`mnist-pipeline reproduce RUN_ID`: rerun the pipeline with a past run's code and params, as a DVC experiment.
 
 The run's commit is checked out in a temporary git worktree (the user's workspace is not touched), its
-params.yaml is set to the run's logged params, and `dvc exp run --force` runs every stage again there (DVC's run
-cache would otherwise restore the old outputs instead of recomputing them). The new MLflow run lands in the same
-store, tagged ``reproduces=<run id>``. Afterwards the two runs' data fingerprints and final test metrics are
+params.yaml is set to the run's logged params, and `dvc exp run --force evaluate` runs every stage up to evaluate
+again there (forced: DVC's run cache would otherwise restore the old outputs instead of recomputing them). When
+the project's ``data/raw`` holds the run's data, verified (same fingerprint), the download stage reads it as a
+local mirror: no network, no ``MNIST_MIRROR`` needed. The export stage does not run: a reproduction registers no
+version and moves no alias. The new MLflow run lands in the same store, tagged
+``reproduces=<run id>``. Afterwards the two runs' data fingerprints and final test metrics are
 compared: with the same data, the same locked environment and the same hardware, accuracy and loss are equal to
 the last digit on the CPU. When they are not, the run tags that record the environment (``environment``) say
 which of those differ.
@@ -69,6 +72,29 @@ def find_run(client, reference: str, uri: str) -> str:
     raise PipelineError(f"{reference!r} matches {len(matches)} runs: {listed}; give more of the run id")
 
 
+def _local_mirror(root: Path, fingerprint: str | None, folder: Path, log) -> bool:
+    """Fill ``folder`` with the run's data as a mirror the download stage reads (``.gz`` files) when the project's
+    ``data/raw`` holds them, verified (its MD5SUMS) and the run's own (same fingerprint); False when it does not."""
+    import gzip
+
+    from mnist_pipeline import data
+
+    raw = root / DATA_DIR
+    try:
+        if data.verify_folder(raw) != fingerprint and fingerprint:
+            return False
+    except PipelineError:
+        return False
+    for name in data.FILE_NAMES:
+        with (raw / name).open("rb") as source, gzip.open(folder / f"{name}.gz", "wb", compresslevel=1) as target:
+            shutil.copyfileobj(source, target)
+    print(f"the run's data, verified, in {raw}: the download stage reads it from there (no network)", file=log)
+    return True
+
+
+DATA_DIR = Path("data/raw")  # the download stage's out in dvc.yaml
+
+
 @dataclass(frozen=True)
 class Reproduction:
     run_id: str  # the new run
@@ -117,8 +143,14 @@ def reproduce(run_id: str, root: Path, log=sys.stderr) -> Reproduction:
         subprocess.run(["dvc", "cache", "dir", "--local", str(root / ".dvc" / "cache")], cwd=worktree, env=env,
                        check=True, capture_output=True)  # fmt: skip
         _write_params(worktree / "params.yaml", original.data.params)
+        mirror = worktree.parent / "mirror"
+        mirror.mkdir()
+        if _local_mirror(root, original.data.tags.get(names.DATA_MD5), mirror, log):
+            env[MIRROR_ENV] = str(mirror)  # tried first; the download stage still verifies every file
         print(f"reproducing run {run_id} (commit {commit[:12]}) as DVC experiment {name!r}", file=log)
-        result = subprocess.run(["dvc", "exp", "run", "--force", "-n", name], cwd=worktree, env=env, check=False)
+        # Up to evaluate only: a reproduction registers no version and moves no alias.
+        command = ["dvc", "exp", "run", "--force", "-n", name, "evaluate"]
+        result = subprocess.run(command, cwd=worktree, env=env, check=False)
         if result.returncode != 0:
             raise PipelineError(f"the pipeline failed while reproducing run {run_id} (see the output above)")
     finally:
@@ -129,7 +161,7 @@ def reproduce(run_id: str, root: Path, log=sys.stderr) -> Reproduction:
     if not new:
         raise PipelineError(f"the reproduced run of {run_id} was not found in {uri}")
     reproduced = new[0]
-    client.set_tag(reproduced.info.run_id, "reproduces", run_id)
+    client.set_tag(reproduced.info.run_id, names.REPRODUCES, run_id)
     was, now = original.data.tags.get(names.DATA_MD5), reproduced.data.tags.get(names.DATA_MD5)
     if was and now and was != now:
         raise PipelineError(

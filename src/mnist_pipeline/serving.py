@@ -76,8 +76,8 @@ class InvocationGuard:
         """None when the body is a batch of digits the model takes, else (status, one line)."""
         content_type = dict(scope["headers"]).get(b"content-type", b"").decode("latin-1")
         if content_type.split(";")[0].strip().lower() != "application/json":
-            return 415, "send JSON (Content-Type: application/json): {\"inputs\": [[[[...]]]]}"
-        expected = "a JSON object {\"inputs\": array of shape " + _shape_text(self.shape) + "}"
+            return 415, 'send JSON (Content-Type: application/json): {"inputs": [[[[...]]]]}'
+        expected = 'a JSON object {"inputs": array of shape ' + _shape_text(self.shape) + "}"
         try:
             payload = json.loads(body)  # NaN and Infinity parse, and are refused below
         except RecursionError:
@@ -93,7 +93,9 @@ class InvocationGuard:
             array = np.asarray(value, dtype=np.float64)
         except (ValueError, TypeError):
             return 400, "the inputs are not a rectangular array of numbers; expected " + expected
-        if array.ndim != len(self.shape) or any(want not in (-1, got) for want, got in zip(self.shape, array.shape)):
+        if array.ndim != len(self.shape) or any(
+            want not in (-1, got) for want, got in zip(self.shape, array.shape, strict=True)
+        ):
             return 400, f"the inputs have shape {_shape_text(array.shape)}; the model takes {_shape_text(self.shape)}"
         if array.size and not np.isfinite(array).all():
             return 400, "the inputs hold NaN or infinite values; pixels are numbers in [0, 1]"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.client
 import logging
 import os
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -44,13 +45,25 @@ def warm_up(root: Path | None = None) -> None:
         import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
 
 
-def configure(root: Path | None = None) -> str:
-    """Point MLflow at the store (see the module docstring), make sure the experiment exists, return the URI."""
+def configure(root: Path | None = None, writes: bool = True) -> str:
+    """Point MLflow at the store (see the module docstring), make sure the experiment exists, return the URI.
+
+    ``writes``: whether the caller records anything (runs, versions). A read-only local store (a shared, mounted
+    copy) is refused in one line to a caller that writes; one that only reads gets a temporary copy of its database
+    whose artifact paths point at the read-only folder.
+    """
     uri = tracking_uri(root)
     chosen = bool(os.environ.get("MLFLOW_TRACKING_URI"))  # before MLflow sets it for the processes it starts
+    folder = project_root(root) / STORE_DIR
+    if not chosen and _read_only(folder):
+        if writes:
+            raise PipelineError(f"the MLflow store in {folder} is read-only, and this command records runs or models "
+                                "in it; run it in a writable copy of the project, or set MLFLOW_TRACKING_URI to a "
+                                "store you can write")  # fmt: skip
+        return _open_read_only(folder)
     if not chosen:
-        # The embedded store; MLflow keeps the artifacts beside the database, in mlruns/<experiment id>/.
-        (project_root(root) / STORE_DIR).mkdir(exist_ok=True)
+        # The embedded store; the artifacts go beside the database, in mlruns/<experiment name>/.
+        folder.mkdir(exist_ok=True)
     _check_sqlite_path(uri)
     _check_server(uri)
     # MLflow announces at INFO level that it creates (or upgrades) the tables of a new SQLite store: noise in a
@@ -59,15 +72,107 @@ def configure(root: Path | None = None) -> str:
     mlflow.set_tracking_uri(uri)
     try:
         with lock(uri):
+            if not chosen and (folder / DATABASE).is_file():
+                relocate(folder / DATABASE, folder)  # a moved or copied project: its artifacts are here now
             client = MlflowClient()  # the first client of a new SQLite store creates its schema
             if client.get_experiment_by_name(names.EXPERIMENT) is None:
-                client.create_experiment(names.EXPERIMENT)
+                create_experiment(client, names.EXPERIMENT)
             experiment = mlflow.set_experiment(names.EXPERIMENT)
             repair(client, experiment.experiment_id)  # what killed processes left half-done
     except Exception as exc:  # connection refused, unreadable database, ...
         first_line = (str(exc).splitlines() or [""])[0][:200]
         problem = f"{type(exc).__name__}: {first_line}"
         raise PipelineError(f"cannot use the MLflow store {uri} ({problem}); {_hint(uri, chosen)}") from None
+    return uri
+
+
+DATABASE = "mlflow.db"
+# Where MLflow's SQLite store keeps absolute paths into the artifact folder: written when a row is created, they
+# name the folder the project was in then.
+ARTIFACT_PATH_COLUMNS = (
+    ("experiments", "artifact_location"),
+    ("runs", "artifact_uri"),
+    ("logged_models", "artifact_location"),
+    ("model_versions", "storage_location"),
+)
+
+
+def create_experiment(client: MlflowClient, name: str) -> str:
+    """Create an experiment; in the local store its artifacts go to ``mlruns/<name>/`` beside the database.
+
+    MLflow's own default is ``./mlruns`` of the current folder when the experiment is created: a first command run
+    from a subfolder, or a first stage run in a DVC experiment's temporary copy, would put every later artifact
+    there."""
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        return client.create_experiment(name)  # a server: it decides where artifacts go
+    return client.create_experiment(name, artifact_location=str(Path(uri.removeprefix("sqlite:///")).parent / name))
+
+
+def relocate(database: Path, folder: Path) -> None:
+    """Point the artifact paths of a store that was moved or copied (``mv``, ``cp -a``) at ``folder``, its
+    ``mlruns/`` now.
+
+    MLflow stores each artifact location as an absolute path, so a moved project's champion would not load ("No
+    such artifact") and a copy would log its runs into the original's folder. MLflow has no command to move a
+    store; the paths are rewritten here, in one transaction, from the old folder to the new one: only those under
+    the old ``mlruns/`` folder, which the project's own experiment records.
+    """
+    import sqlite3
+    from contextlib import closing
+
+    with closing(sqlite3.connect(database)) as db, db:
+        try:
+            row = db.execute("SELECT artifact_location FROM experiments WHERE name = ?", (names.EXPERIMENT,)).fetchone()
+        except sqlite3.OperationalError:  # a new, empty database: nothing recorded yet
+            return
+        if row is None or not row[0] or "://" in row[0]:
+            return
+        location = Path(row[0])
+        old, new = str(location.parent), str(folder)
+        # Moved or copied: the experiment's folder came along into this mlruns/ (artifacts MLflow put elsewhere,
+        # e.g. under the folder a first command ran in, stay where they are).
+        if old == new or location.parent.name != folder.name or not (folder / location.name).is_dir():
+            return
+        for table, column in ARTIFACT_PATH_COLUMNS:
+            try:
+                db.execute(f"UPDATE {table} SET {column} = ? || substr({column}, ?) "  # noqa: S608 (our names)
+                           f"WHERE {column} = ? OR substr({column}, 1, ?) = ?",
+                           (new, len(old) + 1, old, len(old) + 1, old + "/"))  # fmt: skip
+            except sqlite3.OperationalError:  # a table an older MLflow schema does not have
+                continue
+    print(f"note: this project's MLflow store was moved or copied from {old}; its artifact paths now point to {new}",
+          file=sys.stderr)  # fmt: skip
+
+
+def _read_only(folder: Path) -> bool:
+    database = folder / DATABASE
+    return folder.is_dir() and (
+        not os.access(folder, os.W_OK) or (database.exists() and not os.access(database, os.W_OK))
+    )
+
+
+def _open_read_only(folder: Path) -> str:
+    """Read a read-only store through a temporary copy of its database (SQLite cannot open one whose folder it
+    cannot write, and a moved copy's paths must be rewritten); the artifacts are read where they are."""
+    import atexit
+    import shutil
+    import tempfile
+
+    database = folder / DATABASE
+    if not database.is_file():
+        raise PipelineError(f"the MLflow store in {folder} is read-only and holds no database ({DATABASE}): "
+                            "nothing has been recorded there")  # fmt: skip
+    copy = Path(tempfile.mkdtemp(prefix="mnist-pipeline-store-")) / DATABASE
+    atexit.register(shutil.rmtree, copy.parent, True)
+    shutil.copyfile(database, copy)
+    relocate(copy, folder)
+    uri = f"sqlite:///{copy}"
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+    mlflow.set_tracking_uri(uri)
+    if MlflowClient().get_experiment_by_name(names.EXPERIMENT) is not None:
+        mlflow.set_experiment(names.EXPERIMENT)
+    print(f"note: the MLflow store in {folder} is read-only: reading it, changing nothing", file=sys.stderr)
     return uri
 
 
@@ -156,4 +261,4 @@ def _check_server(uri: str) -> None:
 
 def tracking_uri(root: Path | None = None) -> str:
     """The URI `configure` uses, without touching the store."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root(root) / STORE_DIR / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root(root) / STORE_DIR / DATABASE}"

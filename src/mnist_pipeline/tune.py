@@ -78,6 +78,25 @@ class Dimension:
     def _choice(self, label: Any) -> Any:
         return next(c for c in self.choices if _label(c) == label)
 
+    def draws(self, count: int = 64) -> list:
+        """Values a trial may draw from this range, to check against the param's own validation before a study
+        exists: every integer of a range of up to ``count``, else the bounds and ``count`` seeded draws."""
+        import numpy as np
+
+        integers = isinstance(self.low, int) and isinstance(self.high, int)
+        step = self.step or (1 if integers else None)
+        if step is not None and (self.high - self.low) / step <= count:
+            values = [self.low + i * step for i in range(int((self.high - self.low) / step) + 1)]
+            return [int(v) if integers else float(v) for v in values]
+        rng = np.random.default_rng(0)
+        if self.log:
+            drawn = np.exp(rng.uniform(np.log(self.low), np.log(self.high), count))
+        else:
+            drawn = rng.uniform(self.low, self.high, count)
+        if step is not None:
+            drawn = self.low + np.floor((drawn - self.low) / step) * step
+        return [self.low, self.high] + [int(round(v)) if integers else float(v) for v in drawn]
+
     def as_dict(self) -> dict[str, Any]:
         if self.choices is not None:
             return {"choices": list(self.choices)}
@@ -133,7 +152,7 @@ def parse_dimension(key: str, spec: Any, base: Mapping[str, Any], where: str) ->
         if step is not None and step <= 0:
             raise SpaceError(f"{entry}: step {step} must be > 0")
         dimension = Dimension(key, low=low, high=high, log=log, step=step)
-        candidates = [low, high]
+        candidates = dimension.draws()
     else:
         raise SpaceError(f"{entry}: expected a list of choices or {{low, high}}, got {spec!r}")
     for value in candidates:  # each bound or choice must be a valid value of the param itself
@@ -171,6 +190,11 @@ def load_search(path: Path, base: Mapping[str, Any], sets: list[str]) -> Search:
         raise SpaceError(f"{path} is missing: it holds the search space (see the project's tune.yaml)") from None
     except yaml.YAMLError as exc:
         raise SpaceError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise SpaceError(f"{path}: expected a mapping with validation, space and pruner, got {type(raw).__name__}")
+    for key in ("space", "pruner"):
+        if raw.get(key) is not None and not isinstance(raw[key], dict):
+            raise SpaceError(f"{path}: {key} must be a mapping, got {raw[key]!r}")
     unknown = set(raw) - {"validation", "space", "pruner"}
     if unknown:
         raise SpaceError(f"{path}: unknown key {sorted(unknown)[0]!r}; expected validation, space, pruner")
@@ -185,6 +209,9 @@ def load_search(path: Path, base: Mapping[str, Any], sets: list[str]) -> Search:
     if not isinstance(validation, int) or isinstance(validation, bool) or validation < 1:
         raise SpaceError(f"{path}: validation {validation!r} must be a number of digits >= 1")
     pruner = raw.get("pruner") or {}
+    unknown = set(pruner) - {"startup_trials", "warmup_epochs"}
+    if unknown:
+        raise SpaceError(f"{path}: unknown key pruner.{sorted(unknown)[0]}; expected startup_trials, warmup_epochs")
     startup, warmup = pruner.get("startup_trials", 5), pruner.get("warmup_epochs", 0)
     for name, value in (("startup_trials", startup), ("warmup_epochs", warmup)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -201,21 +228,42 @@ def default_storage(root: Path) -> str:
     return f"sqlite:///{path}"
 
 
-def open_study(name: str, storage: str, search: Search, seed: int):
+# A running trial writes a heartbeat to the study's storage this often; a trial silent for GRACE_S (its process
+# killed, its machine gone) is marked failed by the next process of the study that starts a trial.
+HEARTBEAT_S = 10
+GRACE_S = 60
+
+
+def open_study(name: str, storage: str, search: Search, seed: int, on_failed_trial=None):
     """Create the study, or load it to continue; a study made with another space is refused (its trials would not
-    compare)."""
+    compare). A storage that cannot be opened is one line, with nothing created.
+
+    The sampler is seeded with ``seed`` plus the number of trials the study already has: a new search is repeatable,
+    and a resumed one draws new params instead of repeating the first trials' (a sampler seeded alike on every
+    start draws the same sequence again).
+    """
     import optuna
+    from optuna.storages import RDBStorage
 
     # The tuner prints a line per trial; Optuna's warnings would repeat a stopped trial's error with its traceback.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    study = optuna.create_study(
-        study_name=name,
-        storage=storage,
-        load_if_exists=True,
-        direction="maximize",
-        sampler=optuna.samplers.TPESampler(seed=seed),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=search.startup_trials, n_warmup_steps=search.warmup_epochs),
-    )
+    try:
+        database = RDBStorage(storage, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                              failed_trial_callback=on_failed_trial)  # fmt: skip
+        study = optuna.create_study(
+            study_name=name,
+            storage=database,
+            load_if_exists=True,
+            direction="maximize",
+            pruner=optuna.pruners.MedianPruner(
+                n_startup_trials=search.startup_trials, n_warmup_steps=search.warmup_epochs
+            ),  # fmt: skip
+        )
+    except Exception as exc:  # SQLAlchemy's and Optuna's errors: a bad URL, a missing folder, a damaged file
+        problem = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise SpaceError(f"--storage {_safe(storage)}: cannot open the study's database ({problem}); check the URL, "
+                         "that its folder exists, and that the file is an Optuna database") from None  # fmt: skip
+    study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.get_trials(deepcopy=False)))
     signature = {"space": {d.key: d.as_dict() for d in search.space}, "validation": search.validation}
     recorded = study.user_attrs.get("search")
     if recorded is None:
@@ -224,6 +272,21 @@ def open_study(name: str, storage: str, search: Search, seed: int):
         raise SpaceError(f"the study {name!r} was made with another space or validation split; its trials would not "
                          f"compare: use another --study name, or the space it was made with")  # fmt: skip
     return study
+
+
+def fail_abandoned_trials(study, on_failed_trial) -> None:
+    """Mark failed at once the running trials whose process, on this machine, is gone (kill -9): the heartbeat
+    would take GRACE_S to notice. Trials of other machines are left to it."""
+    from optuna.trial import TrialState
+
+    from mnist_pipeline import repair
+
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = trial.user_attrs.get("worker")
+        if worker and repair.owner_is_gone(worker):
+            # What optuna.storages.fail_stale_trials does for a trial whose heartbeat stopped.
+            if study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                on_failed_trial(study, trial)
 
 
 def counts(study) -> dict[str, int]:
@@ -269,7 +332,10 @@ class Tracking:
         store.configure()
         self.client = MlflowClient()
         experiment = self.client.get_experiment_by_name(EXPERIMENT)
-        self.experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(EXPERIMENT)
+        if experiment is None:
+            self.experiment_id = store.create_experiment(self.client, EXPERIMENT)
+        else:
+            self.experiment_id = experiment.experiment_id
         self.owner = repair.owner()
         self.study = study
         with store.lock(store.tracking_uri()):  # processes sharing a study share its run: one creates it
@@ -436,8 +502,17 @@ def main(options: Options) -> int:
     train_data, validation_data = everything.hold_out(search.validation, params.train.seed)
 
     storage = options.storage or default_storage(root)
-    study = open_study(options.study, storage, search, seed)
+    tracking: Tracking | None = None
+
+    def trial_failed(study_, trial) -> None:  # its process died: its MLflow run ends KILLED, and says so
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if run_id and tracking is not None:
+            tracking.end_trial(run_id, "killed")
+        print(f"trial {trial.number} was left running by a process that is gone: marked failed", file=sys.stderr)
+
+    study = open_study(options.study, storage, search, seed, trial_failed)
     tracking = Tracking(options.study, storage)
+    fail_abandoned_trials(study, trial_failed)
     print(f"study {options.study!r} in {_safe(storage)}: {len(train_data):,} training digits, "
           f"{len(validation_data):,} for validation; MLflow run {tracking.parent[:8]} in experiment {EXPERIMENT!r}",
           file=sys.stderr)  # fmt: skip

@@ -41,11 +41,8 @@ def build_parser(stage: ModuleType) -> argparse.ArgumentParser:
 def _load(params_file: Path) -> config.Params:
     try:
         return config.load(params_file)
-    except config.ConfigError as exc:  # under `dvc repro`, DVC has already moved the stage's outputs aside
-        raise config.ConfigError(
-            f"{exc}; nothing was written (`dvc checkout` brings back the outputs of the last "
-            "run, which DVC removes before a stage starts)"
-        ) from None
+    except config.ConfigError as exc:  # under `dvc repro` the params stage has stopped the run before this
+        raise config.ConfigError(f"{exc}; nothing was written") from None
 
 
 def path(help: str | None = None) -> Any:
