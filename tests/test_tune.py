@@ -39,12 +39,49 @@ BASE = config.read_params(ROOT / "params.yaml")
         ("model.hidden", [], "'model.hidden': an empty list of choices"),
         ("model.hidden", {"low": 16}, "'model.hidden': expected {low, high}"),
         ("model.hidden", "big", "'model.hidden': expected a list of choices or {low, high}"),
+        # bounds that pass while a value drawn between them does not: found by drawing before any study exists
+        ("model.kernel_size", {"low": 3, "high": 5}, "'model.kernel_size': params.yaml: model.kernel_size = 4"),
     ],
 )
 def test_a_space_entry_that_cannot_be_searched_is_named(key, spec, message):
     with pytest.raises(tune.SpaceError) as caught:
         tune.parse_dimension(key, spec, BASE, "tune.yaml")
     assert str(caught.value).startswith(f"tune.yaml: space entry {message}"), str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("3\n", "expected a mapping with validation, space and pruner, got int"),
+        ("- train.lr\n", "expected a mapping with validation, space and pruner, got list"),
+        ("space: {train.lr: [0.001]}\npruner: [1]\n", "pruner must be a mapping, got [1]"),
+        ("space: [train.lr]\n", "space must be a mapping, got ['train.lr']"),
+        (
+            "space: {train.lr: [0.001]}\npruner: {patience: 3}\n",
+            "unknown key pruner.patience; expected startup_trials, warmup_epochs",
+        ),
+    ],
+)
+def test_a_malformed_tune_yaml_is_one_line(tmp_path, text, message):
+    (tmp_path / "tune.yaml").write_text(text)
+    with pytest.raises(tune.SpaceError) as caught:
+        tune.load_search(tmp_path / "tune.yaml", BASE, [])
+    assert str(caught.value) == f"{tmp_path / 'tune.yaml'}: {message}"
+
+
+def test_a_resumed_study_draws_new_params_instead_of_repeating_its_first_trials(tmp_path):
+    """The sampler is seeded with the seed plus the trials the study has: a study run again does not replay the
+    draws of its first run."""
+    search = tune.Search(200, (tune.Dimension("train.lr", low=1e-4, high=0.1, log=True),), 1, 0)
+    storage = f"sqlite:///{tmp_path}/study.db"
+    drawn = []
+    for _ in range(2):  # the same command twice
+        study = tune.open_study("s", storage, search, seed=0)
+        study.optimize(lambda trial: drawn.append(search.space[0].suggest(trial)) or 0.5, n_trials=3)
+    assert len(set(drawn)) == 6, drawn
+    again = tune.open_study("fresh", storage, search, seed=0)  # a new study with the same seed: repeatable
+    again.optimize(lambda trial: search.space[0].suggest(trial) or 0.5, n_trials=3)
+    assert [t.params["train.lr"] for t in again.get_trials()] == drawn[:3]
 
 
 def test_the_projects_space_is_valid_and_set_replaces_an_entry():
@@ -243,3 +280,55 @@ def test_ctrl_c_keeps_the_finished_trials_and_marks_the_running_one(searched, ht
     assert runs["2"].info.status == "KILLED" and runs["2"].info.run_id == trials[2].user_attrs["mlflow_run_id"]
     assert runs["study"].info.status == "KILLED"
     assert "Traceback" not in err
+
+
+@pytest.mark.e2e
+def test_a_bad_storage_is_one_line_and_creates_nothing(searched, http_mirror, tmp_path):
+    repo, _, _ = searched
+    damaged = tmp_path / "damaged.db"
+    damaged.write_bytes(b"not a database" * 100)
+    runs_before = len(tuner_runs(repo))
+    for storage in (f"sqlite:///{tmp_path}/missing/folder/optuna.db", "nosuchdb://host/x", f"sqlite:///{damaged}"):
+        out = run(repo, http_mirror, *tune_cmd("--trials", "1", "--storage", storage))
+        assert out.returncode == 1, out.stderr
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: --storage {storage}: cannot open"), out.stderr
+    assert not (tmp_path / "missing").exists()
+    assert damaged.read_bytes() == b"not a database" * 100
+    assert len(tuner_runs(repo)) == runs_before  # no MLflow run either
+
+
+@pytest.mark.e2e
+def test_a_trial_killed_with_sigkill_is_marked_failed_when_the_study_resumes(searched, http_mirror):
+    repo, _, _ = searched
+    # As in the Ctrl-C test: with the sampler's seed 6 the third trial draws 1000 epochs; it is killed mid-way.
+    (repo / "long.yaml").write_text(
+        yaml.safe_dump({"validation": 200, "space": {"train.epochs": [2, 1000]}, "pruner": {"startup_trials": 100}})
+    )
+    storage = f"sqlite:///{repo}/tuning/killed.db"
+
+    def cmd(trials: int) -> list[str]:
+        return ["mnist-pipeline", "tune", "--space", "long.yaml", "--seed", "6", "--trials", str(trials),
+                "--storage", storage, "--study", "killed"]  # fmt: skip
+
+    proc = subprocess.Popen(cmd(3), cwd=repo, env=user_env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def killed_runs():
+        return [r for r in tuner_runs(repo) if r.data.tags.get(tune.STUDY_TAG) == "killed"]
+
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None:  # until the third trial has logged an epoch
+        if any(r.data.tags.get("tune.trial") == "2" and r.data.metrics for r in killed_runs()):
+            break
+        time.sleep(0.3)
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert study_of(repo, "killed", storage).get_trials()[2].state == TrialState.RUNNING  # what kill -9 leaves
+
+    again = run(repo, http_mirror, *cmd(2))  # the same study; 2 trials finished already: no new one
+    assert again.returncode == 0, again.stderr
+    assert "trial 2 was left running by a process that is gone: marked failed" in again.stderr
+    trials = study_of(repo, "killed", storage).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL]
+    child = {r.data.tags.get("tune.trial"): r for r in killed_runs()}["2"]
+    assert child.info.status == "KILLED" and child.data.tags[tune.STATE_TAG] == "killed"

@@ -243,26 +243,24 @@ def open_study(name: str, storage: str, search: Search, seed: int, on_failed_tri
     start draws the same sequence again).
     """
     import optuna
-    from optuna.storages import RDBStorage
 
     # The tuner prints a line per trial; Optuna's warnings would repeat a stopped trial's error with its traceback.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    try:
-        database = RDBStorage(storage, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                              failed_trial_callback=on_failed_trial)  # fmt: skip
-        study = optuna.create_study(
-            study_name=name,
-            storage=database,
-            load_if_exists=True,
-            direction="maximize",
-            pruner=optuna.pruners.MedianPruner(
-                n_startup_trials=search.startup_trials, n_warmup_steps=search.warmup_epochs
-            ),  # fmt: skip
-        )
-    except Exception as exc:  # SQLAlchemy's and Optuna's errors: a bad URL, a missing folder, a damaged file
-        problem = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
-        raise SpaceError(f"--storage {_safe(storage)}: cannot open the study's database ({problem}); check the URL, "
-                         "that its folder exists, and that the file is an Optuna database") from None  # fmt: skip
+    for attempt in range(OPEN_ATTEMPTS):
+        try:
+            study = _create_or_load(name, storage, search, on_failed_trial)
+            break
+        except Exception as exc:  # SQLAlchemy's and Optuna's errors: a bad URL, a missing folder, a damaged file
+            # Two processes creating one new database at once: the second finds the tables half made by the first.
+            racing = type(exc).__name__ == "IntegrityError" or "already exists" in str(exc)
+            if attempt + 1 < OPEN_ATTEMPTS and racing:
+                time.sleep(0.5 * (attempt + 1))
+                continue
+            problem = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+            raise SpaceError(
+                f"--storage {_safe(storage)}: cannot open the study's database ({problem}); check the URL, that its "
+                "folder exists, and that the file is an Optuna database"
+            ) from None
     study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.get_trials(deepcopy=False)))
     signature = {"space": {d.key: d.as_dict() for d in search.space}, "validation": search.validation}
     recorded = study.user_attrs.get("search")
@@ -272,6 +270,26 @@ def open_study(name: str, storage: str, search: Search, seed: int, on_failed_tri
         raise SpaceError(f"the study {name!r} was made with another space or validation split; its trials would not "
                          f"compare: use another --study name, or the space it was made with")  # fmt: skip
     return study
+
+
+OPEN_ATTEMPTS = 4
+
+
+def _create_or_load(name: str, storage: str, search: Search, on_failed_trial):
+    import optuna
+    from optuna.storages import RDBStorage
+
+    with warnings.catch_warnings():  # Optuna calls the heartbeat experimental; it is what marks dead trials
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        database = RDBStorage(storage, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                              heartbeat_stale_trial_callback=on_failed_trial)  # fmt: skip
+    return optuna.create_study(
+        study_name=name,
+        storage=database,
+        load_if_exists=True,
+        direction="maximize",
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=search.startup_trials, n_warmup_steps=search.warmup_epochs),
+    )
 
 
 def fail_abandoned_trials(study, on_failed_trial) -> None:
