@@ -42,3 +42,16 @@ def test_the_report_gives_each_figure_as_a_ratio_to_the_floor():
     assert "| W | 30.00 | 6.00 |  |" in text
     assert "| stage train | 20.00 | 4.00 | 900 (tracker: 200 MB) |" in text
     assert "printed no warnings" in text
+
+
+def test_the_tutorial_baseline_without_torchvision_is_one_line():
+    """The CPU lock leaves torchvision out: `bench` says so in one line instead of a ModuleNotFoundError."""
+    script = ("import sys; sys.modules['torchvision'] = None  # as on the CPU lock\n"
+              "from mnist_pipeline import bench, errors\n"
+              "errors.run_main(lambda: bench.main(['--seeds', '1']))\n")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [
+        "error: the tutorial baseline reads MNIST through torchvision, which is not installed (requirements/lock.txt "
+        "has it, the CPU lock leaves it out): pip install torchvision, or pass --only pipeline"
+    ]

@@ -238,3 +238,19 @@ def test_a_mirror_folder_holding_a_huge_file_is_refused_without_reading_it(tmp_p
     finally:
         tracemalloc.stop()
     assert peak < 2 * data.MAX_GZ_BYTES
+
+
+def test_16_bit_and_float_images_are_read_with_their_real_range(tmp_path):
+    """A 16-bit PNG (0-65535) and a float TIFF ([0, 1]) of the same digit give the same 28x28 input as its 8-bit
+    PNG; clipped to 8 bits, the 16-bit one would be almost all white."""
+    seven = digit()
+    Image.fromarray(seven).save(tmp_path / "8bit.png")
+    Image.fromarray(seven.astype(np.uint16) * 257).save(tmp_path / "16bit.png")
+    Image.fromarray(seven.astype(np.float32) / 255).save(tmp_path / "float.tif")
+    seen = {}
+    for name in ("8bit.png", "16bit.png", "float.tif"):
+        ((label, image),) = predict.read_inputs(tmp_path / name)
+        seen[name] = predict.preprocess(image, label)
+    assert Image.open(tmp_path / "16bit.png").mode.startswith("I;16")
+    np.testing.assert_allclose(seen["16bit.png"], seen["8bit.png"], atol=1e-6)
+    np.testing.assert_allclose(seen["float.tif"], seen["8bit.png"], atol=1e-6)

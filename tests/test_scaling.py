@@ -27,6 +27,19 @@ pytestmark = pytest.mark.e2e
 # --- data-parallel training -----------------------------------------------------------------------------
 
 
+def test_more_processes_than_cores_is_refused_in_one_line_before_any_starts(tmp_path, http_mirror, mirror_md5):
+    from mnist_pipeline.distributed import usable_cores
+
+    nproc = usable_cores() + 1
+    repo = make_repo(tmp_path, mirror_md5, train={"nproc": nproc, "device": "cpu"})
+    out = run(repo, http_mirror, "dvc", "repro", "train")
+    assert out.returncode != 0
+    (line,) = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert line == (f"error: train.nproc = {nproc} but this machine has {nproc - 1} CPU cores for train.device = "
+                    f"'cpu'; set train.nproc to at most {nproc - 1} (nothing was started)")  # fmt: skip
+    assert "epoch" not in out.stderr and not (repo / "models").exists()
+
+
 def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, http_mirror, mirror_md5):
     """`dvc repro train` with train.nproc=2: torchrun starts two gloo ranks that each train on half of every
     batch of 64 (1000 digits: the last batch of 40 is split 20/20). Rank 0 alone logs and writes; the ranks end

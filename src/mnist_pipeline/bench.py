@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from mnist_pipeline import data
+from mnist_pipeline.errors import PipelineError
 
 TARGET_ACCURACY = 0.99
 
@@ -169,6 +170,14 @@ def main(argv: list[str] | None = None) -> None:
     import pandas as pd
 
     contenders = [args.only] if args.only else ["baseline", "pipeline"]
+    if "baseline" in contenders:
+        try:
+            import torchvision  # noqa: F401
+        except ImportError:
+            raise PipelineError(
+                "the tutorial baseline reads MNIST through torchvision, which is not installed (requirements/"
+                "lock.txt has it, the CPU lock leaves it out): pip install torchvision, or pass --only pipeline"
+            ) from None
     rows = []
     with tempfile.TemporaryDirectory(prefix="mnist-bench-") as tmp:
         params = write_params(args.params, args.set, Path(tmp) / "params.yaml")

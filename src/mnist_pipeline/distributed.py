@@ -48,6 +48,27 @@ class Cluster:
 SINGLE = Cluster()
 
 
+def check_processes(nproc: int, device: str) -> None:
+    """``train.nproc`` against this machine: one process per GPU on CUDA, at most one per usable core on the CPU
+    (more only adds processes, each with its own copy of the data, that take turns on the same cores)."""
+    from mnist_pipeline.errors import PipelineError
+
+    if nproc == 1:
+        return
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        have, what = torch.cuda.device_count(), "GPUs"
+    else:
+        have, what = usable_cores(), "CPU cores"
+    if nproc > have:
+        raise PipelineError(f"train.nproc = {nproc} but this machine has {have} {what} for train.device = {device!r}; "
+                            f"set train.nproc to at most {have} (nothing was started)")  # fmt: skip
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, which containers and `taskset` narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def launch(nproc: int, script: str, args: list[str]) -> int:
     """Run ``script`` with ``args`` in ``nproc`` processes on this machine under torchrun's launcher (as
     ``torchrun --standalone --nproc-per-node nproc``); return the exit status to leave with.

@@ -158,16 +158,20 @@ def read_inputs(path: Path) -> Iterator[tuple[str, np.ndarray]]:
             if image.width * image.height > MAX_PIXELS:
                 raise PipelineError(f"{name}: an image of {image.width}x{image.height} pixels; refused "
                                     f"(at most {MAX_PIXELS:,})")  # fmt: skip
-            yield name, _greyscale(image)
+            yield name, _greyscale(image, name)
     except (UnidentifiedImageError, OSError) as exc:
         kind = "image" if suffix in IMAGE_SUFFIXES else "image, .npy or IDX file"
         raise PipelineError(f"{name}: not a readable {kind} ({exc})") from None
 
 
-def _greyscale(image) -> np.ndarray:
+def _greyscale(image, name: str) -> np.ndarray:
     """0-255 greyscale. Transparency: the strokes are the opaque pixels, put on a background they stand out from
-    (white strokes on a transparent background must not vanish on white)."""
+    (white strokes on a transparent background must not vanish on white). Deeper images are scaled from their own
+    range (Pillow's ``convert("L")`` would clip a 16-bit image's 0-65535 at 255, leaving it nearly all white)."""
     from PIL import Image
+
+    if image.mode.startswith(("I", "F")):
+        return _scaled(np.asarray(image, dtype=np.float64), image.mode, name)
 
     if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
         rgba = image.convert("RGBA")
@@ -178,6 +182,21 @@ def _greyscale(image) -> np.ndarray:
         background = Image.new("RGBA", image.size, "black" if strokes_light else "white")
         return np.asarray(Image.alpha_composite(background, rgba).convert("L"))
     return np.asarray(image.convert("L"))
+
+
+def _scaled(values: np.ndarray, mode: str, name: str) -> np.ndarray:
+    """A 16-bit, 32-bit or floating-point greyscale image as 0-255: 16-bit modes from 0-65535; 32-bit integers from
+    the smallest of 255, 65535 or 2**32-1 that holds their maximum; floats from [0, 1] when they fit, else 0-255."""
+    if not np.isfinite(values).all():
+        raise PipelineError(f"{name}: holds NaN or infinite values; refused")
+    peak = float(values.max(initial=0))
+    if mode.startswith("I;16"):
+        full = 65535.0
+    elif mode == "F":
+        full = 1.0 if peak <= 1.0 else 255.0
+    else:
+        full = next(limit for limit in (255.0, 65535.0, 2.0**32 - 1) if peak <= limit)
+    return (values.clip(0, full) * (255.0 / full)).astype(np.float32)
 
 
 Model = Callable[[np.ndarray], np.ndarray]  # (N, 1, 28, 28) float32 pixels -> (N, 10) logits

@@ -48,6 +48,8 @@ def _train(params: config.Params, paths: Paths, tracking: tracker.Tracker | None
 
     cluster = distributed.from_env()
     model_cfg, train_cfg = params.model, params.train
+    if not cluster.distributed:  # a torchrun started by hand spans machines: each checks its own GPUs
+        distributed.check_processes(train_cfg.nproc, train_cfg.device)
     data_md5 = verify_folder(paths.data)  # a corrupt or truncated file stops the stage here
     # The optimizer's first step imports torch's compiler (1.7 s on a 2-core CPU) whether or not anything is
     # compiled; imported now, that happens while the tracking process is still starting MLflow.
