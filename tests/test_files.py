@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from conftest import user_env
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.files import write_atomic
 
@@ -48,3 +49,16 @@ def test_an_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
         write_atomic(target, b"new content")
     monkeypatch.undo()
     assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["f"]
+
+
+def test_an_empty_dvc_lock_is_named_with_the_way_back(tmp_path):
+    """kill -9 while DVC writes dvc.lock leaves it at 0 bytes; DVC then says only "validation failed"."""
+    (tmp_path / "dvc.lock").write_text("")
+    out = subprocess.run(["mnist-pipeline", "reproduce", "0" * 32], cwd=tmp_path, env=user_env(), capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'dvc.lock'} is empty (a DVC command was stopped while writing it), so DVC cannot read "
+        "the pipeline's state: `git checkout dvc.lock` brings back the last committed one; or delete it, and the "
+        "next `dvc repro` runs every stage again"
+    ]

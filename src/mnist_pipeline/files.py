@@ -64,3 +64,15 @@ def write_atomic(path: Path, data: bytes | str) -> None:
     """Write ``data`` (text as UTF-8) to ``path`` whole, or not at all."""
     with replacing(path) as tmp:
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+
+
+def check_dvc_lock(root: Path) -> None:
+    """Stop with one line when ``dvc.lock`` is empty: DVC writes it in place, so a DVC command killed while writing
+    leaves it at 0 bytes, and every later `dvc` command then fails with "validation failed"."""
+    lock = Path(root) / "dvc.lock"
+    if lock.is_file() and not lock.read_text(errors="replace").strip():
+        raise PipelineError(
+            f"{lock} is empty (a DVC command was stopped while writing it), so DVC cannot read the pipeline's state: "
+            "`git checkout dvc.lock` brings back the last committed one; or delete it, and the next `dvc repro` "
+            "runs every stage again"
+        )

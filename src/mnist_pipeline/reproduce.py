@@ -26,6 +26,7 @@ from pathlib import Path
 from mnist_pipeline import environment, names, store
 from mnist_pipeline.data import MIRROR_ENV
 from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.files import check_dvc_lock
 
 
 def _git(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -108,6 +109,7 @@ def reproduce(run_id: str, root: Path, log=sys.stderr) -> Reproduction:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
+    check_dvc_lock(root)
     uri = store.configure(root)
     client = MlflowClient()
     run_id = find_run(client, run_id, uri)

@@ -31,6 +31,7 @@ import yaml
 
 from mnist_pipeline import config, names, store
 from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.files import check_dvc_lock
 
 EXPERIMENT = "mnist-pipeline-tune"
 DEFAULT_STORAGE_FILE = Path("tuning") / "optuna.db"  # under the project root
@@ -495,6 +496,8 @@ class Options:
 
 def main(options: Options) -> int:
     root = store.project_root()
+    if options.apply:
+        check_dvc_lock(root)  # before the search, not after it: the winner is run with `dvc exp run`
     base = config.read_params(options.params)
     config.load(options.params)  # params.yaml itself must be valid before any trial is built on it
     search = load_search(options.space, base, options.sets)
