@@ -103,6 +103,7 @@ def test_a_registered_version_that_would_run_code_is_refused_and_predict_loads_o
     monkeypatch.chdir(tmp_path)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     try:
+        mlflow.set_experiment("shared-registry")  # this store's own, whatever another test set before
         with mlflow.start_run():
             mlflow.log_artifacts(str(folder), "evil")
             source = mlflow.get_artifact_uri("evil")
