@@ -75,8 +75,8 @@ def interrupt(repo: Path, mirror: str, sig: signal.Signals, after_epochs: int) -
 def test_interrupted_three_ways_the_pipeline_still_finishes_with_every_epoch_logged_once(tmp_path, http_mirror,
                                                                                          mirror_md5):  # fmt: skip
     """Ctrl-C, then SIGTERM, then kill -9, each in the middle of training; each rerun continues from the last
-    saved epoch; the fourth `dvc repro` finishes. One MLflow run throughout, every epoch logged exactly once,
-    one registered version, and nothing registered before the pipeline was complete."""
+    saved epoch; the fourth `dvc repro` finishes. Nothing is recorded in MLflow before the pipeline is complete;
+    then one run with every epoch logged exactly once, and one registered version."""
     repo = make_repo(tmp_path, mirror_md5, train=LONG)
     client = store(repo)
     saved = 0
@@ -86,20 +86,17 @@ def test_interrupted_three_ways_the_pipeline_still_finishes_with_every_epoch_log
         assert "Traceback" not in err
         if saved:
             assert f"resuming after epoch {saved}/{LONG['epochs']}" in err
-        assert the_run(client).info.status == "KILLED"  # not left RUNNING
         saved_now = len(training.load_state(repo / STATE)["history"])  # the last good checkpoint
         assert saved + 2 <= saved_now < LONG["epochs"]
-        assert logged_steps(client, the_run(client).info.run_id) == list(range(1, saved_now + 1))
-        assert client.search_registered_models() == []  # nothing registered for an incomplete pipeline
+        assert not (repo / "mlruns" / "mlflow.db").exists()  # no run, no version for an incomplete pipeline
         saved = saved_now
 
     interrupt(repo, http_mirror, signal.SIGKILL, after_epochs=2)  # nothing can be cleaned up
-    assert the_run(client).info.status == "RUNNING"  # what kill -9 leaves behind
 
     again = run(repo, http_mirror, "dvc", "repro")
     assert again.returncode == 0, again.stdout + again.stderr
     assert ran_stages(again) == ["train", "evaluate", "export"] and "resuming after epoch" in again.stderr
-    finished = the_run(client)  # the same run, carried on to the end
+    finished = the_run(client)  # the one run, with the whole training
     assert finished.info.status == "FINISHED"
     assert logged_steps(client, finished.info.run_id) == list(range(1, LONG["epochs"] + 1))
     assert [int(v.version) for v in client.search_model_versions("name='mnist-cnn'")] == [1]
@@ -177,32 +174,30 @@ class Relay:
                     pass
 
 
-def test_a_tracking_server_lost_mid_run_keeps_the_training_and_the_next_repro_logs_it(
+def test_a_tracking_server_lost_mid_run_keeps_the_training_and_the_next_repro_records_it(
     tmp_path, http_mirror, mirror_md5, mlflow_server
 ):
+    """The server answers when the pipeline starts and is gone by the time the export stage records the run: the
+    stage fails in one line naming it; once it is back, `dvc repro` runs the export stage alone (no training)."""
     relay = Relay(int(mlflow_server.rsplit(":", 1)[1]))
     repo = make_repo(tmp_path, mirror_md5, train={**LONG, "seed": 7}, export={"model_name": "outage-test"})
-    # No retries: the pipeline's default (2, with back-off) only makes the failure slower to show.
-    proc = start_repro(repo, http_mirror, MLFLOW_TRACKING_URI=relay.url, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0")
+    proc = start_repro(repo, http_mirror, MLFLOW_TRACKING_URI=relay.url)
     wait_for_epochs(repo, proc, 3)
     relay.cut()
     _, err = proc.communicate(timeout=300)
     assert proc.returncode != 0 and "Traceback" not in err
-    assert "warning: could not log epoch" in err and "training goes on" in err
     (line,) = [line for line in err.splitlines() if line.startswith("error:")]
-    assert line.startswith(f"error: lost the MLflow store {relay.url} (")
-    assert f"the trained model is saved in {STATE}" in line and "`dvc repro` logs the missing epochs" in line
-    assert len(training.load_state(repo / STATE)["history"]) == LONG["epochs"]  # training went on to the end
+    assert line.startswith(f"error: the MLflow tracking server {relay.url} does not answer (")
+    assert (repo / "models" / "model.pt").exists() and (repo / "models" / "training.json").exists()
 
     relay.restore()
     again = run(repo, http_mirror, "dvc", "repro", MLFLOW_TRACKING_URI=relay.url)
     assert again.returncode == 0, again.stdout + again.stderr
-    assert f"resuming after epoch {LONG['epochs']}/{LONG['epochs']}" in again.stderr
-    assert "batch" not in again.stderr  # not trained again
+    assert ran_stages(again) == ["export"]  # not trained again
     client = store(repo, mlflow_server)
-    run_id = (repo / "models/mlflow_run.json").read_text().split('"run_id": "')[1].split('"')[0]
+    run_id = json.loads((repo / "reports/export.json").read_text())["run_id"]
     assert client.get_run(run_id).info.status == "FINISHED"
-    assert logged_steps(client, run_id) == list(range(1, LONG["epochs"] + 1))  # no epoch lost, none twice
+    assert logged_steps(client, run_id) == list(range(1, LONG["epochs"] + 1))  # every epoch, once
     assert client.get_model_version_by_alias("outage-test", "champion").run_id == run_id
 
 

@@ -224,7 +224,7 @@ def test_a_tracking_server_that_trickles_its_headers_is_named_in_one_line(monkey
 
     monkeypatch.setattr(store, "PROBE_TIMEOUT_S", 1)
     with pytest.raises(PipelineError, match=r"tracking server http://127.0.0.1:\d+ does not answer \(no whole answer"):
-        store._check_server(trickling_headers)
+        store.check_server(trickling_headers)
 
 
 def test_a_mirror_folder_holding_a_huge_file_is_refused_without_reading_it(tmp_path):

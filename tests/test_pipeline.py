@@ -57,7 +57,7 @@ def pipeline(tmp_path_factory, http_mirror, mirror_md5) -> Baseline:
     repo = make_repo(tmp_path_factory.mktemp("e2e"), mirror_md5)
     first = run(repo, http_mirror, "dvc", "repro", **SECRETS)
     assert first.returncode == 0, first.stdout + first.stderr
-    run_id = json.loads((repo / "models/mlflow_run.json").read_text())["run_id"]
+    run_id = json.loads((repo / "reports/export.json").read_text())["run_id"]
     export_report = json.loads((repo / "reports/export.json").read_text())
     return Baseline(repo, first, run_id, export_report, yaml.safe_load((repo / "params.yaml").read_text()))
 
@@ -551,7 +551,7 @@ def test_a_full_disk_names_the_file_and_keeps_the_earlier_outputs(pipeline):
     repo, _ = pipeline
     before = {p: p.read_bytes() for p in (repo / "reports").iterdir()}
     cmd = [sys.executable, "stages/evaluate.py", "--data", "data/raw", "--checkpoint", "models/model.pt",
-           "--run-file", "models/mlflow_run.json", "--metrics", "reports/metrics.json",
+           "--metrics", "reports/metrics.json",
            "--per-class", "reports/per_class.csv", "--per-class-md", "reports/per_class.md",
            "--confusion", "reports/confusion.csv", "--confusion-png", "reports/confusion_matrix.png",
            "--predictions-png", "reports/predictions.png"]  # fmt: skip

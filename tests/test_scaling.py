@@ -99,7 +99,7 @@ def rest(server: str, endpoint: str, **query) -> dict:
 def test_the_server_holds_the_run_its_metrics_and_the_registered_version(served_pipeline, mlflow_server):
     repo = served_pipeline
     assert not (repo / "mlruns/mlflow.db").exists()  # nothing went to the local store
-    run_id = json.loads((repo / "models/mlflow_run.json").read_text())["run_id"]
+    run_id = json.loads((repo / "reports/export.json").read_text())["run_id"]
     experiment = rest(mlflow_server, "experiments/get-by-name", experiment_name="mnist-pipeline")["experiment"]
     request = urllib.request.Request(f"{mlflow_server}/api/2.0/mlflow/runs/search",
                                      json.dumps({"experiment_ids": [experiment["experiment_id"]]}).encode(),
@@ -132,7 +132,7 @@ def test_compare_reads_the_runs_from_the_server(served_pipeline, http_mirror, ml
     out = run(served_pipeline, http_mirror, "mnist-pipeline", "compare", "--csv", MLFLOW_TRACKING_URI=mlflow_server)
     assert out.returncode == 0, out.stderr
     table = pd.read_csv(io.StringIO(out.stdout), dtype={"commit": str})
-    run_id = json.loads((served_pipeline / "models/mlflow_run.json").read_text())["run_id"]
+    run_id = json.loads((served_pipeline / "reports/export.json").read_text())["run_id"]
     (row,) = table[table["run_id"] == run_id[:8]].itertuples()
     assert row.registered.startswith("served-test v1")
 

@@ -1,8 +1,8 @@
 """dvc.yaml's code deps are exactly the project's modules each stage loads, in every process it starts.
 
 Each stage's command runs on tiny data with a ``sitecustomize`` on PYTHONPATH that, when a process exits, writes
-down the project's modules in its ``sys.modules``: the stage's own process and its tracking process (and any
-process they start) each leave their list. A module the stage loads
+down the project's modules in its ``sys.modules``: the stage's own process (and any process it starts) each leave
+their list. A module the stage loads
 that dvc.yaml does not list would let `dvc repro` keep a result that the code no longer gives; one it lists but
 never loads reruns the stage for nothing.
 """

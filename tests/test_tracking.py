@@ -10,7 +10,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from mnist_pipeline import export, registry, runs, store, tracker
+from mnist_pipeline import export, registry, runs, store
 from mnist_pipeline.config import ModelConfig
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.model import build
@@ -32,23 +32,18 @@ def test_default_store_is_absolute_sqlite_under_mlruns(monkeypatch, tmp_path):
     assert store.tracking_uri(copy) == "http://127.0.0.1:5000"
 
 
-def test_run_file_round_trip_and_errors(tmp_path):
-    tracker.write_run_file(tmp_path / "run.json", "abc123", "sqlite:///x.db")
-    assert tracker.read_run_file(tmp_path / "run.json") == "abc123"
+def test_a_training_record_that_is_missing_or_foreign_is_one_line(tmp_path):
     (tmp_path / "bad.json").write_text("{}")
-    with pytest.raises(PipelineError, match="not a run file"):
-        tracker.read_run_file(tmp_path / "bad.json")
+    with pytest.raises(PipelineError, match="not a training record written by the train stage"):
+        runs.read_record(tmp_path / "bad.json")
     with pytest.raises(PipelineError, match="missing: run the train stage"):
-        tracker.read_run_file(tmp_path / "none.json")
+        runs.read_record(tmp_path / "none.json")
 
 
 def log_onnx(model, folder: Path) -> str:
     """Export ``model`` to ONNX as the export stage does and log it into the active run; its model URI."""
-    import numpy as np
-
     export.save_onnx(model, torch.rand(2, 1, 28, 28), folder / "model.onnx")
-    np.save(folder / "example.npy", torch.rand(4, 1, 28, 28).numpy())
-    return registry.log_onnx_model(folder / "model.onnx", folder / "example.npy")
+    return registry.log_onnx_model(folder / "model.onnx", torch.rand(4, 1, 28, 28).numpy(), "model").model_uri
 
 
 @pytest.fixture
@@ -66,19 +61,6 @@ def test_unreachable_store_is_one_clear_line(monkeypatch, tmp_path):
     with pytest.raises(PipelineError) as exc:
         store.configure(tmp_path)
     assert "MLFLOW_TRACKING_URI" in str(exc.value) and "\n" not in str(exc.value)
-
-
-def test_rerun_with_changed_param_keeps_the_first_value(local_store):
-    with runs.start_run({"export.parity_samples": 512}, {"device": "cpu"}) as run_id:
-        pass
-    with runs.resume_run(run_id):
-        runs.log_params({"export.parity_samples": 256, "evaluate.examples": 24})
-    run = MlflowClient().get_run(run_id)
-    assert run.data.params == {"export.parity_samples": "512", "evaluate.examples": "24"}
-    assert run.data.tags["rerun.export.parity_samples"] == "256"
-    with pytest.raises(PipelineError, match="is not in the store"):
-        with runs.resume_run("0" * 32):
-            pass
 
 
 @pytest.mark.parametrize(
@@ -100,7 +82,8 @@ def test_promotion_rule(accuracy, champion, delta, promote, reason):
 def test_candidate_always_moves_champion_only_when_not_worse(local_store, tmp_path):
     torch.manual_seed(0)
     model = build(ModelConfig((4,), 3, 8, 0.0, False)).eval()
-    with runs.start_run({}, {}) as run_id:
+    with mlflow.start_run() as run:
+        run_id = run.info.run_id
         uri = log_onnx(model, tmp_path)
         first = registry.register(uri, "m", 0.95)
         better = registry.register(uri, "m", 0.97)
@@ -118,7 +101,7 @@ def test_candidate_always_moves_champion_only_when_not_worse(local_store, tmp_pa
     assert version.tags["test_accuracy"] == "0.960000" and version.tags["run_id"] == run_id
     assert version.tags["promotion"].startswith("kept champion v2") and version.tags["git_commit"]
     assert version.description.startswith("MNIST CNN, test accuracy 96.00%")
-    with runs.start_run({}, {}):
+    with mlflow.start_run():
         margin = registry.register(uri, "m", 0.9705, min_delta=0.001)
     assert margin.aliases == ("candidate",)
     loaded = registry.load_model("models:/m@champion")  # ONNX, in onnxruntime
@@ -161,7 +144,7 @@ def test_servers_listen_on_127_0_0_1_unless_told_otherwise():
 
 def test_a_registration_interrupted_half_way_leaves_no_version(local_store, monkeypatch, tmp_path):
     model = build(ModelConfig((4,), 3, 8, 0.0, False)).eval()
-    with runs.start_run({}, {}):
+    with mlflow.start_run():
         uri = log_onnx(model, tmp_path)
         registry.register(uri, "m", 0.95)
 
@@ -202,8 +185,8 @@ def test_reproduce_finds_a_run_by_a_unique_prefix_or_its_experiment_name(local_s
     client = MlflowClient()
     ids = []
     for name in ("lower-lr", "wider", "wide"):
-        with runs.start_run({}, {"mlflow.runName": name, "dvc_exp_name": name}) as run_id:
-            ids.append(run_id)
+        with mlflow.start_run(run_name=name, tags={"dvc_exp_name": name}) as run:
+            ids.append(run.info.run_id)
     for run_id in ids:
         assert find_run(client, run_id[:8], local_store) == run_id  # as `compare` prints it
         assert find_run(client, run_id, local_store) == run_id
@@ -244,7 +227,7 @@ def test_repair_ends_what_dead_processes_left_and_nothing_else(local_store, tmp_
         "elsewhere": client.create_run(experiment, tags={names.OWNER: "another-host:1:1"}).info.run_id,
     }
     pending = client.create_logged_model(experiment, source_run_id=runs_["dead"]).model_id
-    with runs.start_run({}, {}):
+    with mlflow.start_run():
         uri = log_onnx(build(ModelConfig((4,), 3, 16, 0.0, False)).eval(), tmp_path)
         whole = registry.register(uri, "m", 0.9)
         half = int(mlflow.register_model(uri, "m", tags={names.REGISTERING: "1"}).version)  # as if killed here

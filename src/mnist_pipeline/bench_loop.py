@@ -6,7 +6,7 @@ or loads a model with both libraries can start faster. Every other figure is pri
 - W: ``dvc repro -f -s train evaluate export`` in the project (real data, store and registry), and T, the training
   seconds that run logged; W - T is what the pipeline costs around the training. The pipeline runs 3 times (as F
   is measured 3 times): the run with the median W - T is shown, with the range;
-- each stage's wall time, and the peak memory of its process and of its tracking process, read from ``/proc``
+- each stage's wall time, and the peak memory of its processes (each's own peak, summed), read from ``/proc``
   while it runs (Linux; sampled every 20 ms, so a peak reached in a stage's last 20 ms can be missed);
 - ``mnist-pipeline predict one.png`` with the champion and with ``--model models/model.onnx``;
 - ``mnist-pipeline compare``;
@@ -59,7 +59,7 @@ class StageWatch:
 
     first_seen: dict[str, float] = field(default_factory=dict)
     last_seen: dict[str, float] = field(default_factory=dict)
-    peak_kb: dict[tuple[str, str], int] = field(default_factory=dict)  # (stage, "stage" | "tracker") -> VmHWM
+    peak_kb: dict[tuple[str, int], int] = field(default_factory=dict)  # (stage, pid) -> VmHWM
 
     def poll(self, root_pid: int, stop: threading.Event) -> None:
         owner: dict[int, str] = {}  # pid -> stage, inherited by a stage process's children
@@ -75,11 +75,10 @@ class StageWatch:
                 owner[pid] = stage
                 self.first_seen.setdefault(stage, now)
                 self.last_seen[stage] = now
-                # Memory: the stage's own process and its tracking process; other children (git, a shell) not, as
+                # Memory: the stage's own processes (several under torchrun); other children (git, a shell) not, as
                 # a forked child shows its parent's memory until it execs.
-                role = "tracker" if b"mnist_pipeline.tracker" in cmdline else "stage" if _stage_of(cmdline) else None
-                if role is not None:
-                    key = (stage, role)
+                if _stage_of(cmdline):
+                    key = (stage, pid)
                     self.peak_kb[key] = max(self.peak_kb.get(key, 0), _vm_hwm_kb(pid))
             stop.wait(POLL_S)
 
@@ -88,10 +87,10 @@ class StageWatch:
             return None
         return self.last_seen[stage] - self.first_seen[stage]
 
-    def peak_mb(self, stage: str) -> tuple[float | None, float | None]:
-        """(the stage's own process, its tracking process) peak RSS in MB; the largest, with several ranks."""
-        stage_kb, tracker_kb = self.peak_kb.get((stage, "stage")), self.peak_kb.get((stage, "tracker"))
-        return (stage_kb / 1024 if stage_kb else None), (tracker_kb / 1024 if tracker_kb else None)
+    def peak_mb(self, stage: str) -> float | None:
+        """The stage's processes' peak RSS in MB, summed (an upper bound of what they held at once)."""
+        peaks = [kb for (name, _), kb in self.peak_kb.items() if name == stage]
+        return sum(peaks) / 1024 if peaks else None
 
 
 def _descendants(root: int) -> list[tuple[int, int]]:
@@ -165,11 +164,8 @@ def _repro(project: Path) -> tuple[float, StageWatch, str]:
 
 
 def _logged_train_seconds(project: Path) -> float:
-    """The ``train_seconds`` metric of the run the pipeline just made (its id is in models/mlflow_run.json)."""
-    from mlflow.tracking import MlflowClient
-
-    run_file = json.loads((project / "models" / "mlflow_run.json").read_text())
-    return float(MlflowClient(run_file["tracking_uri"]).get_run(run_file["run_id"]).data.metrics["train_seconds"])
+    """The ``train_seconds`` of the training the pipeline just ran, from the train stage's record."""
+    return float(json.loads((project / "models" / "training.json").read_text())["metrics"]["train_seconds"])
 
 
 def machine() -> str:
@@ -215,12 +211,10 @@ def measure(project: Path, repeats: int = 3, log=sys.stderr) -> tuple[float, lis
     metrics = json.loads((project / "reports" / "metrics.json").read_text())
     spread = f"of {repeats} runs: {overheads[0]:.2f} to {overheads[-1]:.2f} s" if repeats > 1 else ""
     figures = [Figure("W: dvc repro -f -s train evaluate export", wall),
-               Figure("T: training (logged train_seconds)", train_s),
+               Figure("T: training (train_seconds)", train_s),
                Figure("W - T: the pipeline around the training (median run)", wall - train_s, note=spread)]  # fmt: skip
     for stage in STAGES:
-        own, tracker = watch.peak_mb(stage)
-        note = f"its tracking process: {tracker:.0f} MB" if tracker else ""
-        figures.append(Figure(f"stage {stage}: wall, peak RSS", watch.wall(stage), own, note))
+        figures.append(Figure(f"stage {stage}: wall, peak RSS", watch.wall(stage), watch.peak_mb(stage)))
 
     with tempfile.TemporaryDirectory(prefix="mnist-loop-") as tmp:
         digit = data.load_split(project / "data" / "raw", "test").images[0]  # a real test digit

@@ -89,6 +89,7 @@ MNIST_FILES = DATASETS["mnist"].files
 DEFAULT_MIRRORS = DATASETS["mnist"].mirrors
 FILE_NAMES = tuple(f.name for f in MNIST_FILES)
 TRAIN_FILE_NAMES = tuple(name for name in FILE_NAMES if name.startswith("train-"))
+TEST_FILE_NAMES = tuple(name for name in FILE_NAMES if name.startswith("t10k-"))
 
 DOWNLOAD_TIMEOUT_S = 30  # for a mirror to answer, and between two pieces of a file
 # For the whole exchange of one file (connecting, headers, body; MNIST's largest is 9.9 MB): a mirror slower than

@@ -146,6 +146,15 @@ def gather_floats(value: float, cluster: Cluster, device: torch.device) -> list[
     return [t.item() for t in everyone]
 
 
+def gather_objects(obj, cluster: Cluster) -> list:
+    """``obj`` from every rank, in rank order (small Python objects, such as a rank's system metrics)."""
+    if not cluster.distributed:
+        return [obj]
+    everyone = [None] * cluster.world_size
+    dist.all_gather_object(everyone, obj)
+    return everyone
+
+
 def broadcast(obj, cluster: Cluster):
     """Rank 0's ``obj`` on every rank (a small Python object, such as a resume state read from rank 0's disk)."""
     if not cluster.distributed:

@@ -10,6 +10,7 @@ VAL_LOSS = "val_loss"  # on the training digits held out by train.validation (an
 VAL_ACCURACY = "val_accuracy"
 EPOCH_METRICS = (TRAIN_LOSS, TEST_LOSS, TEST_ACCURACY, VAL_LOSS, VAL_ACCURACY)
 TRAIN_SECONDS = "train_seconds"
+TEST_ERRORS = "test_errors"  # test digits the model gets wrong: reads apart where an accuracy rounds alike
 # The evaluate stage's metrics (reports/metrics.json) are logged into the run under this prefix.
 FINAL = "final_"
 
@@ -17,8 +18,9 @@ FINAL = "final_"
 GIT_COMMIT = "git_commit"
 DATA_MD5 = "data_md5"
 DVC_EXP_NAME = "dvc_exp_name"
-RERUN = "rerun."  # prefix: a param a stage rerun alone changed after training logged it
 OWNER = "pipeline.owner"  # the process that has the run open: host:pid:start (see `repair`)
+TRAINING_ID = "pipeline.training_id"  # the training whose model the run records (an id the train stage draws)
+TRAINING_RUN = "pipeline.training_run"  # on a run whose training an earlier run recorded first: that run's id
 
 # Registered model version tags.
 REGISTERING = "pipeline.registering"  # present while a version is being registered (see `repair`)

@@ -52,9 +52,9 @@ def _champion_accuracy(client: MlflowClient, name: str) -> tuple[int, float] | N
 ONNX_REQUIREMENTS = ("onnx", "onnxruntime")
 
 
-def log_onnx_model(onnx_path: str | Path, example_path: str | Path) -> str:
-    """Log the ONNX file as the run's MLflow model, with signature and input example (a ``.npy`` of digits);
-    return its ``models:/<id>`` URI."""
+def log_onnx_model(onnx_path: str | Path, example: np.ndarray, name: str):
+    """Log the ONNX file as the run's MLflow model ``name``, with signature and input example (a batch of
+    digits); return MLflow's ``ModelInfo`` (``model_id``, ``model_uri``)."""
     import importlib.metadata
 
     import mlflow.onnx
@@ -62,12 +62,11 @@ def log_onnx_model(onnx_path: str | Path, example_path: str | Path) -> str:
     import onnxruntime
     from mlflow.models import infer_signature
 
-    example = np.load(example_path)
     session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     output = session.run(None, {session.get_inputs()[0].name: example})[0]
-    info = mlflow.onnx.log_model(
+    return mlflow.onnx.log_model(
         onnx.load(str(onnx_path)),
-        name="model",
+        name=name,
         signature=infer_signature(example, output),
         input_example=example,
         # The CPU provider everywhere: the model is small, and a machine with CUDA but onnxruntime's CPU build
@@ -76,14 +75,13 @@ def log_onnx_model(onnx_path: str | Path, example_path: str | Path) -> str:
         save_as_external_data=False,  # one self-contained model.onnx
         pip_requirements=[f"{name}=={importlib.metadata.version(name)}" for name in ONNX_REQUIREMENTS],
     )
-    return info.model_uri
 
 
-def predict_with_logged_model(model_uri: str, digits_path: str | Path) -> list[list[float]]:
-    """Logits of the logged model, loaded as users load it (``mlflow.pyfunc``), for the digits in a ``.npy``."""
+def predict_with_logged_model(model_uri: str, digits: np.ndarray) -> list[list[float]]:
+    """Logits of the logged model, loaded as users load it (``mlflow.pyfunc``), for ``digits``."""
     import mlflow.pyfunc
 
-    output = mlflow.pyfunc.load_model(model_uri).predict(np.load(digits_path))
+    output = mlflow.pyfunc.load_model(model_uri).predict(digits)
     return np.asarray(output["logits"] if isinstance(output, dict) else output).tolist()
 
 
@@ -192,18 +190,14 @@ def register(
         return _register(client, model_uri, name, test_accuracy, min_delta, log)
 
 
-def _new_version(client: MlflowClient, model_uri: str, name: str, run_id: str, tags: dict[str, str]):
-    """``mlflow.register_model`` of a ``models:/<id>`` URI, without the two lines it prints (the caller prints one
-    that says more)."""
-    from mlflow.exceptions import MlflowException
+def _new_version(model_uri: str, name: str, tags: dict[str, str]):
+    """``mlflow.register_model``, which also tells the logged model its version (the experiment's Models tab shows
+    it), without the two lines it prints: the caller prints one that says more."""
+    import contextlib
+    import io
 
-    try:
-        client.create_registered_model(name)
-    except MlflowException as exc:
-        if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
-            raise
-    model_id = model_uri.removeprefix("models:/")
-    return client.create_model_version(name, source=model_uri, run_id=run_id, tags=tags, model_id=model_id)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        return mlflow.register_model(model_uri, name, tags=tags)
 
 
 def _register(client: MlflowClient, model_uri: str, name: str, test_accuracy: float, min_delta: float,
@@ -211,7 +205,7 @@ def _register(client: MlflowClient, model_uri: str, name: str, test_accuracy: fl
     champion = _champion_accuracy(client, name)  # before registering: the new version must not compete with itself
     run = mlflow.active_run()
     # Marked until it has all its tags: a registration that dies half-way leaves a version `repair` recognises.
-    version = int(_new_version(client, model_uri, name, run.info.run_id, tags={names.REGISTERING: "1"}).version)
+    version = int(_new_version(model_uri, name, tags={names.REGISTERING: "1"}).version)
     print(f"registering {name} version {version}: tags, then aliases", file=log, flush=True)
     try:
         promote, reason = promotion(test_accuracy, champion, min_delta)

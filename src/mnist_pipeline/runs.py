@@ -1,130 +1,160 @@
-"""The pipeline's MLflow run, shared by the train, evaluate and export stages.
+"""The pipeline's MLflow run: one per pipeline result, recorded by the export stage from the files the stages wrote.
 
-The train stage starts the run and hands its id to the evaluate and export stages in a small JSON file (a DVC
-out); they reopen it. The stages call these functions through their tracking process (``tracker``), so the ones
-it may call take and return plain JSON values.
+The train and evaluate stages write files (the training's record, the history, the metrics, the figures); the
+export stage opens one run and logs all of it, with the params of every section as they are now: a run's params
+are always the ones that made its results. When the train stage did not run again (an evaluate or export param
+changed), the new run still carries the training's epochs and tags, and names the run that first recorded that
+training (``pipeline.training_run``); its start time is then its own, not the training's.
 """
 
 from __future__ import annotations
 
-import time
+import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import Metric
-from mlflow.exceptions import MlflowException
+from mlflow.entities import LoggedModelStatus, Metric
 from mlflow.tracking import MlflowClient
 
-from mnist_pipeline import names
+from mnist_pipeline import config, names
 from mnist_pipeline.errors import PipelineError
 
 
-def begin_run(params: Mapping[str, Any], tags: Mapping[str, str], run_id: str | None = None,
-              must_exist: bool = False) -> str:  # fmt: skip
-    """Start the pipeline's MLflow run with its params and tags, or reopen ``run_id``; return the run id.
+def _ms(seconds: float) -> int:
+    return int(seconds * 1000)
 
-    ``must_exist``: reopening a run the store does not have is an error (the evaluate and export stages), rather
-    than a new run under that id.
-    """
-    if run_id is not None and run_status(run_id) is None and must_exist:
-        raise PipelineError(
-            f"MLflow run {run_id} is not in the store {mlflow.get_tracking_uri()}; "
-            "was MLFLOW_TRACKING_URI changed? Rerun the whole pipeline with `dvc repro -f train`"
-        )
+
+def run_tags(record: Mapping[str, Any]) -> dict[str, str]:
+    """The run's tags: the training's (``env.*``, data fingerprint), the commit, the DVC experiment, who has it open."""
     from mnist_pipeline.repair import owner
 
-    run = mlflow.start_run(tags=dict(tags)) if run_id is None else mlflow.start_run(run_id=run_id)
-    mlflow.set_tag(names.OWNER, owner())  # whoever has it open now: if this process dies, `repair` ends the run
-    if run_id is None:
-        mlflow.log_params(dict(params))
-    return run.info.run_id
+    commit = git_commit()
+    tags = {**record["tags"], names.GIT_COMMIT: commit, "mlflow.source.git.commit": commit, names.OWNER: owner(),
+            names.TRAINING_ID: record["id"]}  # fmt: skip
+    if os.environ.get("DVC_EXP_NAME"):
+        tags[names.DVC_EXP_NAME] = os.environ["DVC_EXP_NAME"]
+    return tags
 
 
-def end_run(status: str) -> None:
-    """End the active run (if any) as FINISHED, KILLED or FAILED."""
-    if mlflow.active_run() is not None:
-        mlflow.end_run(status)
+def git_commit() -> str:
+    """The commit the code ran from: the experiment's baseline under `dvc exp run`, else HEAD."""
+    import subprocess
+
+    if os.environ.get("DVC_EXP_BASELINE_REV"):
+        return os.environ["DVC_EXP_BASELINE_REV"]
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def param_value(value: Any) -> str:
+    """A param as MLflow shows it: a list as its items ("16, 32"), a mapping as "key: value" pairs."""
+    if isinstance(value, (list, tuple)):
+        return ", ".join(str(v) for v in value)
+    if isinstance(value, Mapping):
+        return ", ".join(f"{k}: {v}" for k, v in value.items()) or "{}"
+    return str(value)
 
 
 @contextmanager
-def start_run(params: Mapping[str, Any], tags: Mapping[str, str], run_id: str | None = None) -> Iterator[str]:
-    """`begin_run` for the length of a block, in this process; the run ends FINISHED, KILLED or FAILED."""
-    started = begin_run(params, tags, run_id)
-    with _ending():
-        yield started
-
-
-@contextmanager
-def resume_run(run_id: str) -> Iterator[str]:
-    """Reopen a run the store holds for the length of a block, in this process."""
-    begin_run({}, {}, run_id, must_exist=True)
-    with _ending():
+def pipeline_run(params: config.Params, record: Mapping[str, Any]) -> Iterator[str]:
+    """A new run of the pipeline's experiment for the length of the block, with every param and the training's
+    tags; it ends FINISHED, KILLED when interrupted, or FAILED (its models still PENDING marked FAILED)."""
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(names.EXPERIMENT)
+    tags = run_tags(record)
+    first = client.search_runs([experiment.experiment_id], f"tags.`{names.TRAINING_ID}` = '{record['id']}'",
+                               max_results=1, order_by=["attributes.start_time ASC"])  # fmt: skip
+    if first:
+        tags[names.TRAINING_RUN] = first[0].info.run_id
+    start = None if first else _ms(record["started"])  # the training is part of this run's time only the first time
+    run = client.create_run(experiment.experiment_id, start_time=start, tags=tags,
+                            run_name=os.environ.get("DVC_EXP_NAME") or None)  # fmt: skip
+    run_id = run.info.run_id
+    mlflow.start_run(run_id=run_id)
+    try:
+        mlflow.log_params({key: param_value(value) for key, value in flat_params(params).items()})
         yield run_id
-
-
-def run_status(run_id: str) -> str | None:
-    """RUNNING, FINISHED, FAILED or KILLED; None when the store has no such run."""
-    try:
-        return MlflowClient().get_run(run_id).info.status
-    except MlflowException:
-        return None
-
-
-def mark_killed(run_id: str) -> None:
-    """End a run left RUNNING by a process that was killed outright (kill -9, power loss)."""
-    MlflowClient().set_terminated(run_id, "KILLED")
-
-
-@contextmanager
-def _ending() -> Iterator[None]:
-    """End the active run with the status the block earned."""
-    try:
-        yield
     except KeyboardInterrupt:
-        _end_quietly("KILLED")
+        _end(client, run_id, "KILLED")
         raise
     except BaseException:
-        _end_quietly("FAILED")
+        _end(client, run_id, "FAILED")
         raise
     mlflow.end_run("FINISHED")
 
 
-def _end_quietly(status: str) -> None:
+def flat_params(params: config.Params) -> dict[str, Any]:
+    return {f"{s.SECTION}.{key}": value for s in params.sections() for key, value in s.to_dict().items()}
+
+
+def _end(client: MlflowClient, run_id: str, status: str) -> None:
+    """End a run that did not finish, and fail the models it left half-logged. The store itself may be what
+    failed: then the next command that opens it repairs both (`repair`)."""
     try:
+        experiment = client.get_run(run_id).info.experiment_id
+        for model in client.search_logged_models([experiment], filter_string=f"source_run_id = '{run_id}'"):
+            if model.status == LoggedModelStatus.PENDING:
+                client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
         mlflow.end_run(status)
-    except Exception:  # the store itself may be what failed; the error on its way out says what happened
+    except Exception:  # noqa: BLE001 - the error on its way out says what happened
         pass
 
 
-def log_params(params: Mapping[str, Any]) -> None:
-    """Log params into the active run, keeping earlier values: MLflow forbids changing a logged param.
+def log_training(record: Mapping[str, Any]) -> None:
+    """The training's epochs (step = epoch, at the time each was measured), its timing and the system metrics
+    sampled while it ran (``system/...``, per rank under torchrun)."""
+    from mnist_pipeline.training import EpochMetrics
 
-    A stage rerun alone (say, export after an export param changed) logs into the run that trained the model;
-    a value that differs from the one logged at training is recorded as a tag ``rerun.<key>`` instead.
-    """
-    run = mlflow.active_run()
-    logged = MlflowClient().get_run(run.info.run_id).data.params
-    new = {k: v for k, v in params.items() if k not in logged}
-    changed = {f"{names.RERUN}{k}": str(v) for k, v in params.items() if k in logged and logged[k] != str(v)}
-    if new:
-        mlflow.log_params(new)
-    if changed:
-        mlflow.set_tags(changed)
-
-
-def log_epoch(epoch: int, metrics: Mapping[str, float]) -> None:
-    """One batched call per epoch: tracking stays a small fraction of training time."""
-    now = int(time.time() * 1000)
     run_id = mlflow.active_run().info.run_id
-    MlflowClient().log_batch(run_id, metrics=[Metric(k, float(v), now, epoch) for k, v in metrics.items()])
+    metrics = []
+    for values in record["history"]:
+        epoch = EpochMetrics(**values)
+        at = _ms(epoch.measured_at or record["ended"])
+        metrics += [Metric(key, float(value), at, epoch.epoch) for key, value in epoch.metrics().items()]
+    ended = _ms(record["ended"])
+    metrics += [Metric(key, float(value), ended, 0) for key, value in record["metrics"].items()]
+    ranks = sorted({sample["rank"] for sample in record["system"]})
+    for rank in ranks:  # MLflow's own monitor names them so: system/<metric>, or system/<node>/<metric>
+        prefix = f"system/rank_{rank}/" if len(ranks) > 1 else "system/"
+        samples = [sample for sample in record["system"] if sample["rank"] == rank]
+        for step, sample in enumerate(samples):
+            at = _ms(sample["time"])
+            metrics += [Metric(prefix + key, float(value), at, step) for key, value in sample["values"].items()]
+    for start in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics a batch
+        MlflowClient().log_batch(run_id, metrics=metrics[start : start + 1000])
 
 
-def logged_epochs(run_id: str) -> int:
-    """The last epoch whose metrics the run holds (0 for none): what a resumed training need not log again."""
-    return max((m.step for m in MlflowClient().get_metric_history(run_id, names.TEST_ACCURACY)), default=0)
+def dataset(name: str, digest: str, source_url: str):
+    """The data as MLflow records it: a name, a digest of its files and where it is published (no copy of it)."""
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+
+    return MetaDataset(HTTPDatasetSource(source_url), name=name, digest=digest)
+
+
+def log_test_metrics(metrics: Mapping[str, float], model_id: str, test_data) -> None:
+    """The evaluate stage's figures, against the run, its logged model and the test data: the Models tab and
+    `mlflow.search_logged_models(order_by=...)` rank models by them."""
+    for key, value in metrics.items():
+        mlflow.log_metric(names.FINAL + key, float(value), model_id=model_id, dataset=test_data)
+
+
+def log_inputs(datasets: Mapping[str, Any]) -> None:
+    """The data the run used, one input per context (``training``, ``testing``): the runs table's Dataset column."""
+    for context, data in datasets.items():
+        mlflow.log_input(data, context=context)
+
+
+def model_name() -> str:
+    """The logged model's name: the run's (the DVC experiment's when there is one), so that the Models tab says which
+    run each model came from."""
+    return mlflow.active_run().info.run_name
 
 
 def log_metrics(metrics: Mapping[str, float]) -> None:
@@ -134,3 +164,19 @@ def log_metrics(metrics: Mapping[str, float]) -> None:
 def log_artifacts(paths: list[str | Path], artifact_path: str | None = None) -> None:
     for path in paths:
         mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+def read_record(path: Path) -> dict[str, Any]:
+    """The train stage's record of its training (see `mnist_pipeline.stages.train`)."""
+    import json
+
+    try:
+        record = json.loads(Path(path).read_text())
+        record["id"], record["history"], record["tags"]  # noqa: B018 - present, or the file is not a record
+    except FileNotFoundError:
+        raise PipelineError(f"{path} is missing: run the train stage first (`dvc repro train`)") from None
+    except (ValueError, KeyError, TypeError):
+        raise PipelineError(
+            f"{path} is not a training record written by the train stage; rerun `dvc repro -f train`"
+        ) from None
+    return record

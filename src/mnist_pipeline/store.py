@@ -18,12 +18,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import mlflow
-from mlflow.tracking import MlflowClient
-
 from mnist_pipeline import names
 from mnist_pipeline.errors import PipelineError
-from mnist_pipeline.repair import repair
 
 STORE_DIR = "mlruns"
 
@@ -52,6 +48,11 @@ def configure(root: Path | None = None, writes: bool = True) -> str:
     copy) is refused in one line to a caller that writes; one that only reads gets a temporary copy of its database
     whose artifact paths point at the read-only folder.
     """
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from mnist_pipeline.repair import repair
+
     uri = tracking_uri(root)
     chosen = bool(os.environ.get("MLFLOW_TRACKING_URI"))  # before MLflow sets it for the processes it starts
     folder = project_root(root) / STORE_DIR
@@ -65,7 +66,7 @@ def configure(root: Path | None = None, writes: bool = True) -> str:
         # The embedded store; the artifacts go beside the database, in mlruns/<experiment name>/.
         folder.mkdir(exist_ok=True)
     _check_sqlite_path(uri)
-    _check_server(uri)
+    check_server(uri)
     # MLflow announces at INFO level that it creates (or upgrades) the tables of a new SQLite store: noise in a
     # pipeline whose store is created on first use as a matter of course. Its warnings and errors still show.
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
@@ -97,12 +98,14 @@ ARTIFACT_PATH_COLUMNS = (
 )
 
 
-def create_experiment(client: MlflowClient, name: str) -> str:
+def create_experiment(client, name: str) -> str:
     """Create an experiment; in the local store its artifacts go to ``mlruns/<name>/`` beside the database.
 
     MLflow's own default is ``./mlruns`` of the current folder when the experiment is created: a first command run
     from a subfolder, or a first stage run in a DVC experiment's temporary copy, would put every later artifact
     there."""
+    import mlflow
+
     uri = mlflow.get_tracking_uri()
     if not uri.startswith("sqlite:///"):
         return client.create_experiment(name)  # a server: it decides where artifacts go
@@ -163,6 +166,9 @@ def _open_read_only(folder: Path) -> str:
     if not database.is_file():
         raise PipelineError(f"the MLflow store in {folder} is read-only and holds no database ({DATABASE}): "
                             "nothing has been recorded there")  # fmt: skip
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
     copy = Path(tempfile.mkdtemp(prefix="mnist-pipeline-store-")) / DATABASE
     atexit.register(shutil.rmtree, copy.parent, True)
     shutil.copyfile(database, copy)
@@ -232,7 +238,7 @@ HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQU
 PROBE_TIMEOUT_S = 5
 
 
-def _check_server(uri: str) -> None:
+def check_server(uri: str) -> None:
     """One quick request to a tracking server's /health before anything else; a one-line error if it is down."""
     if not uri.startswith(("http://", "https://")):
         return

@@ -171,6 +171,7 @@ class EpochMetrics:
     seconds: float  # wall time since training started, at the end of this epoch (time before a resume included)
     val_loss: float | None = None  # on the held-out training digits, when train.validation > 0
     val_accuracy: float | None = None
+    measured_at: float | None = None  # when the epoch ended (Unix time, s): MLflow's timestamp of its metrics
 
     def metrics(self) -> dict[str, float]:
         """What each epoch logs to MLflow: the figures it has."""
@@ -283,7 +284,7 @@ def train(
         if test_data is not None:
             test_loss, test_accuracy = evaluate_loss_accuracy(model, test_data, cluster=cluster)
         metrics = EpochMetrics(epoch, train_loss, test_loss, test_accuracy, time.perf_counter() - start, val_loss,
-                               val_accuracy)  # fmt: skip
+                               val_accuracy, time.time())  # fmt: skip
         history.append(metrics)
         _say(log, f"epoch {epoch}/{cfg.epochs} done: {metrics.summary()}  ({metrics.seconds:.1f} s of training so far)")
         # The epoch's metrics are logged and its state saved as one step: a Ctrl-C or SIGTERM in between waits
@@ -381,6 +382,7 @@ def _csv_number(value) -> str:
 def write_history(path, history: list[EpochMetrics]) -> None:
     """Per-epoch metrics as CSV, the file DVC plots as the training curves (six significant digits); the
     validation columns only when there was a validation split."""
-    columns = [f.name for f in dataclasses.fields(EpochMetrics) if any(getattr(m, f.name) is not None for m in history)]
+    columns = [f.name for f in dataclasses.fields(EpochMetrics)
+               if f.name != "measured_at" and any(getattr(m, f.name) is not None for m in history)]  # fmt: skip
     rows = [",".join(_csv_number(getattr(m, name)) for name in columns) for m in history]
     write_atomic(path, "\n".join([",".join(columns), *rows]) + "\n")

@@ -34,7 +34,8 @@ def build_parser(stage: ModuleType) -> argparse.ArgumentParser:
     )
     for field in dataclasses.fields(stage.Paths):
         flag = "--" + field.name.replace("_", "-")
-        parser.add_argument(flag, dest=field.name, type=Path, required=True, help=field.metadata.get("help"))
+        parser.add_argument(flag, dest=field.name, type=Path, required=True, help=field.metadata.get("help"),
+                            nargs=field.metadata.get("nargs"))  # fmt: skip
     return parser
 
 
@@ -45,9 +46,9 @@ def _load(params_file: Path) -> config.Params:
         raise config.ConfigError(f"{exc}; nothing was written") from None
 
 
-def path(help: str | None = None) -> Any:
-    """A field of a stage's ``Paths``, with the help its command-line option shows."""
-    return dataclasses.field(metadata={"help": help} if help else {})
+def path(help: str | None = None, nargs: str | None = None) -> Any:
+    """A field of a stage's ``Paths``, with the help its command-line option shows (``nargs="+"``: a list)."""
+    return dataclasses.field(metadata={"help": help, "nargs": nargs})
 
 
 def code_deps(stage: str, root: Path | None = None) -> list[Path]:

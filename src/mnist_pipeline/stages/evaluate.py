@@ -1,13 +1,14 @@
-"""Stage evaluate: measure the trained model on the test digits; metrics, per-class table, figures."""
+"""Stage evaluate: measure the trained model on the test digits; metrics, per-class table, figures.
+
+It writes files only; the export stage logs them into the pipeline's MLflow run."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from mnist_pipeline import config, names, tracker
+from mnist_pipeline import config
 from mnist_pipeline.files import write_atomic
 from mnist_pipeline.stages import path
 
@@ -16,7 +17,6 @@ from mnist_pipeline.stages import path
 class Paths:
     data: Path = path("folder written by the download stage")
     checkpoint: Path = path("the trained model")
-    run_file: Path = path("the MLflow run id the train stage wrote")
     metrics: Path = path("JSON for `dvc metrics`")
     per_class: Path = path("per-digit precision/recall/F1 (CSV)")
     per_class_md: Path = path("the same table in Markdown")
@@ -25,43 +25,32 @@ class Paths:
     predictions_png: Path = path("random test digits and the most confident mistakes, titled with predictions")
 
 
-def run(params: config.Params, paths: Paths, start_tracker: Callable[[], tracker.Tracker] = tracker.Tracker.start):
-    """Evaluate, write ``paths``, then log the metrics and figures into the run the train stage started."""
+def run(params: config.Params, paths: Paths) -> None:
+    """Evaluate and write ``paths``."""
+    import torch
+
+    from mnist_pipeline import evaluation
+    from mnist_pipeline.data import load_split, verify_folder
+    from mnist_pipeline.model import load_checkpoint, to_pixels
+
     eval_cfg = params.evaluate
-    run_id = tracker.read_run_file(paths.run_file)
-    with start_tracker() as tracking:  # MLflow starts up in its own process while this one works
-        import torch
+    model, _ = load_checkpoint(paths.checkpoint)
+    verify_folder(paths.data)
+    test = load_split(paths.data, "test")
 
-        from mnist_pipeline import evaluation
-        from mnist_pipeline.data import load_split, verify_folder
-        from mnist_pipeline.model import load_checkpoint, to_pixels
+    labels = torch.from_numpy(test.labels.astype("int64"))
+    logits = evaluation.predict_logits(model, to_pixels(torch.from_numpy(test.images)), eval_cfg.batch_size)
+    result = evaluation.evaluate(logits, labels)
+    report = evaluation.per_class_report(result.confusion)
 
-        model, _ = load_checkpoint(paths.checkpoint)
-        verify_folder(paths.data)
-        test = load_split(paths.data, "test")
-
-        labels = torch.from_numpy(test.labels.astype("int64"))
-        logits = evaluation.predict_logits(model, to_pixels(torch.from_numpy(test.images)), eval_cfg.batch_size)
-        result = evaluation.evaluate(logits, labels)
-        report = evaluation.per_class_report(result.confusion)
-
-        write_atomic(paths.metrics, json.dumps(result.metrics(), indent=2) + "\n")
-        evaluation.write_report_tables(report, paths.per_class, paths.per_class_md)
-        evaluation.write_confusion_pairs(test.labels, result.predicted, paths.confusion)
-        evaluation.plot_confusion_matrix(result.confusion, paths.confusion_png)
-        evaluation.plot_predictions(
-            test.images, result.predicted, test.labels, result.confidence, paths.predictions_png,
-            count=eval_cfg.examples, mistakes=eval_cfg.mistakes, seed=params.train.seed,
-        )  # fmt: skip
-        wrong = int((result.predicted != test.labels).sum())
-        print(f"test accuracy {100 * result.accuracy:.2f}%  test loss {result.loss:.4f}  "
-              f"({wrong:,} of {len(labels):,} test digits wrong)")  # fmt: skip
-
-        # The store is opened last: by now the tracking process has started, so this stage never waits for it. If
-        # the store cannot be used, the stage fails here and `dvc repro` runs it again.
-        tracking.configure()
-        with tracker.run(tracking, run_id=run_id, resume=True):
-            tracking.call("log_params", config.flatten([eval_cfg]))
-            tracking.call("log_metrics", {names.FINAL + k: v for k, v in result.metrics().items()})
-            logged = [paths.confusion_png, paths.predictions_png, paths.per_class, paths.per_class_md, paths.confusion]
-            tracking.call("log_artifacts", [str(path) for path in logged], "evaluation")
+    write_atomic(paths.metrics, json.dumps(result.metrics(), indent=2) + "\n")
+    evaluation.write_report_tables(report, paths.per_class, paths.per_class_md)
+    evaluation.write_confusion_pairs(test.labels, result.predicted, paths.confusion)
+    evaluation.plot_confusion_matrix(result.confusion, paths.confusion_png)
+    evaluation.plot_predictions(
+        test.images, result.predicted, test.labels, result.confidence, paths.predictions_png,
+        count=eval_cfg.examples, mistakes=eval_cfg.mistakes, seed=params.train.seed,
+    )  # fmt: skip
+    wrong = int((result.predicted != test.labels).sum())
+    print(f"test accuracy {100 * result.accuracy:.2f}%  test loss {result.loss:.4f}  "
+          f"({wrong:,} of {len(labels):,} test digits wrong)")  # fmt: skip

@@ -1,14 +1,17 @@
-"""Stage export: TorchScript and ONNX files, each checked against the trained model, then log + register in MLflow."""
+"""Stage export: TorchScript and ONNX files, each checked against the trained model; then the pipeline's MLflow run.
+
+This is the one stage that talks to MLflow, in its own process: it records the whole pipeline result as one run
+(params, the training's record, the evaluation's metrics and figures, the data as an input, the ONNX model) and
+registers the model (see ``runs`` and ``registry``).
+"""
 
 from __future__ import annotations
 
 import json
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from mnist_pipeline import config, names, tracker
+from mnist_pipeline import config, names
 from mnist_pipeline.files import write_atomic
 from mnist_pipeline.stages import path
 
@@ -17,58 +20,68 @@ from mnist_pipeline.stages import path
 class Paths:
     data: Path = path("folder written by the download stage")
     checkpoint: Path = path("the trained model")
-    run_file: Path = path("the MLflow run id the train stage wrote")
+    record: Path = path("the train stage's record of the training (JSON)")
     metrics: Path = path("the evaluate stage's metrics JSON")
+    evaluation: list[Path] = path("the evaluate stage's figures and tables, logged with the run", nargs="+")
     torchscript: Path = path("the TorchScript file to write")
     onnx: Path = path("the ONNX file to write (the model that is registered)")
     report: Path = path("parity figures and the registered version (JSON)")
 
 
-def run(params: config.Params, paths: Paths, start_tracker: Callable[[], tracker.Tracker] = tracker.Tracker.start):
-    """Export and check both formats, log the ONNX model into the run, check it through pyfunc, register it."""
+def run(params: config.Params, paths: Paths) -> None:
+    """Export and check both formats, record the run, log the ONNX model, check it through pyfunc, register it."""
+    import torch
+
+    from mnist_pipeline import export, runs
+    from mnist_pipeline.data import load_split, verify_folder
+    from mnist_pipeline.model import load_checkpoint, to_pixels
+
     export_cfg = params.export
-    run_id = tracker.read_run_file(paths.run_file)
-    with start_tracker() as tracking, tempfile.TemporaryDirectory(prefix="mnist-export-") as tmp:
-        import numpy as np
-        import torch
+    record = runs.read_record(paths.record)
+    model, _ = load_checkpoint(paths.checkpoint)
+    verify_folder(paths.data)
+    test_metrics = json.loads(paths.metrics.read_text())
+    test = load_split(paths.data, "test")
+    digits = to_pixels(torch.from_numpy(test.images[: export_cfg.parity_samples].copy()))  # (N, 1, 28, 28)
 
-        from mnist_pipeline import export
-        from mnist_pipeline.data import load_split, verify_folder
-        from mnist_pipeline.model import load_checkpoint, to_pixels
+    def check(exported, fmt: str) -> export.Parity:
+        result = export.check_parity(model, exported, digits, export_cfg.parity_tolerance, fmt)
+        export.require_parity(result)  # a failed check stops here: nothing more is logged or registered
+        print(f"{fmt} parity on {result.samples} test digits: max |logit diff| {result.max_abs_diff:.2e}")
+        return result
 
-        model, _ = load_checkpoint(paths.checkpoint)
-        verify_folder(paths.data)
-        test_accuracy = json.loads(paths.metrics.read_text())[names.TEST_ACCURACY]
-        test = load_split(paths.data, "test")
-        digits = to_pixels(torch.from_numpy(test.images[: export_cfg.parity_samples].copy()))  # (N, 1, 28, 28)
-
-        def check(exported, fmt: str) -> export.Parity:
-            result = export.check_parity(model, exported, digits, export_cfg.parity_tolerance, fmt)
-            export.require_parity(result)  # a failed check stops here: nothing more is logged or registered
-            print(f"{fmt} parity on {result.samples} test digits: max |logit diff| {result.max_abs_diff:.2e}")
-            return result
-
-        export.save_torchscript(export.to_torchscript(model, digits[:2]), paths.torchscript)
-        export.save_onnx(model, digits[:2], paths.onnx)
-        checks = {
-            "torchscript": check(export.load_torchscript(paths.torchscript), "TorchScript"),
-            "onnx": check(export.load_onnx(paths.onnx), "ONNX"),
-        }
-        # The registered model is the ONNX file, checked again as users load it: through mlflow.pyfunc.
-        example, digits_file = Path(tmp) / "example.npy", Path(tmp) / "digits.npy"
-        np.save(example, digits[:4].numpy())
-        np.save(digits_file, digits.numpy())
-
-        tracking.configure()
-        with tracker.run(tracking, run_id=run_id, resume=True):
-            tracking.call("log_params", config.flatten([export_cfg]))
-            tracking.call("log_artifacts", [str(paths.torchscript), str(paths.onnx)], "exported")
-            model_uri = tracking.call("log_onnx_model", str(paths.onnx), str(example))
-            logged = torch.tensor(tracking.call("predict_with_logged_model", model_uri, str(digits_file)))
-            checks["mlflow_model"] = check(lambda _: logged, "MLflow model (ONNX, loaded through pyfunc)")
-            tracking.call("log_metrics", {f"{name}_max_abs_logit_diff": c.max_abs_diff for name, c in checks.items()})
-            registration = tracking.call(
-                "register", model_uri, export_cfg.model_name, test_accuracy, export_cfg.promote_min_delta
-            )
-    report = {**{name: check.to_dict() for name, check in checks.items()}, "registered": registration}
+    export.save_torchscript(export.to_torchscript(model, digits[:2]), paths.torchscript)
+    export.save_onnx(model, digits[:2], paths.onnx)
+    checks = {
+        "torchscript": check(export.load_torchscript(paths.torchscript), "TorchScript"),
+        "onnx": check(export.load_onnx(paths.onnx), "ONNX"),
+    }
+    registration, run_id = _record(params, paths, record, test_metrics, digits.numpy(), checks, check)
+    report = {**{name: c.to_dict() for name, c in checks.items()}, "run_id": run_id, "registered": registration}
     write_atomic(paths.report, json.dumps(report, indent=2) + "\n")
+
+
+def _record(params, paths: Paths, record, test_metrics, digits, checks, check) -> tuple[dict, str]:
+    """The MLflow part: one run with everything, the logged model checked through pyfunc, then registered."""
+    import torch
+
+    from mnist_pipeline import data, registry, runs, store
+
+    store.configure()
+    dataset = params.data.dataset
+    source = data.DATASETS[dataset].mirrors[0]
+    with runs.pipeline_run(params, record) as run_id:
+        train_data = runs.dataset(dataset, data.verify_folder(paths.data, only=data.TRAIN_FILE_NAMES), source)
+        test_data = runs.dataset(dataset, data.verify_folder(paths.data, only=data.TEST_FILE_NAMES), source)
+        runs.log_inputs({"training": train_data, "testing": test_data})
+        runs.log_training(record)
+        runs.log_artifacts(paths.evaluation, "evaluation")
+        runs.log_artifacts([paths.torchscript, paths.onnx], "exported")
+        info = registry.log_onnx_model(paths.onnx, digits[:4], name=runs.model_name())
+        runs.log_test_metrics(test_metrics, info.model_id, test_data)
+        logged = torch.tensor(registry.predict_with_logged_model(info.model_uri, digits))
+        checks["mlflow_model"] = check(lambda _: logged, "MLflow model (ONNX, loaded through pyfunc)")
+        runs.log_metrics({f"{name}_max_abs_logit_diff": c.max_abs_diff for name, c in checks.items()})
+        registration = registry.register(info.model_uri, params.export.model_name, test_metrics[names.TEST_ACCURACY],
+                                         params.export.promote_min_delta)  # fmt: skip
+    return registration.to_dict(), run_id
