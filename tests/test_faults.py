@@ -48,8 +48,13 @@ def store(repo: Path, uri: str | None = None) -> MlflowClient:
     return MlflowClient(uri or f"sqlite:///{repo}/mlruns/mlflow.db")
 
 
+def pipeline_runs(client: MlflowClient) -> list:
+    experiment = client.get_experiment_by_name("mnist-pipeline")
+    return client.search_runs([experiment.experiment_id]) if experiment else []
+
+
 def the_run(client: MlflowClient):
-    (only,) = client.search_runs([client.get_experiment_by_name("mnist-pipeline").experiment_id])
+    (only,) = pipeline_runs(client)
     return only
 
 
@@ -88,7 +93,7 @@ def test_interrupted_three_ways_the_pipeline_still_finishes_with_every_epoch_log
             assert f"resuming after epoch {saved}/{LONG['epochs']}" in err
         saved_now = len(training.load_state(repo / STATE)["history"])  # the last good checkpoint
         assert saved + 2 <= saved_now < LONG["epochs"]
-        assert not (repo / "mlruns" / "mlflow.db").exists()  # no run, no version for an incomplete pipeline
+        assert pipeline_runs(client) == [] and client.search_registered_models() == []  # nothing recorded yet
         saved = saved_now
 
     interrupt(repo, http_mirror, signal.SIGKILL, after_epochs=2)  # nothing can be cleaned up
@@ -268,8 +273,12 @@ def test_killed_at_any_moment_of_export_the_next_repro_leaves_the_registry_whole
     assert final.returncode == 0, final.stdout + final.stderr
     assert gone in final.stderr and "half-registered" not in final.stderr  # registered whole, then killed
     assert ran_stages(final) == ["export"] and "is cached - skipping run" not in final.stdout
-    (pipeline_run,) = client.search_runs([client.get_experiment_by_name("mnist-pipeline").experiment_id])
-    assert pipeline_run.info.status == "FINISHED"
+    report = json.loads((repo / "reports/export.json").read_text())
+    pipeline_run = client.get_run(report["run_id"])
+    assert pipeline_run.info.status == "FINISHED"  # the killed exports' runs: ended, none left RUNNING
+    assert all(
+        r.info.status in ("KILLED", "FAILED") for r in pipeline_runs(client) if r.info.run_id != report["run_id"]
+    )
     experiment = pipeline_run.info.experiment_id
     assert all(m.status != LoggedModelStatus.PENDING for m in client.search_logged_models([experiment]))
     versions = client.search_model_versions("name='mnist-cnn'")

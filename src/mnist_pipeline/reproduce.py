@@ -42,8 +42,20 @@ def _write_params(params_file: Path, logged: dict[str, str]) -> None:
     for key, value in logged.items():
         section, _, name = key.partition(".")
         if section in params and name in params[section]:
-            params[section][name] = yaml.safe_load(value)
+            params[section][name] = _param_value(value, params[section][name])
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def _param_value(logged: str, current):
+    """A logged param as params.yaml holds it: lists were logged as their items ("16, 32"), mappings as "key:
+    value" pairs (earlier runs: as JSON, which is YAML too)."""
+    import yaml
+
+    if isinstance(current, list) and not logged.startswith("["):
+        return yaml.safe_load(f"[{logged}]")
+    if isinstance(current, dict) and not logged.startswith("{"):
+        return yaml.safe_load(f"{{{logged}}}")
+    return yaml.safe_load(logged)
 
 
 METRICS = (names.FINAL + names.TEST_ACCURACY, names.FINAL + names.TEST_LOSS)

@@ -93,16 +93,22 @@ def flat_params(params: config.Params) -> dict[str, Any]:
     return {f"{s.SECTION}.{key}": value for s in params.sections() for key, value in s.to_dict().items()}
 
 
+END_DEADLINE_S = 10  # to end a failed run on a server that may be what failed
+
+
 def _end(client: MlflowClient, run_id: str, status: str) -> None:
-    """End a run that did not finish, and fail the models it left half-logged. The store itself may be what
-    failed: then the next command that opens it repairs both (`repair`)."""
+    """End a run that did not finish, and fail the models it left half-logged, within a few seconds. The store
+    itself may be what failed: then the next command that opens it repairs both (`repair`)."""
+    from mnist_pipeline import network, store
+
     try:
-        experiment = client.get_run(run_id).info.experiment_id
-        for model in client.search_logged_models([experiment], filter_string=f"source_run_id = '{run_id}'"):
-            if model.status == LoggedModelStatus.PENDING:
-                client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
-        mlflow.end_run(status)
-    except Exception:  # noqa: BLE001 - the error on its way out says what happened
+        with store.exchange(mlflow.get_tracking_uri()), network.time_limit(END_DEADLINE_S, "ending the run"):
+            experiment = client.get_run(run_id).info.experiment_id
+            for model in client.search_logged_models([experiment], filter_string=f"source_run_id = '{run_id}'"):
+                if model.status == LoggedModelStatus.PENDING:
+                    client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+            mlflow.end_run(status)
+    except (Exception, network.DeadlinePassed):  # noqa: BLE001 - the error on its way out says what happened
         pass
 
 

@@ -265,6 +265,25 @@ def check_server(uri: str) -> None:
         ) from None
 
 
+def server_deadline_s() -> float:
+    """How long the exchange with a tracking server may take, all of a stage's requests together: MLflow's own
+    ``MLFLOW_HTTP_REQUEST_TIMEOUT`` (default 120 s), which MLflow applies to each wait for data, not to a whole
+    exchange (a server that trickles its answer would hold a stage for ever)."""
+    return float(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT") or 120)
+
+
+def exchange(uri: str):
+    """A context for the whole of a stage's exchange with the store: bounded by `server_deadline_s` when the store
+    is a server (`network.DeadlinePassed` when it ends), unbounded for a local database."""
+    from contextlib import nullcontext
+
+    from mnist_pipeline import network
+
+    if not uri.startswith(("http://", "https://")):
+        return nullcontext()
+    return network.time_limit(server_deadline_s(), f"the MLflow tracking server {uri}")
+
+
 def tracking_uri(root: Path | None = None) -> str:
     """The URI `configure` uses, without touching the store."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root(root) / STORE_DIR / DATABASE}"

@@ -7,11 +7,14 @@ registers the model (see ``runs`` and ``registry``).
 
 from __future__ import annotations
 
+import errno
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from mnist_pipeline import config, names
+from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.files import write_atomic
 from mnist_pipeline.stages import path
 
@@ -62,12 +65,48 @@ def run(params: config.Params, paths: Paths) -> None:
 
 
 def _record(params, paths: Paths, record, test_metrics, digits, checks, check) -> tuple[dict, str]:
-    """The MLflow part: one run with everything, the logged model checked through pyfunc, then registered."""
+    """The MLflow part: one run with everything, the logged model checked through pyfunc, then registered. A
+    tracking server that stops answering, or a full disk, ends it in one line."""
+    from mnist_pipeline import network, store
+
+    uri = store.tracking_uri()
+    try:
+        with store.exchange(uri):
+            store.configure()
+            return _log_and_register(params, paths, record, test_metrics, digits, checks, check)
+    except network.DeadlinePassed:
+        raise PipelineError(
+            f"the MLflow tracking server {uri} did not answer within {store.server_deadline_s():g} s "
+            "(MLFLOW_HTTP_REQUEST_TIMEOUT); nothing was registered: check the server, then rerun `dvc repro`"
+        ) from None
+    except OSError as exc:
+        if exc.errno not in DISK_FULL:
+            raise
+        raise disk_full(exc, [*paths.evaluation, paths.torchscript, paths.onnx, paths.onnx]) from None
+
+
+# No space on the disk, over the quota, or over the size a process may write (`ulimit -f`).
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def disk_full(exc: OSError, logged: list[Path]) -> PipelineError:
+    """One line: the file MLflow could not write, the space left where it was writing, what the run needs."""
+    where = Path(exc.filename or ".")
+    folder = next((p for p in (where, *where.parents) if p.exists()), Path("."))
+    free = shutil.disk_usage(folder).free
+    needed = sum(p.stat().st_size for p in logged if p.exists()) + 2**20  # the files, and MLflow's own (~100 KB)
+    return PipelineError(
+        f"cannot write {exc.filename or 'an MLflow artifact'}: {exc.strerror}; {free / 1e6:.1f} MB free there, the "
+        f"run's artifacts need about {needed / 1e6:.1f} MB: free some space, then rerun `dvc repro` (the run was "
+        "ended FAILED, nothing was registered)"
+    )
+
+
+def _log_and_register(params, paths: Paths, record, test_metrics, digits, checks, check) -> tuple[dict, str]:
     import torch
 
-    from mnist_pipeline import data, registry, runs, store
+    from mnist_pipeline import data, registry, runs
 
-    store.configure()
     dataset = params.data.dataset
     source = data.DATASETS[dataset].mirrors[0]
     with runs.pipeline_run(params, record) as run_id:
