@@ -114,6 +114,7 @@ FIELDS: dict[str, dict[str, tuple[st.SearchStrategy, st.SearchStrategy]]] = {
             number_outside(0.0, 1.0, True, True),
         ),
         "promote_min_delta": (st.floats(0.0, 1.0, exclude_max=True), number_outside(0.0, 1.0, hi_open=True)),
+        "register": (st.booleans(), st.one_of(st.integers(), st.just("yes"))),
     },
 }
 

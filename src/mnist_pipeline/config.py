@@ -234,6 +234,7 @@ class ExportConfig(Section):
     parity_samples: int  # real test digits the exported model is checked on
     parity_tolerance: float  # max absolute logit difference allowed against the eager model
     promote_min_delta: float  # champion moves to a new version only if its accuracy >= champion's + this
+    register: bool  # register the logged model and move the aliases (false: the run and its model only)
 
     def __post_init__(self):
         _check(

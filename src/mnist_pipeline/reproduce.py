@@ -1,12 +1,12 @@
 """`mnist-pipeline reproduce RUN_ID`: rerun the pipeline with a past run's code and params, as a DVC experiment.
 
 The run's commit is checked out in a temporary git worktree (the user's workspace is not touched), its
-params.yaml is set to the run's logged params, and `dvc exp run --force evaluate` runs every stage up to evaluate
+params.yaml is set to the run's logged params, and `dvc exp run --force -S export.register=false` runs every stage
 again there (forced: DVC's run cache would otherwise restore the old outputs instead of recomputing them). When
 the project's ``data/raw`` holds the run's data, verified (same fingerprint), the download stage reads it as a
-local mirror: no network, no ``MNIST_MIRROR`` needed. The export stage does not run: a reproduction registers no
-version and moves no alias. The new MLflow run lands in the same store, tagged
-``reproduces=<run id>``. Afterwards the two runs' data fingerprints and final test metrics are
+local mirror: no network, no ``MNIST_MIRROR`` needed. The export stage records the run and logs its model but,
+with ``export.register: false``, registers no version and moves no alias. The new MLflow run lands in the same
+store, tagged ``reproduces=<run id>``. Afterwards the two runs' data fingerprints and final test metrics are
 compared: with the same data, the same locked environment and the same hardware, accuracy and loss are equal to
 the last digit on the CPU. When they are not, the run tags that record the environment (``environment``) say
 which of those differ.
@@ -162,8 +162,13 @@ def reproduce(run_id: str, root: Path, log=sys.stderr) -> Reproduction:
         if _local_mirror(root, original.data.tags.get(names.DATA_MD5), mirror, log):
             env[MIRROR_ENV] = str(mirror)  # tried first; the download stage still verifies every file
         print(f"reproducing run {run_id} (commit {commit[:12]}) as DVC experiment {name!r}", file=log)
-        # Up to evaluate only: a reproduction registers no version and moves no alias.
-        command = ["dvc", "exp", "run", "--force", "-n", name, "evaluate"]
+        # The whole pipeline, its export recording the run and the model but registering nothing. Code from before
+        # export.register recorded its run in the train stage: it stops at evaluate.
+        import yaml
+
+        registers = "register" in yaml.safe_load((worktree / "params.yaml").read_text()).get("export", {})
+        command = ["dvc", "exp", "run", "--force", "-n", name]
+        command += ["-S", "export.register=false"] if registers else ["evaluate"]
         result = subprocess.run(command, cwd=worktree, env=env, check=False)
         if result.returncode != 0:
             raise PipelineError(f"the pipeline failed while reproducing run {run_id} (see the output above)")

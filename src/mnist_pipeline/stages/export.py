@@ -121,6 +121,9 @@ def _log_and_register(params, paths: Paths, record, test_metrics, digits, checks
         logged = torch.tensor(registry.predict_with_logged_model(info.model_uri, digits))
         checks["mlflow_model"] = check(lambda _: logged, "MLflow model (ONNX, loaded through pyfunc)")
         runs.log_metrics({f"{name}_max_abs_logit_diff": c.max_abs_diff for name, c in checks.items()})
+        if not params.export.register:
+            print(f"not registered (export.register: false): the run {run_id} holds the model")
+            return None, run_id
         registration = registry.register(info.model_uri, params.export.model_name, test_metrics[names.TEST_ACCURACY],
                                          params.export.promote_min_delta)  # fmt: skip
     return registration.to_dict(), run_id
