@@ -4,6 +4,7 @@ what happened and what to do. (Concurrent experiments and a full disk: test_pipe
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import signal
@@ -300,3 +301,103 @@ def test_killed_at_any_moment_of_export_the_next_repro_leaves_the_registry_whole
     assert ran_stages(back) == ["params", "export"] and "skipping run" not in back.stdout
     report = json.loads((repo / "reports/export.json").read_text())["registered"]
     assert int(client.get_model_version_by_alias("mnist-cnn", "candidate").version) == report["version"]
+
+
+# --- a tracking server that trickles -----------------------------------------------------------------------
+
+
+class _HealthyThenTrickling(http.server.BaseHTTPRequestHandler):
+    """A tracking server that answers /health at once and every other request one byte every 0.2 s."""
+
+    def do_GET(self):
+        if self.path.startswith("/health"):
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"OK")
+            return
+        self._trickle()
+
+    do_POST = do_PATCH = do_DELETE = do_GET
+    trickling = threading.Event()  # set when a client is waiting on a trickle
+
+    def _trickle(self):
+        type(self).trickling.set()
+        for byte in b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" + b"X-Slow: " + b"a" * 5000:
+            try:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+            except OSError:
+                return
+            time.sleep(0.2)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def trickling_server():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HealthyThenTrickling)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_tracking_server_that_trickles_ends_the_export_in_one_line_and_sigterm_stops_it(
+    tmp_path, http_mirror, mirror_md5, trickling_server
+):
+    """MLflow bounds each wait for data, not a whole answer: a server that sends a byte every 0.2 s held a stage
+    for over 10 minutes, deaf to SIGTERM. The export stage's exchange now has a deadline as a whole."""
+    repo = make_repo(tmp_path, mirror_md5)
+    out = run(repo, http_mirror, "dvc", "repro", MLFLOW_TRACKING_URI=trickling_server, MLFLOW_HTTP_REQUEST_TIMEOUT="3")
+    assert out.returncode != 0 and ran_stages(out)[-1] == "export" and "Traceback" not in out.stderr
+    (line,) = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert line.startswith(f"error: the MLflow tracking server {trickling_server} did not answer within 3 s")
+
+    # With the default deadline (minutes), SIGTERM while the export stage waits on the server stops it.
+    _HealthyThenTrickling.trickling.clear()
+    proc = start_repro(repo, http_mirror, MLFLOW_TRACKING_URI=trickling_server)
+    assert _HealthyThenTrickling.trickling.wait(timeout=300), proc.communicate()  # the export stage waits on it
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and "interrupted (SIGTERM)" in err
+
+
+# --- a full disk while the export stage records the run ----------------------------------------------------
+
+
+def in_namespace_with_small_disk(repo: Path, folder: Path, size_kb: int, command: str, mirror: str):
+    """``command`` in ``repo`` with a tmpfs of ``size_kb`` mounted on ``folder`` (a user and mount namespace of its
+    own: no privilege needed, nothing left mounted)."""
+    script = f"mount -t tmpfs -o size={size_kb}k tmpfs '{folder}' && {command}"
+    return subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=repo, env=user_env(MNIST_MIRROR=mirror),
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+
+
+@pytest.mark.parametrize("moment", ["first artifact", "logged model"])
+def test_a_full_disk_during_export_is_one_line_and_leaves_nothing_running_or_pending(
+    tmp_path, http_mirror, mirror_md5, moment
+):
+    repo = make_repo(tmp_path, mirror_md5)
+    assert run(repo, http_mirror, "dvc", "repro", "evaluate").returncode == 0
+    artifacts = repo / "mlruns" / "mnist-pipeline"  # where the store keeps the experiment's artifacts
+    artifacts.mkdir(parents=True)
+    probe = in_namespace_with_small_disk(repo, artifacts, 8, "true", http_mirror)
+    if probe.returncode != 0:
+        pytest.skip(f"no small filesystem here (unshare -rm, mount -t tmpfs: {probe.stderr.strip()[:200]})")
+    # Room for nothing, or for the figures and the exported files but not the logged model beside them.
+    logged_first = [*(repo / "reports").glob("*.png"), *(repo / "reports").glob("*.csv"), repo / "reports/per_class.md"]
+    size_kb = 8 if moment == "first artifact" else sum(p.stat().st_size for p in logged_first) // 1024 + 64
+    out = in_namespace_with_small_disk(repo, artifacts, size_kb, "dvc repro", http_mirror)
+    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    (line,) = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert line.startswith("error: cannot write ") and "No space left on device" in line, line
+    assert f"in {artifacts}/" in line and "MB free there, the run's artifacts need about" in line
+    assert float(line.split("; ")[1].split(" MB free")[0]) < size_kb / 1000 and "nothing was registered" in line
+    client = store(repo)
+    assert [r.info.status for r in pipeline_runs(client)] == ["FAILED"]
+    experiment = client.get_experiment_by_name("mnist-pipeline").experiment_id
+    assert all(m.status != LoggedModelStatus.PENDING for m in client.search_logged_models([experiment]))
+    assert client.search_registered_models() == []

@@ -70,10 +70,11 @@ def _record(params, paths: Paths, record, test_metrics, digits, checks, check) -
     from mnist_pipeline import network, store
 
     uri = store.tracking_uri()
+    artifacts: list[str] = []  # where the run's artifacts go, once it has begun
     try:
         with store.exchange(uri):
             store.configure()
-            return _log_and_register(params, paths, record, test_metrics, digits, checks, check)
+            return _log_and_register(params, paths, record, test_metrics, digits, checks, check, artifacts)
     except network.DeadlinePassed:
         raise PipelineError(
             f"the MLflow tracking server {uri} did not answer within {store.server_deadline_s():g} s "
@@ -82,27 +83,30 @@ def _record(params, paths: Paths, record, test_metrics, digits, checks, check) -
     except OSError as exc:
         if exc.errno not in DISK_FULL:
             raise
-        raise disk_full(exc, [*paths.evaluation, paths.torchscript, paths.onnx, paths.onnx]) from None
+        logged = [*paths.evaluation, paths.torchscript, paths.onnx, paths.onnx]
+        raise disk_full(exc, artifacts[0] if artifacts else None, logged) from None
 
 
 # No space on the disk, over the quota, or over the size a process may write (`ulimit -f`).
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
-def disk_full(exc: OSError, logged: list[Path]) -> PipelineError:
-    """One line: the file MLflow could not write, the space left where it was writing, what the run needs."""
-    where = Path(exc.filename or ".")
+def disk_full(exc: OSError, artifacts: str | None, logged: list[Path]) -> PipelineError:
+    """One line: what could not be written (the file, else the run's artifact folder), the space left there, and
+    what the run's artifacts need."""
+    where = Path(exc.filename or (artifacts or ".").removeprefix("file://"))
     folder = next((p for p in (where, *where.parents) if p.exists()), Path("."))
     free = shutil.disk_usage(folder).free
     needed = sum(p.stat().st_size for p in logged if p.exists()) + 2**20  # the files, and MLflow's own (~100 KB)
     return PipelineError(
-        f"cannot write {exc.filename or 'an MLflow artifact'}: {exc.strerror}; {free / 1e6:.1f} MB free there, the "
-        f"run's artifacts need about {needed / 1e6:.1f} MB: free some space, then rerun `dvc repro` (the run was "
-        "ended FAILED, nothing was registered)"
+        f"cannot write {exc.filename or f'the run artifacts in {where}'}: {exc.strerror}; {free / 1e6:.1f} MB free "
+        f"there, the run's artifacts need about {needed / 1e6:.1f} MB: free some space, then rerun `dvc repro` "
+        "(the run was ended FAILED, nothing was registered)"
     )
 
 
-def _log_and_register(params, paths: Paths, record, test_metrics, digits, checks, check) -> tuple[dict, str]:
+def _log_and_register(params, paths: Paths, record, test_metrics, digits, checks, check, artifacts: list[str]):
+    import mlflow
     import torch
 
     from mnist_pipeline import data, registry, runs
@@ -110,6 +114,7 @@ def _log_and_register(params, paths: Paths, record, test_metrics, digits, checks
     dataset = params.data.dataset
     source = data.DATASETS[dataset].mirrors[0]
     with runs.pipeline_run(params, record) as run_id:
+        artifacts.append(mlflow.get_artifact_uri())
         train_data = runs.dataset(dataset, data.verify_folder(paths.data, only=data.TRAIN_FILE_NAMES), source)
         test_data = runs.dataset(dataset, data.verify_folder(paths.data, only=data.TEST_FILE_NAMES), source)
         runs.log_inputs({"training": train_data, "testing": test_data})
