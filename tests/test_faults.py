@@ -401,3 +401,31 @@ def test_a_full_disk_during_export_is_one_line_and_leaves_nothing_running_or_pen
     experiment = client.get_experiment_by_name("mnist-pipeline").experiment_id
     assert all(m.status != LoggedModelStatus.PENDING for m in client.search_logged_models([experiment]))
     assert client.search_registered_models() == []
+
+
+def test_the_repair_on_opening_the_store_never_touches_a_live_run(tmp_path, http_mirror, mirror_md5):
+    """`compare` (which repairs the store when it opens it) in a loop beside six export-only reruns: before, the
+    repair marked the live run KILLED and its model FAILED in three of them."""
+    repo = make_repo(tmp_path, mirror_md5)
+    assert run(repo, http_mirror, "dvc", "repro").returncode == 0
+    stop, repairs = threading.Event(), []
+
+    def compare_in_a_loop():
+        while not stop.is_set():
+            out = run(repo, http_mirror, "mnist-pipeline", "compare")
+            repairs.extend(line for line in out.stderr.splitlines() if "repaired" in line)
+
+    looping = threading.Thread(target=compare_in_a_loop)
+    looping.start()
+    try:
+        for _ in range(6):
+            rerun = run(repo, http_mirror, "dvc", "repro", "-f", "-s", "export")
+            assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    finally:
+        stop.set()
+        looping.join()
+    client = store(repo)
+    assert repairs == []
+    assert [r.info.status for r in pipeline_runs(client)] == ["FINISHED"] * 7
+    experiment = client.get_experiment_by_name("mnist-pipeline").experiment_id
+    assert {m.status for m in client.search_logged_models([experiment])} == {LoggedModelStatus.READY}
