@@ -14,16 +14,27 @@ ALLOW_PICKLE_HELP = "also load an MLflow model stored with pickle (it can run an
 
 
 def _ui(args: argparse.Namespace) -> None:
-    from mnist_pipeline import store
+    import os
+
+    import mlflow
+
+    from mnist_pipeline import names, store
 
     uri = store.configure(writes=False)  # a moved store is pointed at its folder; a read-only one read via a copy
     _warn_if_exposed(
         args.host, args.port, "the MLflow UI (every run, metric, artifact and model, readable and changeable)"
     )
-    print(f"MLflow UI on http://{args.host}:{args.port} for {uri}", file=sys.stderr)
+    experiment = mlflow.get_experiment_by_name(names.EXPERIMENT)
+    where = f"#/experiments/{experiment.experiment_id}" if experiment else ""
+    # MLflow's UI opens in its GenAI view unless the address asks for the model-training one (the browser then
+    # remembers the choice).
+    print(f"MLflow UI on http://{args.host}:{args.port}/?workflowType=machine_learning{where} for {uri}",
+          file=sys.stderr)  # fmt: skip
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
-           "--port", str(args.port)]  # fmt: skip
-    sys.exit(run_server(cmd))
+           "--port", str(args.port), "--workers", "1"]  # fmt: skip
+    # MLflow's server imports a module Starlette deprecates, and each worker says so: nothing for users to act on.
+    quiet = {**os.environ, "PYTHONWARNINGS": "ignore:starlette.middleware.wsgi is deprecated"}
+    sys.exit(run_server(cmd, quiet))
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")

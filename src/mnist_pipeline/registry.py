@@ -7,6 +7,7 @@ version becomes ``candidate``; ``champion`` moves to it when it is at least as a
 
 from __future__ import annotations
 
+import os
 import sys
 from contextlib import suppress
 from dataclasses import dataclass
@@ -101,6 +102,8 @@ def fetch_model(model_uri: str, allow_pickle: bool = False, loader: str = "predi
     """
     import yaml
 
+    # MLflow draws a progress bar for every download: noise before a command's own first line.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
     try:
         flavors = yaml.safe_load((local / "MLmodel").read_text()).get("flavors") or {}

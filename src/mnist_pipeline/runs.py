@@ -73,7 +73,10 @@ def pipeline_run(params: config.Params, record: Mapping[str, Any]) -> Iterator[s
     if first:
         tags[names.TRAINING_RUN] = first[0].info.run_id
     start = None if first else _ms(record["started"])  # the training is part of this run's time only the first time
-    run = client.create_run(experiment.experiment_id, start_time=start, tags=tags,
+    from mlflow.tracking.context.registry import resolve_tags
+
+    # MLflow's own context tags (source: the stage's script, user, git) under ours, as `mlflow.start_run` adds them.
+    run = client.create_run(experiment.experiment_id, start_time=start, tags=resolve_tags(tags),
                             run_name=os.environ.get("DVC_EXP_NAME") or None)  # fmt: skip
     run_id = run.info.run_id
     mlflow.start_run(run_id=run_id)

@@ -76,8 +76,11 @@ def configure(root: Path | None = None, writes: bool = True) -> str:
             if not chosen and (folder / DATABASE).is_file():
                 relocate(folder / DATABASE, folder)  # a moved or copied project: its artifacts are here now
             client = MlflowClient()  # the first client of a new SQLite store creates its schema
-            if client.get_experiment_by_name(names.EXPERIMENT) is None:
+            found = client.get_experiment_by_name(names.EXPERIMENT)
+            if found is None:
                 create_experiment(client, names.EXPERIMENT)
+            elif EXPERIMENT_KIND[0] not in found.tags:  # made before the tag: filed under GenAI by MLflow's UI
+                client.set_experiment_tag(found.experiment_id, *EXPERIMENT_KIND)
             experiment = mlflow.set_experiment(names.EXPERIMENT)
             repair(client, experiment.experiment_id)  # what killed processes left half-done
     except Exception as exc:  # connection refused, unreadable database, ...
@@ -98,6 +101,10 @@ ARTIFACT_PATH_COLUMNS = (
 )
 
 
+# The kind of experiment MLflow's UI files an experiment under: model training, not GenAI.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
 def create_experiment(client, name: str) -> str:
     """Create an experiment; in the local store its artifacts go to ``mlruns/<name>/`` beside the database.
 
@@ -106,10 +113,12 @@ def create_experiment(client, name: str) -> str:
     there."""
     import mlflow
 
+    tags = dict([EXPERIMENT_KIND])
     uri = mlflow.get_tracking_uri()
     if not uri.startswith("sqlite:///"):
-        return client.create_experiment(name)  # a server: it decides where artifacts go
-    return client.create_experiment(name, artifact_location=str(Path(uri.removeprefix("sqlite:///")).parent / name))
+        return client.create_experiment(name, tags=tags)  # a server: it decides where artifacts go
+    folder = Path(uri.removeprefix("sqlite:///")).parent
+    return client.create_experiment(name, artifact_location=str(folder / name), tags=tags)
 
 
 def relocate(database: Path, folder: Path) -> None:
