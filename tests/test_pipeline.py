@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -382,32 +383,86 @@ def _shown(value: float) -> str:
     return f"{value:.3f}".rstrip("0").rstrip(".")
 
 
+@pytest.fixture(scope="module")
+def third_run(pipeline, lower_lr, http_mirror):
+    """A third run, trained with a learning rate ten times lower than the default's (fewer digits right)."""
+    repo = pipeline.repo
+    exp = run(repo, http_mirror, "dvc", "exp", "run", "--temp", "-S", "train.lr=0.0005", "-n", "lowest-lr")
+    assert exp.returncode == 0, exp.stdout + exp.stderr
+    (found,) = [r for r in runs(repo) if r.data.tags.get("dvc_exp_name") == "lowest-lr"]
+    return found
+
+
+def _browse(sync_api, pages: dict[str, str], wait_for: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+    """Each page's text in headless Chromium, every request beyond this machine refused (and listed)."""
+    refused, texts = [], {}
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=_chromium(), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 2600, "height": 1200})
+
+        def only_this_machine(route):
+            host = urllib.parse.urlsplit(route.request.url).hostname
+            if host in ("127.0.0.1", "localhost"):
+                route.continue_()
+            else:
+                refused.append(route.request.url)
+                route.abort()
+
+        page.route("**/*", only_this_machine)
+        for name, url in pages.items():
+            page.goto(url)
+            page.wait_for_selector(f"text={wait_for[name]}", timeout=90_000)
+            texts[name] = page.inner_text("body")
+        browser.close()
+    return texts, refused
+
+
 @pytest.mark.browser
 @pytest.mark.skipif(_chromium() is None, reason="Chromium is not installed (Debian: apt-get install chromium)")
-def test_mlflow_ui_compares_two_runs_in_a_real_browser(pipeline, lower_lr, http_mirror):
+def test_the_mlflow_ui_shows_models_datasets_system_metrics_and_runs_apart(pipeline, lower_lr, third_run):
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-    repo, _ = pipeline
-    first, second = client(repo).get_run(pipeline.run_id), lower_lr[1]
+    repo = pipeline.repo
+    chosen = [client(repo).get_run(pipeline.run_id), client(repo).get_run(lower_lr[1].info.run_id), third_run]
+    experiment = chosen[0].info.experiment_id
     port = free_port()
     server = start(repo, ["mnist-pipeline", "ui", "--port", str(port)])
     try:
         wait_until_up(server, f"http://127.0.0.1:{port}/health")
-        ids = json.dumps([first.info.run_id, second.info.run_id])
-        url = f"http://127.0.0.1:{port}/#/compare-runs?runs={ids}&experiments={json.dumps([first.info.experiment_id])}"
-        with sync_api.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=_chromium(), args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(url)
-            page.wait_for_selector("text=final_test_accuracy", timeout=90_000)
-            text = page.inner_text("body")
-            browser.close()
+        base, view = f"http://127.0.0.1:{port}/#", "workflowType=machine_learning"  # the address `ui` prints
+        ids = json.dumps([r.info.run_id for r in chosen])
+        pages = {
+            "models": f"{base}/experiments/{experiment}/models?{view}",
+            "run": f"{base}/experiments/{experiment}/runs/{chosen[0].info.run_id}?{view}",
+            "system": f"{base}/experiments/{experiment}/runs/{chosen[0].info.run_id}/system-metrics?{view}",
+            "compare": f"{base}/compare-runs?runs={ids}&experiments={json.dumps([experiment])}&{view}",
+        }
+        texts, refused = _browse(sync_api, pages, {"models": "final_test_accuracy", "run": "Datasets",
+                                                   "system": "cpu_utilization_percentage",
+                                                   "compare": "final_test_errors"})  # fmt: skip
     finally:
         stop_server(server)
-    assert "Comparing 2 Runs" in text and first.info.run_id in text and second.info.run_id in text
-    metrics = text[text.index("final_test_accuracy") :]
-    for run_ in (first, second):
-        for name in ("final_test_accuracy", "final_test_loss"):
-            assert _shown(run_.data.metrics[name]) in metrics, (name, run_.data.metrics[name])
+    assert refused == []  # the UI works offline
+    models = texts["models"]
+    assert "Model training" in models and "Agent versions" not in models  # the model-training view
+    for r in chosen:  # each model named after its run, with its registered version and test figures
+        version = next(v.version for v in client(repo).search_model_versions(f"run_id='{r.info.run_id}'"))
+        assert r.info.run_name in models and f"v{version}" in models
+        assert _shown_exactly(r.data.metrics["final_test_accuracy"]) in models
+    assert "mnist (" in texts["run"]  # the run's data: the dataset's name and digest
+    assert "System metrics" in texts["system"] and "system_memory_usage_megabytes" in texts["system"]
+    compare = texts["compare"]
+    errors = [int(r.data.metrics["final_test_errors"]) for r in chosen]
+    assert len(set(errors)) == 3  # the figure that tells close runs apart
+    shown = compare[compare.index("final_test_errors") :].split("\n")
+    assert all(str(e) in shown for e in errors), (errors, shown[:40])
+    params = compare[compare.index("\nParameters\n") : compare.index("\nMetrics\n")].splitlines()
+    assert any(line.startswith("model.conv_channels\t") for line in params)  # a list param: its name and values
+    assert not any(line.startswith("\t") or line.endswith("\t[") for line in params)  # no row without a name
+
+
+def _shown_exactly(value: float) -> str:
+    """A metric as the Models table prints it: all its digits."""
+    return repr(value).removesuffix(".0") if value == int(value) else repr(value)
 
 
 # What `dvc plots show` draws, by plot id: each file once, with the axis titles of dvc.yaml.
