@@ -332,3 +332,20 @@ def test_a_trial_killed_with_sigkill_is_marked_failed_when_the_study_resumes(sea
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL]
     child = {r.data.tags.get("tune.trial"): r for r in killed_runs()}["2"]
     assert child.info.status == "KILLED" and child.data.tags[tune.STATE_TAG] == "killed"
+
+
+def test_the_studys_figures_are_drawn_on_white(tmp_path):
+    """Optuna draws on matplotlib's ggplot grey, where its palest trials vanish: the figures are redrawn on white."""
+    import numpy as np
+    from PIL import Image
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=0))
+    study.optimize(lambda t: t.suggest_float("train.lr", 1e-4, 0.03, log=True) + t.suggest_int("model.hidden", 8, 64),
+                   n_trials=8)  # fmt: skip
+    drawn = tune.write_figures(study, tmp_path)
+    assert {p.stem for p in drawn} == {"optimization_history", "param_importances", "parallel_coordinate"}
+    for path in drawn:
+        pixels = np.asarray(Image.open(path).convert("RGB")).reshape(-1, 3)
+        ggplot_grey = (pixels == (229, 229, 229)).all(axis=1).mean()
+        assert ggplot_grey < 0.01, (path.name, ggplot_grey)
