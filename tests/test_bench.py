@@ -30,7 +30,7 @@ def test_stage_processes_are_found_timed_and_their_peak_memory_read():
     poller.join()
     assert set(watch.first_seen) == {"evaluate"}  # the shell itself is not the stage
     assert 0.4 < watch.wall("evaluate") < 30
-    assert 250 <= watch.peak_mb("evaluate") < 380  # the stage's process, not the other child
+    assert 250 <= watch.peak_mb("evaluate") < 380  # the stage's process: the other child is not counted
     assert watch.wall("train") is None and watch.peak_mb("train") is None
 
 

@@ -6,7 +6,7 @@ or loads a model with both libraries can start faster. Every other figure is pri
 - W: ``dvc repro -f -s train evaluate export`` in the project (real data, store and registry), and T, the training
   seconds that run logged; W - T is what the pipeline costs around the training. The pipeline runs 3 times (as F
   is measured 3 times): the run with the median W - T is shown, with the range;
-- each stage's wall time, and the peak memory of its processes (each's own peak, summed), read from ``/proc``
+- each stage's wall time, and the peak memory of its process (the largest rank's under torchrun), read from ``/proc``
   while it runs (Linux; sampled every 20 ms, so a peak reached in a stage's last 20 ms can be missed);
 - ``mnist-pipeline predict one.png`` with the champion and with ``--model models/model.onnx``;
 - ``mnist-pipeline compare``;
@@ -88,9 +88,11 @@ class StageWatch:
         return self.last_seen[stage] - self.first_seen[stage]
 
     def peak_mb(self, stage: str) -> float | None:
-        """The stage's processes' peak RSS in MB, summed (an upper bound of what they held at once)."""
+        """The largest peak RSS in MB of the stage's processes (one, or one per rank under torchrun). Not their
+        sum: a child forked to run a command (MLflow asks git for the commit) shows its parent's memory until it
+        execs."""
         peaks = [kb for (name, _), kb in self.peak_kb.items() if name == stage]
-        return sum(peaks) / 1024 if peaks else None
+        return max(peaks) / 1024 if peaks else None
 
 
 def _descendants(root: int) -> list[tuple[int, int]]:
