@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
-import json
 import re
 import types
 import typing
@@ -316,12 +315,3 @@ def build(raw: dict[str, Any], source: str = "params.yaml") -> Params:
         each = (m.removeprefix("params.yaml: ").removeprefix(f"{source}: ") for m in mistakes)
         raise ConfigError(f"{source}: {len(mistakes)} mistakes: " + "; ".join(each))
     return Params(**sections)
-
-
-def flatten(configs: typing.Iterable[Section]) -> dict[str, Any]:
-    """{"train.lr": 0.001, "model.conv_channels": "[16, 32]", ...}: one flat dict, for MLflow params."""
-    return {
-        f"{cfg.SECTION}.{key}": json.dumps(value) if isinstance(value, (list, dict)) else value
-        for cfg in configs
-        for key, value in cfg.to_dict().items()
-    }

@@ -367,17 +367,20 @@ class Tracking:
             else:
                 tags = {STUDY_TAG: study, ROLE_TAG: "study", "tune.storage": _safe(storage)}
                 self.parent = self.client.create_run(
-                    self.experiment_id, tags=tags, run_name=f"study {study}"
+                    self.experiment_id, tags=_with_context(tags), run_name=f"study {study}"
                 ).info.run_id
 
     def start_trial(self, number: int, params: config.Params) -> str:
         tags = {PARENT_TAG: self.parent, STUDY_TAG: self.study, ROLE_TAG: "trial", "tune.trial": str(number),
                 names.OWNER: self.owner}  # fmt: skip
-        run_id = self.client.create_run(self.experiment_id, tags=tags, run_name=f"trial {number}").info.run_id
+        run_id = self.client.create_run(self.experiment_id, tags=_with_context(tags), run_name=f"trial {number}")
+        run_id = run_id.info.run_id
         from mlflow.entities import Param
 
-        flat = config.flatten([params.model, params.train])
-        self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in flat.items()])
+        from mnist_pipeline.runs import param_value
+
+        flat = {f"{s.SECTION}.{key}": value for s in (params.model, params.train) for key, value in s.to_dict().items()}
+        self.client.log_batch(run_id, params=[Param(k, param_value(v)) for k, v in flat.items()])
         return run_id
 
     def log_epoch(self, run_id: str, epoch: int, metrics: Mapping[str, float]) -> None:
@@ -417,6 +420,13 @@ class Tracking:
             for figure in write_figures(study, Path(folder)):
                 self.client.log_artifact(self.parent, str(figure), "optuna")
         self.client.set_terminated(self.parent, status)
+
+
+def _with_context(tags: Mapping[str, str]) -> dict[str, str]:
+    """``tags`` and MLflow's own context tags (source: this command, user, git), as `mlflow.start_run` adds them."""
+    from mlflow.tracking.context.registry import resolve_tags
+
+    return resolve_tags(dict(tags))
 
 
 def _safe(storage: str) -> str:
