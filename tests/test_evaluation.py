@@ -33,7 +33,7 @@ def test_evaluate_loss_and_accuracy():
     result = evaluation.evaluate(logits, labels)
     assert result.accuracy == pytest.approx(2 / 3)
     assert result.loss == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item())
-    assert result.metrics() == {"test_loss": result.loss, "test_accuracy": result.accuracy}
+    assert result.metrics() == {"test_loss": result.loss, "test_accuracy": result.accuracy, "test_errors": 1}
 
 
 def test_figures_and_tables_are_written(tmp_path):
