@@ -294,14 +294,7 @@ def verify_folder(data_dir: Path, only: tuple[str, ...] = FILE_NAMES) -> str:
     edit by hand) stops it with the file's name and the way back, before any training or evaluation.
     """
     recover = f"restore it with `dvc checkout {data_dir}` or download it again with `dvc repro -f download`"
-    try:
-        recorded = dict(reversed(line.split("  ", 1)) for line in (data_dir / CHECKSUMS_FILE).read_text().splitlines())
-    except FileNotFoundError:
-        raise PipelineError(
-            f"{data_dir / CHECKSUMS_FILE} is missing, so the data cannot be checked; run `dvc repro -f download`"
-        ) from None
-    except (ValueError, UnicodeDecodeError):
-        raise PipelineError(f"{data_dir / CHECKSUMS_FILE} is damaged; {recover}") from None
+    recorded = recorded_checksums(data_dir)
     actual = {}
     for name in only:
         path = data_dir / name
@@ -314,6 +307,21 @@ def verify_folder(data_dir: Path, only: tuple[str, ...] = FILE_NAMES) -> str:
                 f"{recorded.get(name, 'none')}); {recover}"
             )
     return fingerprint(actual)
+
+
+def recorded_checksums(data_dir: Path) -> dict[str, str]:
+    """File name -> MD5, as the download stage recorded them in ``MD5SUMS``."""
+    try:
+        return dict(reversed(line.split("  ", 1)) for line in (data_dir / CHECKSUMS_FILE).read_text().splitlines())
+    except FileNotFoundError:
+        raise PipelineError(
+            f"{data_dir / CHECKSUMS_FILE} is missing, so the data cannot be checked; run `dvc repro -f download`"
+        ) from None
+    except (ValueError, UnicodeDecodeError):
+        raise PipelineError(
+            f"{data_dir / CHECKSUMS_FILE} is damaged; restore it with `dvc checkout {data_dir}` or download it again "
+            "with `dvc repro -f download`"
+        ) from None
 
 
 def fingerprint(md5s: Mapping[str, str]) -> str:

@@ -28,7 +28,7 @@ class Paths:
     evaluation: list[Path] = path("the evaluate stage's figures and tables, logged with the run", nargs="+")
     torchscript: Path = path("the TorchScript file to write")
     onnx: Path = path("the ONNX file to write (the model that is registered)")
-    report: Path = path("parity figures and the registered version (JSON)")
+    report: Path = path("parity figures, the MLflow run id and the registered version (JSON)")
 
 
 def run(params: config.Params, paths: Paths) -> None:
@@ -115,8 +115,9 @@ def _log_and_register(params, paths: Paths, record, test_metrics, digits, checks
     source = data.DATASETS[dataset].mirrors[0]
     with runs.pipeline_run(params, record) as run_id:
         artifacts.append(mlflow.get_artifact_uri())
-        train_data = runs.dataset(dataset, data.verify_folder(paths.data, only=data.TRAIN_FILE_NAMES), source)
-        test_data = runs.dataset(dataset, data.verify_folder(paths.data, only=data.TEST_FILE_NAMES), source)
+        md5s = data.recorded_checksums(paths.data)  # verified when the stage began
+        train_data = runs.dataset(dataset, data.fingerprint({n: md5s[n] for n in data.TRAIN_FILE_NAMES}), source)
+        test_data = runs.dataset(dataset, data.fingerprint({n: md5s[n] for n in data.TEST_FILE_NAMES}), source)
         runs.log_inputs({"training": train_data, "testing": test_data})
         runs.log_training(record)
         runs.log_artifacts(paths.evaluation, "evaluation")
