@@ -63,6 +63,18 @@ def raw_dir(tmp_path_factory, mirror_dir, mirror_md5) -> Path:
     return out
 
 
+def trickle(wfile, data: bytes, every_s: float = 0.2) -> None:
+    """Send ``data`` one byte every ``every_s`` seconds, as a server that barely answers; stop when the client goes
+    away."""
+    for byte in data:
+        try:
+            wfile.write(bytes([byte]))
+            wfile.flush()
+        except OSError:
+            return
+        time.sleep(every_s)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -18,7 +18,7 @@ import pytest
 from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 
-from conftest import free_port, make_repo, ran_stages, run, user_env
+from conftest import free_port, make_repo, ran_stages, run, trickle, user_env
 from mnist_pipeline import training
 
 pytestmark = pytest.mark.e2e
@@ -323,13 +323,7 @@ class _HealthyThenTrickling(http.server.BaseHTTPRequestHandler):
 
     def _trickle(self):
         type(self).trickling.set()
-        for byte in b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" + b"X-Slow: " + b"a" * 5000:
-            try:
-                self.wfile.write(bytes([byte]))
-                self.wfile.flush()
-            except OSError:
-                return
-            time.sleep(0.2)
+        trickle(self.wfile, b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Slow: " + b"a" * 5000)
 
     def log_message(self, *args):
         pass

@@ -6,7 +6,6 @@ from __future__ import annotations
 import http.server
 import struct
 import threading
-import time
 import tracemalloc
 import zlib
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import trickle
 from mnist_pipeline import config, data, predict, training
 from mnist_pipeline.config import ModelConfig, TrainConfig
 from mnist_pipeline.errors import PipelineError
@@ -162,10 +162,7 @@ class _Trickle(http.server.BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Length", "1000")
         self.end_headers()
-        for _ in range(1000):
-            self.wfile.write(b"\0")
-            self.wfile.flush()
-            time.sleep(0.2)
+        trickle(self.wfile, bytes(1000))
 
     def log_message(self, *args):
         pass
@@ -190,13 +187,7 @@ class _TrickleHeaders(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         self.wfile.write(b"HTTP/1.1 200 OK\r\n")
         self.wfile.flush()
-        for byte in b"X-Slow: " + b"a" * 300:
-            try:
-                self.wfile.write(bytes([byte]))
-                self.wfile.flush()
-            except OSError:  # the client gave up
-                return
-            time.sleep(0.2)
+        trickle(self.wfile, b"X-Slow: " + b"a" * 300)
 
     def log_message(self, *args):
         pass
