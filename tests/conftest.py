@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mnist_pipeline.synthetic import write_mirror
+from mnist_pipeline.ml.synthetic import write_mirror
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,7 +56,7 @@ def http_mirror(mirror_dir):
 @pytest.fixture(scope="session")
 def raw_dir(tmp_path_factory, mirror_dir, mirror_md5) -> Path:
     """data/raw as the download stage leaves it, for the synthetic data."""
-    from mnist_pipeline import data
+    from mnist_pipeline.ml import data
 
     out = tmp_path_factory.mktemp("raw")
     data.download(out, data.expected_files("mnist", mirror_md5), mirror_list=[str(mirror_dir)])

@@ -91,7 +91,7 @@ def test_ints_accepted_for_floats_and_configs_are_frozen(tmp_path, params):
 
 
 def test_the_run_records_every_key_of_params_lists_as_their_values(params):
-    from mnist_pipeline.runs import flat_params, param_value
+    from mnist_pipeline.tracking.runs import flat_params, param_value
 
     flat = flat_params(config.load(REPO_ROOT / "params.yaml"))
     assert set(flat) == {f"{s}.{k}" for s, section in params.items() for k in section}

@@ -8,9 +8,9 @@ import shutil
 import numpy as np
 import pytest
 
-from mnist_pipeline import data
+from mnist_pipeline.ml import data
 from mnist_pipeline.errors import PipelineError
-from mnist_pipeline.synthetic import idx_bytes
+from mnist_pipeline.ml.synthetic import idx_bytes
 
 
 def test_read_idx_round_trip(tmp_path):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mnist_pipeline import evaluation
+from mnist_pipeline.ml import evaluation
 
 
 def test_confusion_matrix_rows_are_actual():

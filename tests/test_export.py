@@ -7,10 +7,10 @@ import copy
 import pytest
 import torch
 
-from mnist_pipeline import export
+from mnist_pipeline.ml import export
 from mnist_pipeline.config import ModelConfig
 from mnist_pipeline.errors import PipelineError
-from mnist_pipeline.model import build
+from mnist_pipeline.ml.model import build
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 
 from conftest import free_port, make_repo, ran_stages, run, trickle, user_env
-from mnist_pipeline import training
+from mnist_pipeline.ml import training
 
 pytestmark = pytest.mark.e2e
 

@@ -16,7 +16,9 @@ import torch
 from PIL import Image
 
 from conftest import trickle
-from mnist_pipeline import config, data, predict, training
+from mnist_pipeline import config
+from mnist_pipeline.ml import data, training
+from mnist_pipeline.commands import predict
 from mnist_pipeline.config import ModelConfig, TrainConfig
 from mnist_pipeline.errors import PipelineError
 from test_predict import digit
@@ -101,8 +103,8 @@ def test_huge_images_nan_pixels_and_idx_bombs_are_refused_by_name_the_rest_is_pr
 
 
 def _save_onnx(path: Path) -> None:
-    from mnist_pipeline import export
-    from mnist_pipeline.model import build
+    from mnist_pipeline.ml import export
+    from mnist_pipeline.ml.model import build
 
     torch.manual_seed(0)
     export.save_onnx(build(ModelConfig((4,), 3, 16, 0.0, False)).eval(), torch.rand(2, 1, 28, 28), path)
@@ -211,7 +213,7 @@ def test_a_mirror_that_trickles_its_headers_is_given_up_after_the_deadline(monke
 
 
 def test_a_tracking_server_that_trickles_its_headers_is_named_in_one_line(monkeypatch, trickling_headers):
-    from mnist_pipeline import store
+    from mnist_pipeline.tracking import store
 
     monkeypatch.setattr(store, "PROBE_TIMEOUT_S", 1)
     with pytest.raises(PipelineError, match=r"tracking server http://127.0.0.1:\d+ does not answer \(no whole answer"):

@@ -7,7 +7,7 @@ import torch
 
 from mnist_pipeline.config import ModelConfig
 from mnist_pipeline.errors import PipelineError
-from mnist_pipeline.model import build, load_checkpoint, save_checkpoint
+from mnist_pipeline.ml.model import build, load_checkpoint, save_checkpoint
 
 
 @pytest.mark.parametrize(("channels", "kernel"), [((32,), 3), ((16, 32), 5), ((8, 16), 3), ((4,), 5)])

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mnist_pipeline import config
-from mnist_pipeline.data import DATASETS, FILE_NAMES
+from mnist_pipeline.ml.data import DATASETS, FILE_NAMES
 from mnist_pipeline.errors import run_main
 
 # Values of the wrong YAML type for every kind of key; ranges are covered per key below.

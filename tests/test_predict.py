@@ -14,10 +14,11 @@ import yaml
 from PIL import Image
 
 from conftest import REPO_ROOT
-from mnist_pipeline import export, predict
+from mnist_pipeline.ml import export
+from mnist_pipeline.commands import predict
 from mnist_pipeline.config import ModelConfig
 from mnist_pipeline.errors import PipelineError
-from mnist_pipeline.model import build
+from mnist_pipeline.ml.model import build
 
 
 def digit(size: int = 28) -> np.ndarray:

@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from conftest import make_repo, ran_stages, run
-from mnist_pipeline import config, training
-from mnist_pipeline.data import load_split
-from mnist_pipeline.model import load_checkpoint
+from mnist_pipeline import config
+from mnist_pipeline.ml import training
+from mnist_pipeline.ml.data import load_split
+from mnist_pipeline.ml.model import load_checkpoint
 
 pytestmark = pytest.mark.e2e
 
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.e2e
 
 
 def test_more_processes_than_cores_is_refused_in_one_line_before_any_starts(tmp_path, http_mirror, mirror_md5):
-    from mnist_pipeline.distributed import usable_cores
+    from mnist_pipeline.ml.distributed import usable_cores
 
     nproc = usable_cores() + 1
     repo = make_repo(tmp_path, mirror_md5, train={"nproc": nproc, "device": "cpu"})

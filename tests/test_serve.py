@@ -20,10 +20,12 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from conftest import free_port, user_env, wait_until_up
-from mnist_pipeline import export, predict, registry
+from mnist_pipeline.ml import export
+from mnist_pipeline.commands import predict
+from mnist_pipeline.tracking import registry
 from mnist_pipeline.config import ModelConfig
 from mnist_pipeline.errors import PipelineError
-from mnist_pipeline.model import build
+from mnist_pipeline.ml.model import build
 
 pytestmark = pytest.mark.e2e  # a real server process
 

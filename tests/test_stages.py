@@ -12,7 +12,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import REPO_ROOT
-from mnist_pipeline import config, names, training
+from mnist_pipeline import config, names
+from mnist_pipeline.ml import training
 from mnist_pipeline.stages import evaluate, export, train
 
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from mnist_pipeline import export
+from mnist_pipeline.ml import export
 from mnist_pipeline.config import ModelConfig
-from mnist_pipeline.model import build
+from mnist_pipeline.ml.model import build
 
 pytestmark = pytest.mark.e2e  # each test starts a command in a fresh process
 
@@ -63,7 +63,7 @@ def test_the_onnx_export_does_not_load_torchs_compiler(tmp_path):
         "from pathlib import Path\n"
         "from mnist_pipeline import export\n"
         "from mnist_pipeline.config import ModelConfig\n"
-        "from mnist_pipeline.model import build\n"
+        "from mnist_pipeline.ml.model import build\n"
         "export.save_onnx(build(ModelConfig((4,), 3, 16, 0.0, False)), torch.rand(2, 1, 28, 28), Path(sys.argv[1]))\n"
         "print('torch._dynamo' in sys.modules)\n"
     )

@@ -14,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import user_env
-from mnist_pipeline import store
+from mnist_pipeline.tracking import store
 from mnist_pipeline.errors import PipelineError
 
 

@@ -10,10 +10,11 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from mnist_pipeline import export, registry, runs, store
+from mnist_pipeline.ml import export
+from mnist_pipeline.tracking import registry, runs, store
 from mnist_pipeline.config import ModelConfig
 from mnist_pipeline.errors import PipelineError
-from mnist_pipeline.model import build
+from mnist_pipeline.ml.model import build
 
 
 def test_project_root_escapes_dvc_experiment_copies(monkeypatch):
@@ -114,7 +115,7 @@ def test_a_pickled_model_is_refused_unless_allowed(local_store, tmp_path):
     any code when loaded."""
     import numpy as np
 
-    from mnist_pipeline import predict
+    from mnist_pipeline.commands import predict
 
     model = build(ModelConfig((4,), 3, 16, 0.0, False)).eval()
     example = np.zeros((4, 1, 28, 28), np.float32)  # as the export stage: a batch of more than one
@@ -180,7 +181,7 @@ def test_two_processes_creating_a_new_store_at_once_both_succeed(tmp_path):
 
 
 def test_reproduce_finds_a_run_by_a_unique_prefix_or_its_experiment_name(local_store):
-    from mnist_pipeline.reproduce import find_run
+    from mnist_pipeline.commands.reproduce import find_run
 
     client = MlflowClient()
     ids = []
@@ -216,7 +217,7 @@ def test_repair_ends_what_dead_processes_left_and_nothing_else(local_store, tmp_
     from mlflow.entities import LoggedModelStatus
 
     from mnist_pipeline import names
-    from mnist_pipeline.repair import owner, repair
+    from mnist_pipeline.tracking.repair import owner, repair
 
     client = MlflowClient()
     experiment = client.get_experiment_by_name(names.EXPERIMENT).experiment_id
@@ -243,7 +244,7 @@ def test_repair_ends_what_dead_processes_left_and_nothing_else(local_store, tmp_
 def test_compare_rounds_for_people_and_leaves_blanks_where_a_run_has_no_value():
     import pandas as pd
 
-    from mnist_pipeline.compare import for_people
+    from mnist_pipeline.commands.compare import for_people
 
     table = pd.DataFrame({"run": ["a", "b"], "train.lr": ["0.01", None], "test_accuracy": [0.99153, float("nan")],
                           "test_loss": [0.0264231, 0.5], "train_seconds": [107.1929, 16.55]})  # fmt: skip

@@ -8,9 +8,9 @@ import io
 import pytest
 import torch
 
-from mnist_pipeline import training
+from mnist_pipeline.ml import training
 from mnist_pipeline.config import ModelConfig, TrainConfig
-from mnist_pipeline.data import load_split
+from mnist_pipeline.ml.data import load_split
 from mnist_pipeline.errors import PipelineError
 
 MODEL = ModelConfig((8,), 3, 32, 0.0, False)

@@ -14,8 +14,9 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from conftest import make_repo, run, user_env
-from mnist_pipeline import config, tune
-from mnist_pipeline.data import FILE_NAMES, TRAIN_FILE_NAMES
+from mnist_pipeline import config
+from mnist_pipeline.commands import tune
+from mnist_pipeline.ml.data import FILE_NAMES, TRAIN_FILE_NAMES
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = config.read_params(ROOT / "params.yaml")

@@ -18,7 +18,8 @@ def _ui(args: argparse.Namespace) -> None:
 
     import mlflow
 
-    from mnist_pipeline import names, store
+    from mnist_pipeline import names
+    from mnist_pipeline.tracking import store
 
     uri = store.configure(writes=False)  # a moved store is pointed at its folder; a read-only one read via a copy
     _warn_if_exposed(
@@ -94,31 +95,31 @@ def _stop_group(pgid: int, sig) -> None:
 
 
 def _store(args: argparse.Namespace) -> None:
-    from mnist_pipeline import store
+    from mnist_pipeline.tracking import store
 
     print(store.tracking_uri())
 
 
 def _predict(args: argparse.Namespace) -> None:
-    from mnist_pipeline import predict
+    from mnist_pipeline.commands import predict
 
     sys.exit(predict.main(args.inputs, args.model, args.json, args.top_k, args.allow_pickle))
 
 
 def _compare(args: argparse.Namespace) -> None:
-    from mnist_pipeline import compare
+    from mnist_pipeline.commands import compare
 
     compare.main(args.last, args.sort, args.format)
 
 
 def _reproduce(args: argparse.Namespace) -> None:
-    from mnist_pipeline import reproduce
+    from mnist_pipeline.commands import reproduce
 
     sys.exit(reproduce.main(args.run_id))
 
 
 def _tune(args: argparse.Namespace) -> None:
-    from mnist_pipeline import tune
+    from mnist_pipeline.commands import tune
 
     options = tune.Options(params=args.params, space=args.space, sets=args.set, trials=args.trials,
                            timeout=args.timeout, jobs=args.jobs, storage=args.storage, study=args.study,
@@ -127,7 +128,9 @@ def _tune(args: argparse.Namespace) -> None:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    from mnist_pipeline import predict, serving, store
+    from mnist_pipeline.commands import predict
+    from mnist_pipeline.commands import serve as serving
+    from mnist_pipeline.tracking import store
 
     store.configure(writes=False)
     model = args.model or predict.champion()

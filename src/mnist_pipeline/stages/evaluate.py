@@ -5,12 +5,13 @@ It writes files only; the export stage logs them into the pipeline's MLflow run.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from mnist_pipeline import config
 from mnist_pipeline.files import write_atomic
-from mnist_pipeline.stages import path
+from mnist_pipeline.stages import main, path
 
 
 @dataclass(frozen=True)
@@ -29,9 +30,9 @@ def run(params: config.Params, paths: Paths) -> None:
     """Evaluate and write ``paths``."""
     import torch
 
-    from mnist_pipeline import evaluation
-    from mnist_pipeline.data import load_split, verify_folder
-    from mnist_pipeline.model import load_checkpoint, to_pixels
+    from mnist_pipeline.ml import evaluation
+    from mnist_pipeline.ml.data import load_split, verify_folder
+    from mnist_pipeline.ml.model import load_checkpoint, to_pixels
 
     eval_cfg = params.evaluate
     model, _ = load_checkpoint(paths.checkpoint)
@@ -54,3 +55,7 @@ def run(params: config.Params, paths: Paths) -> None:
     wrong = int((result.predicted != test.labels).sum())
     print(f"test accuracy {100 * result.accuracy:.2f}%  test loss {result.loss:.4f}  "
           f"({wrong:,} of {len(labels):,} test digits wrong)")  # fmt: skip
+
+
+if __name__ == "__main__":  # dvc.yaml runs python -m mnist_pipeline.stages.evaluate
+    main(sys.modules[__name__])

@@ -10,13 +10,14 @@ from __future__ import annotations
 import errno
 import json
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from mnist_pipeline import config, names
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.files import write_atomic
-from mnist_pipeline.stages import path
+from mnist_pipeline.stages import main, path
 
 
 @dataclass(frozen=True)
@@ -35,9 +36,10 @@ def run(params: config.Params, paths: Paths) -> None:
     """Export and check both formats, record the run, log the ONNX model, check it through pyfunc, register it."""
     import torch
 
-    from mnist_pipeline import export, runs
-    from mnist_pipeline.data import load_split, verify_folder
-    from mnist_pipeline.model import load_checkpoint, to_pixels
+    from mnist_pipeline.ml import export
+    from mnist_pipeline.ml.data import load_split, verify_folder
+    from mnist_pipeline.ml.model import load_checkpoint, to_pixels
+    from mnist_pipeline.tracking import runs
 
     export_cfg = params.export
     record = runs.read_record(paths.record)
@@ -67,7 +69,8 @@ def run(params: config.Params, paths: Paths) -> None:
 def _record(params, paths: Paths, record, test_metrics, digits, checks, check) -> tuple[dict, str]:
     """The MLflow part: one run with everything, the logged model checked through pyfunc, then registered. A
     tracking server that stops answering, or a full disk, ends it in one line."""
-    from mnist_pipeline import network, store
+    from mnist_pipeline import network
+    from mnist_pipeline.tracking import store
 
     uri = store.tracking_uri()
     artifacts: list[str] = []  # where the run's artifacts go, once it has begun
@@ -109,7 +112,8 @@ def _log_and_register(params, paths: Paths, record, test_metrics, digits, checks
     import mlflow
     import torch
 
-    from mnist_pipeline import data, registry, runs
+    from mnist_pipeline.ml import data
+    from mnist_pipeline.tracking import registry, runs
 
     dataset = params.data.dataset
     source = data.DATASETS[dataset].mirrors[0]
@@ -133,3 +137,7 @@ def _log_and_register(params, paths: Paths, record, test_metrics, digits, checks
         registration = registry.register(info.model_uri, params.export.model_name, test_metrics[names.TEST_ACCURACY],
                                          params.export.promote_min_delta)  # fmt: skip
     return registration.to_dict(), run_id
+
+
+if __name__ == "__main__":  # dvc.yaml runs python -m mnist_pipeline.stages.export
+    main(sys.modules[__name__])

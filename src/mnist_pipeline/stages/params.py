@@ -10,12 +10,13 @@ checks, not on the values, so a valid change of a value reruns only the stages t
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from mnist_pipeline import config
 from mnist_pipeline.files import write_atomic
-from mnist_pipeline.stages import path
+from mnist_pipeline.stages import main, path
 
 
 @dataclass(frozen=True)
@@ -27,3 +28,7 @@ def run(params: config.Params, paths: Paths) -> None:
     lines = [f"{section.SECTION}: {', '.join(f.name for f in dataclasses.fields(section))}" for section in
              params.sections()]  # fmt: skip
     write_atomic(paths.out, "# the keys of params.yaml that the params stage checks\n" + "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":  # dvc.yaml runs python -m mnist_pipeline.stages.params
+    main(sys.modules[__name__])

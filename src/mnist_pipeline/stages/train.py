@@ -3,7 +3,7 @@
 The stage does not talk to MLflow: it writes files, and the export stage records them in the pipeline's MLflow
 run. Its record (``models/training.json``) holds what only the training can know: when it ran, where (the
 ``env.*`` tags: packages, CPU, threads, device), the data's fingerprint, every epoch's metrics at full precision
-with the time each was measured, and the CPU and memory it used (see ``mnist_pipeline.system``).
+with the time each was measured, and the CPU and memory it used (see ``mnist_pipeline.ml.system``).
 
 With train.nproc > 1 the stage starts its script again in that many processes under torchrun's launcher (or
 runs under a torchrun you started, e.g. across machines): every process trains on its part of each batch, and
@@ -20,9 +20,10 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from mnist_pipeline import config, names, store
+from mnist_pipeline import config, names
 from mnist_pipeline.files import write_atomic
-from mnist_pipeline.stages import code_deps, path
+from mnist_pipeline.stages import code_deps, main, path
+from mnist_pipeline.tracking import store
 
 
 @dataclass(frozen=True)
@@ -42,9 +43,10 @@ def run(params: config.Params, paths: Paths) -> None:
 
 
 def _train(params: config.Params, paths: Paths) -> None:
-    from mnist_pipeline import distributed, environment, system, training
-    from mnist_pipeline.data import load_split, verify_folder
-    from mnist_pipeline.model import save_checkpoint
+    from mnist_pipeline.ml import distributed, system, training
+    from mnist_pipeline.ml.data import load_split, verify_folder
+    from mnist_pipeline.ml.model import save_checkpoint
+    from mnist_pipeline.tracking import environment
 
     cluster = distributed.from_env()
     model_cfg, train_cfg = params.model, params.train
@@ -52,7 +54,7 @@ def _train(params: config.Params, paths: Paths) -> None:
         distributed.check_processes(train_cfg.nproc, train_cfg.device)
     data_md5 = verify_folder(paths.data)  # a corrupt or truncated file stops the stage here
     if train_cfg.nproc > 1 and not cluster.distributed:
-        sys.exit(distributed.launch(train_cfg.nproc, sys.argv[0], sys.argv[1:]))  # this stage's script again
+        sys.exit(distributed.launch(train_cfg.nproc, __spec__.name, sys.argv[1:]))  # this stage again
     started = time.time()
     device = training.resolve_device(train_cfg.device, cluster)
     threads = training.configure_threads(train_cfg.threads, cluster)
@@ -114,7 +116,7 @@ def _train(params: config.Params, paths: Paths) -> None:
 def resumable_state(path: Path, key: str, wanted: bool) -> dict | None:
     """The state saved at ``path`` when resuming is ``wanted`` and the state belongs to this very training (params,
     data, code). Any other state is set aside."""
-    from mnist_pipeline import training
+    from mnist_pipeline.ml import training
 
     state = training.load_state(path)
     if state is None:
@@ -124,3 +126,7 @@ def resumable_state(path: Path, key: str, wanted: bool) -> dict | None:
     why = "from another training (params, data or code changed)" if wanted else "not resumed (train.resume: false)"
     print(f"{path} is {why}: starting over", file=sys.stderr)
     return None
+
+
+if __name__ == "__main__":  # dvc.yaml runs python -m mnist_pipeline.stages.train
+    main(sys.modules[__name__])

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pandas as pd
 
-from mnist_pipeline import names, store
+from mnist_pipeline import names
 from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.tracking import store
 
 METRICS = {
     "test_accuracy": "metrics.final_test_accuracy",

@@ -29,9 +29,10 @@ from typing import Any
 
 import yaml
 
-from mnist_pipeline import config, names, store
+from mnist_pipeline import config, names
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.files import check_dvc_lock
+from mnist_pipeline.tracking import store
 
 EXPERIMENT = "mnist-pipeline-tune"
 DEFAULT_STORAGE_FILE = Path("tuning") / "optuna.db"  # under the project root
@@ -298,7 +299,7 @@ def fail_abandoned_trials(study, on_failed_trial) -> None:
     would take GRACE_S to notice. Trials of other machines are left to it."""
     from optuna.trial import TrialState
 
-    from mnist_pipeline import repair
+    from mnist_pipeline.tracking import repair
 
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = trial.user_attrs.get("worker")
@@ -346,7 +347,7 @@ class Tracking:
     def __init__(self, study: str, storage: str):
         from mlflow.tracking import MlflowClient
 
-        from mnist_pipeline import repair
+        from mnist_pipeline.tracking import repair
 
         store.configure()
         self.client = MlflowClient()
@@ -377,7 +378,7 @@ class Tracking:
         run_id = run_id.info.run_id
         from mlflow.entities import Param
 
-        from mnist_pipeline.runs import param_value
+        from mnist_pipeline.tracking.runs import param_value
 
         flat = {f"{s.SECTION}.{key}": value for s in (params.model, params.train) for key, value in s.to_dict().items()}
         self.client.log_batch(run_id, params=[Param(k, param_value(v)) for k, v in flat.items()])
@@ -540,7 +541,7 @@ def main(options: Options) -> int:
     import optuna
     import torch
 
-    from mnist_pipeline import data, training
+    from mnist_pipeline.ml import data, training
 
     data_dir = root / "data" / "raw"
     data.verify_folder(data_dir, only=data.TRAIN_FILE_NAMES)  # the training files only: the test split stays unread

@@ -19,8 +19,9 @@ import numpy as np
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from mnist_pipeline import names, store
+from mnist_pipeline import names
 from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.tracking import store
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,7 @@ def load_model(model_uri: str, allow_pickle: bool = False):
     local = fetch_model(model_uri, allow_pickle)
     flavors = yaml.safe_load((local / "MLmodel").read_text())["flavors"]
     if "onnx" in flavors:
-        from mnist_pipeline.onnx_runtime import load_onnx
+        from mnist_pipeline.ml.onnx_runtime import load_onnx
 
         onnx_file = (local / flavors["onnx"]["data"]).resolve()
         if not onnx_file.is_relative_to(local.resolve()):

@@ -204,7 +204,8 @@ Model = Callable[[np.ndarray], np.ndarray]  # (N, 1, 28, 28) float32 pixels -> (
 
 def registered_name() -> str:
     """The project's registered model name: ``export.model_name`` in the project's params.yaml."""
-    from mnist_pipeline import config, store
+    from mnist_pipeline import config
+    from mnist_pipeline.tracking import store
 
     params = store.project_root() / "params.yaml"
     if not params.is_file():
@@ -235,7 +236,7 @@ def load_model(reference: str | None, allow_pickle: bool = False) -> Model:
     if path.suffix == ".onnx":
         if not path.is_file():
             raise PipelineError(f"model {reference}: no such file")
-        from mnist_pipeline.onnx_runtime import load_onnx
+        from mnist_pipeline.ml.onnx_runtime import load_onnx
 
         return load_onnx(path)
     if path.suffix in (".pt", ".pth", ".ts") or path.is_file():
@@ -246,7 +247,7 @@ def load_model(reference: str | None, allow_pickle: bool = False) -> Model:
         reference = f"models:/{registered_name()}/{reference}"
     elif re.fullmatch(r"[0-9a-f]{32}", reference):
         reference = f"runs:/{reference}/model"
-    from mnist_pipeline import registry, store
+    from mnist_pipeline.tracking import registry, store
 
     store.configure(writes=False)
     try:
@@ -260,7 +261,7 @@ def load_model(reference: str | None, allow_pickle: bool = False) -> Model:
 def _load_torchscript(path: Path, reference: str) -> Model:
     import torch
 
-    from mnist_pipeline import export
+    from mnist_pipeline.ml import export
 
     try:
         module = export.load_torchscript(path)

@@ -14,7 +14,7 @@ from torch import nn
 
 from mnist_pipeline import names
 from mnist_pipeline.files import write_atomic
-from mnist_pipeline.model import NUM_CLASSES
+from mnist_pipeline.ml.model import NUM_CLASSES
 
 
 @torch.inference_mode()

@@ -23,10 +23,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from mnist_pipeline import environment, names, store
-from mnist_pipeline.data import MIRROR_ENV
+from mnist_pipeline import names
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.files import check_dvc_lock
+from mnist_pipeline.ml.data import MIRROR_ENV
+from mnist_pipeline.tracking import environment, store
 
 
 def _git(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -90,7 +91,7 @@ def _local_mirror(root: Path, fingerprint: str | None, folder: Path, log) -> boo
     ``data/raw`` holds them, verified (its MD5SUMS) and the run's own (same fingerprint); False when it does not."""
     import gzip
 
-    from mnist_pipeline import data
+    from mnist_pipeline.ml import data
 
     raw = root / DATA_DIR
     try:

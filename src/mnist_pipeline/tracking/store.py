@@ -51,7 +51,7 @@ def configure(root: Path | None = None, writes: bool = True) -> str:
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from mnist_pipeline.repair import repair
+    from mnist_pipeline.tracking.repair import repair
 
     uri = tracking_uri(root)
     chosen = bool(os.environ.get("MLFLOW_TRACKING_URI"))  # before MLflow sets it for the processes it starts

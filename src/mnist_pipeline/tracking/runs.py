@@ -29,7 +29,7 @@ def _ms(seconds: float) -> int:
 
 def run_tags(record: Mapping[str, Any]) -> dict[str, str]:
     """The run's tags: the training's (``env.*``, data fingerprint), the commit, the DVC experiment, who has it open."""
-    from mnist_pipeline.repair import owner
+    from mnist_pipeline.tracking.repair import owner
 
     commit = git_commit()
     tags = {**record["tags"], names.GIT_COMMIT: commit, "mlflow.source.git.commit": commit, names.OWNER: owner(),
@@ -102,7 +102,8 @@ END_DEADLINE_S = 10  # to end a failed run on a server that may be what failed
 def _end(client: MlflowClient, run_id: str, status: str) -> None:
     """End a run that did not finish, and fail the models it left half-logged, within a few seconds. The store
     itself may be what failed: then the next command that opens it repairs both (`repair`)."""
-    from mnist_pipeline import network, store
+    from mnist_pipeline import network
+    from mnist_pipeline.tracking import store
 
     try:
         with store.exchange(mlflow.get_tracking_uri()), network.time_limit(END_DEADLINE_S, "ending the run"):
@@ -118,7 +119,7 @@ def _end(client: MlflowClient, run_id: str, status: str) -> None:
 def log_training(record: Mapping[str, Any]) -> None:
     """The training's epochs (step = epoch, at the time each was measured), its timing and the system metrics
     sampled while it ran (``system/...``, per rank under torchrun)."""
-    from mnist_pipeline.training import EpochMetrics
+    from mnist_pipeline.ml.training import EpochMetrics
 
     run_id = mlflow.active_run().info.run_id
     metrics = []

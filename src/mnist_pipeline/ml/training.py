@@ -30,13 +30,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mnist_pipeline import distributed, names
+from mnist_pipeline import names
 from mnist_pipeline.config import ModelConfig, TrainConfig
-from mnist_pipeline.data import Split
-from mnist_pipeline.distributed import SINGLE, Cluster
 from mnist_pipeline.errors import PipelineError, interrupts_held
 from mnist_pipeline.files import write_atomic
-from mnist_pipeline.model import ConvNet, build
+from mnist_pipeline.ml import distributed
+from mnist_pipeline.ml.data import Split
+from mnist_pipeline.ml.distributed import SINGLE, Cluster
+from mnist_pipeline.ml.model import ConvNet, build
 
 EVAL_BATCH_SIZE = 1000  # inference needs no gradients, so large batches are cheap
 

@@ -83,7 +83,7 @@ def _export_with_torch_export(model: nn.Module, example: torch.Tensor) -> bytes:
 
 def load_onnx(path: Path):
     """An onnxruntime session wrapped as a callable on a (N, 1, 28, 28) tensor, returning logits as a tensor."""
-    from mnist_pipeline.onnx_runtime import load_onnx as load
+    from mnist_pipeline.ml.onnx_runtime import load_onnx as load
 
     run = load(path)
     return lambda x: torch.from_numpy(run(x.numpy()))

@@ -133,7 +133,7 @@ def serve(model_uri: str, host: str, port: int, allow_pickle: bool, extra_hosts:
     """Download and check the model, then serve it until interrupted."""
     import uvicorn
 
-    from mnist_pipeline import registry
+    from mnist_pipeline.tracking import registry
 
     model_dir = registry.fetch_model(model_uri, allow_pickle, loader="python_function")
     app = build_app(model_dir, allowed_hosts(host, extra_hosts))

@@ -20,8 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from mnist_pipeline import data
 from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.ml import data
 
 TARGET_ACCURACY = 0.99
 
@@ -72,7 +72,8 @@ def run_pipeline(data_dir: Path, seed: int, params: Path) -> list[dict]:
     import dataclasses
     import io
 
-    from mnist_pipeline import config, training
+    from mnist_pipeline import config
+    from mnist_pipeline.ml import training
 
     loaded = config.load(params)
     model_cfg, train_cfg = loaded.model, dataclasses.replace(loaded.train, seed=seed)
@@ -104,7 +105,7 @@ def prepare_data(folder: Path) -> str:
     if os.environ.get(data.MIRROR_ENV):
         data.download(raw, data.MNIST_FILES, mirror_list=[os.environ[data.MIRROR_ENV]])
         return f"real MNIST from {data.MIRROR_ENV}"
-    from mnist_pipeline.synthetic import write_raw
+    from mnist_pipeline.ml.synthetic import write_raw
 
     write_raw(raw, n_train=60_000, n_test=10_000)
     return "SYNTHETIC data (MNIST_MIRROR is not set): only the timings mean anything, not the accuracies"

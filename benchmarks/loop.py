@@ -185,7 +185,9 @@ def machine() -> str:
 
 def measure(project: Path, repeats: int = 3, log=sys.stderr) -> tuple[float, list[Figure], dict]:
     """Run the loop once; return (F, figures, facts about the run)."""
-    from mnist_pipeline import config, data, names, store
+    from mnist_pipeline import config, names
+    from mnist_pipeline.ml import data
+    from mnist_pipeline.tracking import store
 
     project = project.resolve()
     if not (project / "dvc.yaml").is_file():
