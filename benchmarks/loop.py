@@ -1,4 +1,4 @@
-"""`mnist-pipeline bench --loop`: what the everyday loop costs, against the floor the machine sets.
+"""`python -m benchmarks --loop`: what the everyday loop costs, against the floor the machine sets.
 
 The floor F is the wall time of ``python -c "import torch, mlflow"`` (median of 3): no command that trains, logs
 or loads a model with both libraries can start faster. Every other figure is printed with its ratio to F:
@@ -121,7 +121,7 @@ def _stage_of(cmdline: list[bytes]) -> str | None:
     if not cmdline or b"python" not in Path(cmdline[0].decode(errors="replace")).name.encode():
         return None  # the shell DVC starts the command in is not the stage's process
     for stage in STAGES:
-        if any(arg.endswith(f"stages/{stage}.py".encode()) for arg in cmdline):
+        if f"mnist_pipeline.stages.{stage}".encode() in cmdline:
             return stage
     return None
 
@@ -171,16 +171,10 @@ def _logged_train_seconds(project: Path) -> float:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from mnist_pipeline.tracking.environment import cpu_model
+
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{cpu}, {cores} cores, Python {platform.python_version()}"
+    return f"{cpu_model()}, {cores} cores, Python {platform.python_version()}"
 
 
 def measure(project: Path, repeats: int = 3, log=sys.stderr) -> tuple[float, list[Figure], dict]:
@@ -191,7 +185,7 @@ def measure(project: Path, repeats: int = 3, log=sys.stderr) -> tuple[float, lis
 
     project = project.resolve()
     if not (project / "dvc.yaml").is_file():
-        raise PipelineError(f"{project} has no dvc.yaml: run `mnist-pipeline bench --loop` from the project root")
+        raise PipelineError(f"{project} has no dvc.yaml: run `python -m benchmarks --loop` from the project root")
     data.verify_folder(project / "data" / "raw")  # the loop starts from data that is present
     model_name = config.load(project / "params.yaml").export.model_name
     python = sys.executable

@@ -10,7 +10,6 @@ whose test accuracy reached 99.0%.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -20,7 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from mnist_pipeline.errors import PipelineError
+import click
+
+from mnist_pipeline.errors import PipelineError, run_main
 from mnist_pipeline.ml import data
 
 TARGET_ACCURACY = 0.99
@@ -76,7 +77,7 @@ def run_pipeline(data_dir: Path, seed: int, params: Path) -> list[dict]:
     from mnist_pipeline.ml import training
 
     loaded = config.load(params)
-    model_cfg, train_cfg = loaded.model, dataclasses.replace(loaded.train, seed=seed)
+    model_cfg, train_cfg = loaded.model, loaded.train.replace(seed=seed)
     training.configure_threads(train_cfg.threads)
     device = training.resolve_device(train_cfg.device)
     raw = data_dir / "MNIST" / "raw"
@@ -112,21 +113,14 @@ def prepare_data(folder: Path) -> str:
 
 
 def write_params(base: Path, overrides: list[str], out: Path) -> Path:
-    """params.yaml with ``KEY=VALUE`` overrides applied (values parsed as YAML), validated before any run."""
+    """params.yaml with ``KEY=VALUE`` overrides applied (as `dvc exp run -S` does), validated before any run."""
     import yaml
 
     from mnist_pipeline import config
-    from mnist_pipeline.errors import PipelineError
 
-    raw = config.read_params(base)
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        section, _, name = key.partition(".")
-        if not sep or not name or section not in raw:
-            raise PipelineError(f"-S {item!r}: expected SECTION.KEY=VALUE, e.g. train.epochs=3")
-        raw[section][name] = yaml.safe_load(value)
+    raw = config.with_overrides(config.read_params(base), dict(map(config.assignment, overrides)))
+    config.build(raw)
     out.write_text(yaml.safe_dump(raw))
-    config.load(out)
     return out
 
 
@@ -135,42 +129,35 @@ def summarise(history: list[dict]) -> dict:
     return {"test_accuracy": history[-1]["test_accuracy"], "train_s": history[-1]["seconds"], "to_99_s": reached}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mnist-pipeline bench",
-        description=__doc__.split("\n\n")[0] + " With --loop, the everyday loop against the import floor first.",
-        epilog="examples:\n"
-        "  MNIST_MIRROR=/path/to/mnist mnist-pipeline bench --seeds 3\n"
-        "  MNIST_MIRROR=/path/to/mnist mnist-pipeline bench --loop --seeds 0   # the loop alone\n"
-        "  mnist-pipeline bench --only pipeline -S train.epochs=3",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--seeds", type=int, default=1,
-                        help="run each contender with seeds 0..N-1 (0: none; default: %(default)s)")  # fmt: skip
-    parser.add_argument("--loop", action="store_true",
-                        help="first measure the everyday loop in this project (rerun, predict, compare, load) "
-                             "against the import floor; adds three runs to the store")  # fmt: skip
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"),
-                        help="the pipeline's params (default: %(default)s)")  # fmt: skip
-    parser.add_argument("--only", choices=["baseline", "pipeline"], help="run one contender only (default: both)")
-    parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a param as `dvc exp run -S` does (-S train.epochs=3); repeatable")  # fmt: skip
-    return parser
+@click.command(context_settings={"show_default": True, "max_content_width": 100}, epilog="""\b
+Examples (from the project root):
+  MNIST_MIRROR=/path/to/mnist python -m benchmarks --seeds 3
+  MNIST_MIRROR=/path/to/mnist python -m benchmarks --loop --seeds 0   # the loop alone
+  python -m benchmarks --only pipeline -S train.epochs=3""")
+@click.option("--seeds", default=1, help="Run each contender with seeds 0..N-1 (0: none).")
+@click.option("--loop", is_flag=True, help="First measure the everyday loop in this project (rerun, predict, "
+              "compare, load) against the import floor; adds three runs to the store.")  # fmt: skip
+@click.option("--params", default="params.yaml", type=click.Path(path_type=Path), help="The pipeline's params.")
+@click.option("--only", type=click.Choice(["baseline", "pipeline"]), help="Run one contender only  [default: both]")
+@click.option("-S", "--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Override a param as `dvc exp run -S` does (-S train.epochs=3); repeatable.")  # fmt: skip
+def main(seeds: int, loop: bool, params: Path, only: str | None, sets: tuple[str, ...]) -> None:
+    """Benchmark the classic tutorial's training loop against this pipeline's, on the same data, side by side;
+    with --loop, first the everyday loop against the import floor."""
+    run_main(lambda: _main(seeds, loop, params, only, list(sets)))
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+def _main(seeds: int, loop: bool, params_file: Path, only: str | None, sets: list[str]) -> None:
+    if loop:
+        from benchmarks import loop as loop_benchmark
 
-    if args.loop:
-        from mnist_pipeline import bench_loop
-
-        print(bench_loop.report(*bench_loop.measure(Path.cwd())), flush=True)
-        if args.seeds == 0:
+        print(loop_benchmark.report(*loop_benchmark.measure(Path.cwd())), flush=True)
+        if seeds == 0:
             return
 
     import pandas as pd
 
-    contenders = [args.only] if args.only else ["baseline", "pipeline"]
+    contenders = [only] if only else ["baseline", "pipeline"]
     if "baseline" in contenders:
         try:
             import torchvision  # noqa: F401
@@ -181,12 +168,12 @@ def main(argv: list[str] | None = None) -> None:
             ) from None
     rows = []
     with tempfile.TemporaryDirectory(prefix="mnist-bench-") as tmp:
-        params = write_params(args.params, args.set, Path(tmp) / "params.yaml")
+        params = write_params(params_file, sets, Path(tmp) / "params.yaml")
         what = prepare_data(Path(tmp))
         print(f"data: {what}", file=sys.stderr)
-        for seed in range(args.seeds):
+        for seed in range(seeds):
             for contender in contenders:
-                cmd = [sys.executable, "-m", "mnist_pipeline.bench", "--worker", contender, tmp, str(seed),
+                cmd = [sys.executable, "-m", "benchmarks.tutorial", "--worker", contender, tmp, str(seed),
                        str(params)]  # fmt: skip
                 out = subprocess.run(cmd, capture_output=True, text=True, check=False)
                 if out.returncode != 0:

@@ -48,6 +48,10 @@ class Section(BaseModel):
     def from_dict(cls, raw: Any):
         return _validated(cls, raw, f"params.yaml section {cls.SECTION}", prefix=(cls.SECTION,))
 
+    def replace(self, **changes: Any):
+        """A copy with ``changes``, validated."""
+        return self.from_dict({**self.to_dict(), **changes})
+
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML/JSON types, the same shape as in params.yaml."""
         return self.model_dump(mode="json")
@@ -136,7 +140,9 @@ class ExportConfig(Section):
     parity_samples: Annotated[int, rule(ge=1)]  # real test digits the exported model is checked on
     parity_tolerance: Annotated[float, rule(gt=0, lt=1)]  # max absolute logit difference against the eager model
     promote_min_delta: Annotated[float, rule(ge=0, lt=1)]  # champion moves if accuracy >= champion's + this
-    register: bool  # register the logged model and move the aliases (false: the run and its model only)
+    # Register the logged model and move the aliases (false: the run and its model only). Field(...): required, for
+    # without it pydantic would take ABCMeta's ``register`` method as the default.
+    register: bool = Field(...)
 
 
 class Params(BaseModel):
@@ -183,19 +189,23 @@ def build(raw: dict[str, Any], source: str = "params.yaml") -> Params:
     return _validated(Params, raw, source)
 
 
-def with_overrides(raw: dict[str, Any], overrides: list[str], option: str = "-S") -> dict[str, Any]:
-    """params.yaml's content with ``SECTION.KEY=VALUE`` overrides applied (values read as YAML, as `dvc exp run
-    -S` does); not validated (`build` does that)."""
+def assignment(item: str, option: str = "-S") -> tuple[str, Any]:
+    """``SECTION.KEY=VALUE`` as given on a command line (``-S``, ``--set``): the key and the value read as YAML."""
+    name, sep, value = item.partition("=")
+    if not sep or "." not in name.strip(" ."):
+        raise ConfigError(f"{option} {item!r}: expected SECTION.KEY=VALUE, e.g. {option} train.epochs=3")
+    try:
+        return name.strip(), yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise ConfigError(f"{option} {item!r}: the value is not YAML") from None
+
+
+def with_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """params.yaml's content with ``{"train.lr": 0.003, ...}`` applied; not validated (`build` does that)."""
     raw = {section: dict(values) if isinstance(values, dict) else values for section, values in raw.items()}
-    for item in overrides:
-        name, sep, value = item.partition("=")
-        section, _, field = name.strip().partition(".")
-        if not sep or not field or not isinstance(raw.get(section), dict):
-            raise ConfigError(f"{option} {item!r}: expected SECTION.KEY=VALUE, e.g. train.epochs=3")
-        try:
-            raw[section][field] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise ConfigError(f"{option} {item!r}: the value is not YAML") from None
+    for name, value in overrides.items():
+        section, _, field = name.partition(".")
+        raw.setdefault(section, {})[field] = value
     return raw
 
 

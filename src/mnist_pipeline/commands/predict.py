@@ -16,13 +16,14 @@ import json
 import re
 import sys
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.tracking import loader
 
 IMAGE_SIZE, DIGIT_BOX = 28, 20
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -199,82 +200,6 @@ def _scaled(values: np.ndarray, mode: str, name: str) -> np.ndarray:
     return (values.clip(0, full) * (255.0 / full)).astype(np.float32)
 
 
-Model = Callable[[np.ndarray], np.ndarray]  # (N, 1, 28, 28) float32 pixels -> (N, 10) logits
-
-
-def registered_name() -> str:
-    """The project's registered model name: ``export.model_name`` in the project's params.yaml."""
-    from mnist_pipeline import config
-    from mnist_pipeline.tracking import store
-
-    params = store.project_root() / "params.yaml"
-    if not params.is_file():
-        raise PipelineError(f"no params.yaml in {params.parent}: run this in the project, or name a model with --model")
-    return config.load(params).export.model_name
-
-
-def champion() -> str:
-    """The URI of the project's champion: what `predict` and `serve` use unless told otherwise."""
-    from mnist_pipeline import names
-
-    return f"models:/{registered_name()}@{names.ALIAS_CHAMPION}"
-
-
-def load_model(reference: str | None, allow_pickle: bool = False) -> Model:
-    """A callable from (N, 1, 28, 28) pixels to logits, both NumPy arrays.
-
-    ``reference``: a local ``.onnx`` or TorchScript file, a version number of the project's registered model
-    (``export.model_name``), an MLflow run id, or any MLflow model URI (``models:/mnist-cnn@champion``,
-    ``models:/mnist-cnn/3``, ``runs:/<id>/model``); None: the champion (`champion`).
-    None of these unpickle Python objects: TorchScript and ONNX are data formats, and the registered model is an
-    ONNX file (a torch.export archive in earlier versions). An MLflow model stored with pickle is refused unless
-    ``allow_pickle``. ONNX models run in onnxruntime: a local ``.onnx`` file needs neither torch nor MLflow.
-    """
-    if reference is None:
-        reference = champion()
-    path = Path(reference)
-    if path.suffix == ".onnx":
-        if not path.is_file():
-            raise PipelineError(f"model {reference}: no such file")
-        from mnist_pipeline.ml.onnx_runtime import load_onnx
-
-        return load_onnx(path)
-    if path.suffix in (".pt", ".pth", ".ts") or path.is_file():
-        if not path.is_file():
-            raise PipelineError(f"model {reference}: no such file")
-        return _load_torchscript(path, reference)
-    if reference.isdigit():
-        reference = f"models:/{registered_name()}/{reference}"
-    elif re.fullmatch(r"[0-9a-f]{32}", reference):
-        reference = f"runs:/{reference}/model"
-    from mnist_pipeline.tracking import registry, store
-
-    store.configure(writes=False)
-    try:
-        return registry.load_model(reference, allow_pickle)
-    except PipelineError:
-        raise
-    except Exception as exc:  # MlflowException and friends: say which model and why, in one line
-        raise PipelineError(f"model {reference}: {str(exc).splitlines()[0][:300]}") from None
-
-
-def _load_torchscript(path: Path, reference: str) -> Model:
-    import torch
-
-    from mnist_pipeline.ml import export
-
-    try:
-        module = export.load_torchscript(path)
-    except RuntimeError as exc:
-        raise PipelineError(f"model {reference}: not a TorchScript file ({str(exc).splitlines()[0]})") from None
-
-    def run(x: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return module(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
-
-    return run
-
-
 @dataclass(frozen=True)
 class Prediction:
     input: str
@@ -293,7 +218,7 @@ class Prediction:
                            "top_k": top})  # fmt: skip
 
 
-def predict(model: Model, labels: list[str], images: np.ndarray, top_k: int) -> list[Prediction]:
+def predict(model: loader.Model, labels: list[str], images: np.ndarray, top_k: int) -> list[Prediction]:
     """images: (N, 28, 28) float32 in [0, 1]."""
     if not labels:
         return []
@@ -318,7 +243,7 @@ def main(inputs: list[Path], model_ref: str | None, as_json: bool, top_k: int, a
     def flush() -> None:  # predict and print what has been read so far
         nonlocal model
         if labels:
-            model = model or load_model(model_ref, allow_pickle)
+            model = model or loader.load_model(model_ref, allow_pickle)
             for prediction in predict(model, labels, np.stack(images), top_k):
                 print(prediction.json() if as_json else prediction.line(top_k > 1), flush=True)
             labels.clear()

@@ -156,3 +156,14 @@ def serve(model_uri: str, host: str, port: int, allow_pickle: bool, extra_hosts:
         signal.signal(signal.SIGHUP, previous)
     if hung_up:
         signal.raise_signal(signal.SIGHUP)
+
+
+def main(model_ref: str | None, host: str, port: int, extra_hosts: list[str], allow_pickle: bool) -> None:
+    """`mnist-pipeline serve`: the champion unless ``model_ref`` names another model."""
+    from mnist_pipeline.commands import ui
+    from mnist_pipeline.tracking import loader, store
+
+    store.configure(writes=False)
+    model = model_ref or loader.champion()
+    ui.warn_if_exposed(host, port, f"the model {model} (anyone can send it requests)")
+    serve(model, host, port, allow_pickle, extra_hosts)

@@ -167,21 +167,7 @@ def parse_dimension(key: str, spec: Any, base: Mapping[str, Any], where: str) ->
 
 def with_params(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> config.Params:
     """params.yaml's content with ``overrides`` ({"train.lr": 0.003, ...}), built and checked as the stages do."""
-    raw = {section: dict(values) for section, values in base.items()}
-    for key, value in overrides.items():
-        section, _, name = key.partition(".")
-        raw[section][name] = value
-    return config.build(raw)
-
-
-def parse_set(item: str) -> tuple[str, Any]:
-    key, sep, value = item.partition("=")
-    if not sep or not key:
-        raise SpaceError(f"--set {item!r}: expected KEY=VALUE, e.g. --set 'train.lr={{low: 0.001, high: 0.01}}'")
-    try:
-        return key.strip(), yaml.safe_load(value)
-    except yaml.YAMLError:
-        raise SpaceError(f"--set {item!r}: the value is not YAML") from None
+    return config.build(config.with_overrides(dict(base), dict(overrides)))
 
 
 def load_search(path: Path, base: Mapping[str, Any], sets: list[str]) -> Search:
@@ -202,7 +188,7 @@ def load_search(path: Path, base: Mapping[str, Any], sets: list[str]) -> Search:
         raise SpaceError(f"{path}: unknown key {sorted(unknown)[0]!r}; expected validation, space, pruner")
     space = dict(raw.get("space") or {})
     for item in sets:
-        key, value = parse_set(item)
+        key, value = config.assignment(item, "--set")
         space[key] = value
     if not space:
         raise SpaceError(f"{path}: the space is empty; give it at least one param to search")

@@ -1,4 +1,4 @@
-"""Export the trained model to TorchScript and prove the export computes what the eager model computes."""
+"""Export the trained model to ONNX and prove the export computes what the eager model computes."""
 
 from __future__ import annotations
 
@@ -12,24 +12,6 @@ from torch import nn
 
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.files import write_atomic
-
-
-def to_torchscript(model: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
-    """Trace the model (its forward has no data-dependent control flow, so tracing is exact)."""
-    model.eval()
-    with torch.no_grad(), warnings.catch_warnings():
-        # TorchScript is deprecated in favour of torch.export, yet it is still the format most C++/Java/mobile
-        # runtimes load; the MLflow model is the torch.export one.
-        warnings.simplefilter("ignore", FutureWarning)
-        # check_trace=False: the trace's own re-run check costs a second; check_parity below is stricter.
-        return torch.jit.trace(model, example, check_trace=False)
-
-
-def load_torchscript(path: Path) -> torch.jit.ScriptModule:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        return torch.jit.load(str(path), map_location="cpu")
-
 
 ONNX_OPSET = 18  # the torch.export-based exporter's default; onnxruntime >= 1.14 runs it
 ONNX_INPUT, ONNX_OUTPUT = "pixels", "logits"
@@ -81,22 +63,6 @@ def _export_with_torch_export(model: nn.Module, example: torch.Tensor) -> bytes:
     return program.model_proto.SerializeToString()
 
 
-def load_onnx(path: Path):
-    """An onnxruntime session wrapped as a callable on a (N, 1, 28, 28) tensor, returning logits as a tensor."""
-    from mnist_pipeline.ml.onnx_runtime import load_onnx as load
-
-    run = load(path)
-    return lambda x: torch.from_numpy(run(x.numpy()))
-
-
-def save_torchscript(module: torch.jit.ScriptModule, path: Path) -> None:
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():  # TorchScript is deprecated upstream; it stays here as the no-Python format
-        warnings.simplefilter("ignore", FutureWarning)
-        torch.jit.save(module, buffer)
-    write_atomic(path, buffer.getvalue())
-
-
 @dataclass(frozen=True)
 class Parity:
     format: str
@@ -120,10 +86,11 @@ class Parity:
 
 @torch.inference_mode()
 def check_parity(reference: nn.Module, exported, x: torch.Tensor, tolerance: float, fmt: str) -> Parity:
-    """Compare the logits of ``exported`` (any callable on a tensor) with the eager ``reference`` on ``x``."""
+    """Compare the logits of ``exported`` (a callable from NumPy pixels to logits) with the eager ``reference``'s
+    on ``x``."""
     reference.eval()
     want = reference(x)  # (N, 10)
-    got = torch.as_tensor(exported(x))
+    got = torch.as_tensor(exported(x.numpy()))
     if got.shape != want.shape:
         raise PipelineError(f"{fmt} export returns shape {tuple(got.shape)}, the model {tuple(want.shape)}")
     diff = (got - want).abs().max().item()

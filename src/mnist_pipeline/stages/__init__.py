@@ -1,42 +1,44 @@
 """The pipeline's four stages, one module each: ``download``, ``train``, ``evaluate``, ``export``.
 
 Each module holds its stage's orchestration: a ``Paths`` dataclass (the files it reads and writes, named in
-``dvc.yaml``) and ``run(params, paths)``. The scripts under ``stages/`` at the project root, which ``dvc.yaml``
-runs, only turn the command line into that one call (`main`). A stage module imports what is slow to import
-(torch, MLflow) inside ``run``, so that ``--help`` and a bad argument answer at once.
+``dvc.yaml``) and ``run(params, paths)``; ``dvc.yaml`` runs it as ``python -m mnist_pipeline.stages.<name>``, and
+`main` turns its command line into that one call. A stage module imports what is slow to import (torch, MLflow)
+inside ``run``, so that ``--help`` and a bad argument answer at once.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+
+import click
 
 from mnist_pipeline import config
 from mnist_pipeline.errors import run_main
 
 
 def main(stage: ModuleType) -> None:
-    """The command line of a stage script: ``--params`` and one required ``--<field>`` per field of the stage's
-    ``Paths`` (its ``help`` metadata is the option's help), then ``stage.run(params, paths)`` under the pipeline's
-    error handling (`errors.run_main`)."""
-    args = vars(build_parser(stage).parse_args())
-    params_file = args.pop("params")
-    run_main(lambda: stage.run(_load(params_file), stage.Paths(**args)))
+    """Run a stage from its command line (`command`) under the pipeline's error handling (`errors.run_main`)."""
+    command(stage).main()
 
 
-def build_parser(stage: ModuleType) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=stage.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--params", type=Path, default=Path("params.yaml"), help="the params file (default: %(default)s)"
-    )
+def command(stage: ModuleType) -> click.Command:
+    """The stage's command line: ``--params`` and one required ``--<field>`` per field of its ``Paths`` (its
+    ``help`` metadata is the option's help; a list is given by repeating the option)."""
+
+    def run(params: Path, **paths) -> None:
+        paths = {name: list(value) if isinstance(value, tuple) else value for name, value in paths.items()}
+        run_main(lambda: stage.run(_load(params), stage.Paths(**paths)))
+
+    options = [click.Option(["--params"], type=click.Path(path_type=Path), default="params.yaml", show_default=True,
+                            help="The params file.")]  # fmt: skip
     for field in dataclasses.fields(stage.Paths):
-        flag = "--" + field.name.replace("_", "-")
-        parser.add_argument(flag, dest=field.name, type=Path, required=True, help=field.metadata.get("help"),
-                            nargs=field.metadata.get("nargs"))  # fmt: skip
-    return parser
+        flag = f"--{field.name.replace('_', '-')}"
+        options.append(click.Option([flag, field.name], type=click.Path(path_type=Path), required=True,
+                                    multiple=field.metadata["many"], help=field.metadata["help"]))  # fmt: skip
+    return click.Command(stage.__name__.rsplit(".", 1)[1], callback=run, params=options, help=stage.__doc__)
 
 
 def _load(params_file: Path) -> config.Params:
@@ -46,9 +48,9 @@ def _load(params_file: Path) -> config.Params:
         raise config.ConfigError(f"{exc}; nothing was written") from None
 
 
-def path(help: str | None = None, nargs: str | None = None) -> Any:
-    """A field of a stage's ``Paths``, with the help its command-line option shows (``nargs="+"``: a list)."""
-    return dataclasses.field(metadata={"help": help, "nargs": nargs})
+def path(help: str, many: bool = False) -> Any:
+    """A field of a stage's ``Paths``, with the help its command-line option shows (``many``: a list)."""
+    return dataclasses.field(metadata={"help": help, "many": many})
 
 
 def code_deps(stage: str, root: Path | None = None) -> list[Path]:

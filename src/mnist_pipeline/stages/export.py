@@ -1,4 +1,4 @@
-"""Stage export: TorchScript and ONNX files, each checked against the trained model; then the pipeline's MLflow run.
+"""Stage export: the ONNX file, checked against the trained model; then the pipeline's MLflow run.
 
 This is the one stage that talks to MLflow, in its own process: it records the whole pipeline result as one run
 (params, the training's record, the evaluation's metrics and figures, the data as an input, the ONNX model) and
@@ -26,20 +26,19 @@ class Paths:
     checkpoint: Path = path("the trained model")
     record: Path = path("the train stage's record of the training (JSON)")
     metrics: Path = path("the evaluate stage's metrics JSON")
-    evaluation: list[Path] = path("the evaluate stage's figures and tables, logged with the run", nargs="+")
-    torchscript: Path = path("the TorchScript file to write")
+    evaluation: list[Path] = path("the evaluate stage's figures and tables, logged with the run", many=True)
     onnx: Path = path("the ONNX file to write (the model that is registered)")
     report: Path = path("parity figures, the MLflow run id and the registered version (JSON)")
 
 
 def run(params: config.Params, paths: Paths) -> None:
-    """Export and check both formats, record the run, log the ONNX model, check it through pyfunc, register it."""
+    """Export and check the ONNX file, record the run, log the ONNX model, check it through pyfunc, register it."""
     import torch
 
     from mnist_pipeline.ml import export
     from mnist_pipeline.ml.data import load_split, verify_folder
     from mnist_pipeline.ml.model import load_checkpoint, to_pixels
-    from mnist_pipeline.tracking import runs
+    from mnist_pipeline.tracking import loader, runs
 
     export_cfg = params.export
     record = runs.read_record(paths.record)
@@ -55,12 +54,8 @@ def run(params: config.Params, paths: Paths) -> None:
         print(f"{fmt} parity on {result.samples} test digits: max |logit diff| {result.max_abs_diff:.2e}")
         return result
 
-    export.save_torchscript(export.to_torchscript(model, digits[:2]), paths.torchscript)
     export.save_onnx(model, digits[:2], paths.onnx)
-    checks = {
-        "torchscript": check(export.load_torchscript(paths.torchscript), "TorchScript"),
-        "onnx": check(export.load_onnx(paths.onnx), "ONNX"),
-    }
+    checks = {"onnx": check(loader.load_file(paths.onnx), "ONNX")}
     registration, run_id = _record(params, paths, record, test_metrics, digits.numpy(), checks, check)
     report = {**{name: c.to_dict() for name, c in checks.items()}, "run_id": run_id, "registered": registration}
     write_atomic(paths.report, json.dumps(report, indent=2) + "\n")
@@ -86,7 +81,7 @@ def _record(params, paths: Paths, record, test_metrics, digits, checks, check) -
     except OSError as exc:
         if exc.errno not in DISK_FULL:
             raise
-        logged = [*paths.evaluation, paths.torchscript, paths.onnx, paths.onnx]
+        logged = [*paths.evaluation, paths.onnx, paths.onnx]
         raise disk_full(exc, artifacts[0] if artifacts else None, logged) from None
 
 
@@ -110,7 +105,7 @@ def disk_full(exc: OSError, artifacts: str | None, logged: list[Path]) -> Pipeli
 
 def _log_and_register(params, paths: Paths, record, test_metrics, digits, checks, check, artifacts: list[str]):
     import mlflow
-    import torch
+    import numpy as np
 
     from mnist_pipeline.ml import data
     from mnist_pipeline.tracking import registry, runs
@@ -125,10 +120,10 @@ def _log_and_register(params, paths: Paths, record, test_metrics, digits, checks
         runs.log_inputs({"training": train_data, "testing": test_data})
         runs.log_training(record)
         runs.log_artifacts(paths.evaluation, "evaluation")
-        runs.log_artifacts([paths.torchscript, paths.onnx], "exported")
+        runs.log_artifacts([paths.onnx], "exported")
         info = registry.log_onnx_model(paths.onnx, digits[:4], name=runs.model_name())
         runs.log_test_metrics(test_metrics, info.model_id, test_data)
-        logged = torch.tensor(registry.predict_with_logged_model(info.model_uri, digits))
+        logged = np.asarray(registry.predict_with_logged_model(info.model_uri, digits))
         checks["mlflow_model"] = check(lambda _: logged, "MLflow model (ONNX, loaded through pyfunc)")
         runs.log_metrics({f"{name}_max_abs_logit_diff": c.max_abs_diff for name, c in checks.items()})
         if not params.export.register:

@@ -9,7 +9,6 @@ checks, not on the values, so a valid change of a value reruns only the stages t
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +24,7 @@ class Paths:
 
 
 def run(params: config.Params, paths: Paths) -> None:
-    lines = [f"{section.SECTION}: {', '.join(f.name for f in dataclasses.fields(section))}" for section in
-             params.sections()]  # fmt: skip
+    lines = [f"{section.SECTION}: {', '.join(type(section).model_fields)}" for section in params.sections()]
     write_atomic(paths.out, "# the keys of params.yaml that the params stage checks\n" + "\n".join(lines) + "\n")
 
 

@@ -41,24 +41,23 @@ def lock_hash(root: Path) -> str:
         return "none"
 
 
-def cpu_model() -> str:
+def cpuinfo(field: str) -> str:
+    """A field of /proc/cpuinfo's first processor ("" where there is none: not Linux)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.split(":", 1)[0].strip() == field:
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return ""
+
+
+def cpu_model() -> str:
+    return cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    return set(cpuinfo("flags").split())
 
 
 def tags(device, threads: int, root: Path) -> dict[str, str]:

@@ -7,7 +7,6 @@ version becomes ``candidate``; ``champion`` moves to it when it is at least as a
 
 from __future__ import annotations
 
-import os
 import sys
 from contextlib import suppress
 from dataclasses import dataclass
@@ -20,7 +19,6 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mnist_pipeline import names
-from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.tracking import store
 
 
@@ -85,88 +83,6 @@ def predict_with_logged_model(model_uri: str, digits: np.ndarray) -> list[list[f
 
     output = mlflow.pyfunc.load_model(model_uri).predict(digits)
     return np.asarray(output["logits"] if isinstance(output, dict) else output).tolist()
-
-
-PICKLE_REFUSED = (
-    "loading it would run code it carries ({why}); pass --allow-pickle only if you trust where it came from"
-)
-
-
-def fetch_model(model_uri: str, allow_pickle: bool = False, loader: str = "predict") -> Path:
-    """Download an MLflow model and check that what ``loader`` will load of it is data, not code; return its folder.
-
-    ``loader``: ``"predict"`` (`load_model` below: the ``onnx`` flavor's file in onnxruntime, else the ``pytorch``
-    flavor's ``torch.export`` archive) or ``"python_function"`` (what ``mlflow.pyfunc.load_model`` and the scoring
-    server load: the module its ``loader_module`` names, with its ``code`` folder first on ``sys.path``). A flavor
-    list that looks safe is not enough: a folder may carry an ``onnx`` flavor beside a ``python_function`` flavor
-    that unpickles ``python_model.pkl``. Unless ``allow_pickle``, anything but ONNX or ``torch.export`` is refused.
-    """
-    import yaml
-
-    # MLflow draws a progress bar for every download: noise before a command's own first line.
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
-    try:
-        flavors = yaml.safe_load((local / "MLmodel").read_text()).get("flavors") or {}
-    except (OSError, yaml.YAMLError, AttributeError):
-        raise PipelineError(f"model {model_uri}: no readable MLmodel file; not an MLflow model") from None
-    why = _code_it_would_run(local, flavors, loader)
-    if why and not allow_pickle:
-        raise PipelineError(f"model {model_uri}: " + PICKLE_REFUSED.format(why=why))
-    return local
-
-
-def _code_it_would_run(local: Path, flavors: dict, loader: str) -> str | None:
-    """Why loading this model with ``loader`` could run code it carries, or None when it loads as data only."""
-    if loader == "python_function":
-        pyfunc = flavors.get("python_function") or {}
-        module = pyfunc.get("loader_module")
-        if pyfunc.get("code"):
-            return f"its python_function flavor puts its own code folder {pyfunc['code']!r} on the import path"
-        if module == "mlflow.onnx":
-            return None
-        if module == "mlflow.pytorch" and _is_export_archive(local, flavors.get("pytorch")):
-            return None
-        return f"its python_function flavor loads with {module or 'no loader'!r}, which unpickles"
-    if "onnx" in flavors:
-        return None
-    if _is_export_archive(local, flavors.get("pytorch")):
-        return None
-    return "it is neither ONNX nor a torch.export archive; " + (
-        "its PyTorch model is pickled" if "pytorch" in flavors else f"its flavors are {', '.join(flavors) or 'none'}"
-    )
-
-
-def _is_export_archive(local: Path, pytorch: dict | None) -> bool:
-    return bool(pytorch) and (local / pytorch.get("model_data", "data") / "model.pt2").is_file()
-
-
-def load_model(model_uri: str, allow_pickle: bool = False):
-    """A callable from (N, 1, 28, 28) float32 pixels (NumPy) to (N, 10) logits (NumPy), on the CPU.
-
-    ONNX models run in onnxruntime, without importing torch; PyTorch ones (registered by earlier versions) need it.
-    """
-    import yaml
-
-    local = fetch_model(model_uri, allow_pickle)
-    flavors = yaml.safe_load((local / "MLmodel").read_text())["flavors"]
-    if "onnx" in flavors:
-        from mnist_pipeline.ml.onnx_runtime import load_onnx
-
-        onnx_file = (local / flavors["onnx"]["data"]).resolve()
-        if not onnx_file.is_relative_to(local.resolve()):
-            raise PipelineError(f"model {model_uri}: its onnx flavor names a file outside the model's folder")
-        return load_onnx(onnx_file)
-    import mlflow.pytorch
-    import torch
-
-    module = mlflow.pytorch.load_model(str(local), map_location="cpu")
-
-    def run(x: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return module(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
-
-    return run
 
 
 def promotion(test_accuracy: float, champion: tuple[int, float] | None, min_delta: float) -> tuple[bool, str]:

@@ -1,0 +1,3 @@
+from benchmarks.tutorial import main
+
+main()

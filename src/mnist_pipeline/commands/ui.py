@@ -1,0 +1,77 @@
+"""`mnist-pipeline ui`: MLflow's UI on the project's store, stopped with everything it started."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+from mnist_pipeline import names
+from mnist_pipeline.errors import interrupts_held
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+STOP_GRACE_S = 10
+
+
+def main(host: str, port: int) -> None:
+    import mlflow
+
+    from mnist_pipeline.tracking import store
+
+    uri = store.configure(writes=False)  # a moved store is pointed at its folder; a read-only one read via a copy
+    warn_if_exposed(host, port, "the MLflow UI (every run, metric, artifact and model, readable and changeable)")
+    experiment = mlflow.get_experiment_by_name(names.EXPERIMENT)
+    where = f"#/experiments/{experiment.experiment_id}" if experiment else ""
+    # MLflow's UI opens in its GenAI view unless the address asks for the model-training one (the browser then
+    # remembers the choice).
+    print(f"MLflow UI on http://{host}:{port}/?workflowType=machine_learning{where} for {uri}", file=sys.stderr)
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port),
+           "--workers", "1"]  # fmt: skip
+    # MLflow's server imports a module Starlette deprecates, and each worker says so: nothing for users to act on.
+    quiet = {**os.environ, "PYTHONWARNINGS": "ignore:starlette.middleware.wsgi is deprecated"}
+    sys.exit(run_server(cmd, quiet))
+
+
+def warn_if_exposed(host: str, port: int, what: str) -> None:
+    """One line when a server is about to listen beyond this machine."""
+    if host not in LOOPBACK and not host.startswith("127."):
+        print(f"warning: --host {host} makes {what} reachable on port {port} from every network this machine is "
+              "on, without a login; keep the default 127.0.0.1 and reach it through an SSH tunnel "
+              f"(ssh -L {port}:127.0.0.1:{port} <this machine>) or a reverse proxy with authentication",
+              file=sys.stderr)  # fmt: skip
+
+
+def run_server(cmd: list[str], env: dict[str, str] | None = None) -> int:
+    """Run a server command in a process group of its own until it ends; return its exit status.
+
+    MLflow's servers start workers and job runners of their own; stopping only the first process would leave them
+    listening. Ctrl-C or SIGTERM sent to this command (run_main turns both into KeyboardInterrupt) is passed on to
+    the whole group, which is waited for, and killed if it has not stopped within ``STOP_GRACE_S``.
+    """
+    server = None
+    try:
+        with interrupts_held():  # a signal while the child starts is acted on once there is a group to stop
+            server = subprocess.Popen(cmd, env=env, start_new_session=True)
+        return server.wait()
+    except KeyboardInterrupt:
+        if server is not None:
+            _stop_group(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                pass
+            _stop_group(server.pid, signal.SIGKILL)  # whatever is left of the group, workers included
+            server.wait()
+        raise
+    finally:
+        if server is not None and server.poll() is None:  # an error of our own: leave nothing behind
+            _stop_group(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+def _stop_group(pgid: int, sig) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass

@@ -1,0 +1,136 @@
+"""The stage layer (``mnist_pipeline.stages``) called directly, in this process, on the synthetic data: the train
+stage's resume and what rank 0 does that other ranks do not, without any MLflow store; then what the export stage
+records in a real one (the one stage that talks to MLflow)."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from mnist_pipeline import config, names
+from mnist_pipeline.ml import training
+from mnist_pipeline.stages import evaluate, export, train
+from tests.helpers import REPO_ROOT
+
+
+@pytest.fixture
+def params() -> config.Params:
+    p = config.load(REPO_ROOT / "params.yaml")
+    return p.model_copy(update=dict(
+        model=p.model.replace(conv_channels=(4,), kernel_size=3, hidden=16),
+        train=p.train.replace(epochs=2, batch_size=100, log_every=5),
+        evaluate=p.evaluate.replace(examples=8),
+        export=p.export.replace(parity_samples=64),
+    ))
+
+
+@pytest.fixture
+def paths(tmp_path, raw_dir, monkeypatch) -> train.Paths:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    return train.Paths(data=raw_dir, checkpoint=tmp_path / "model.pt", history=tmp_path / "history.csv",
+                       record=tmp_path / "training.json", resume_state=tmp_path / "resume" / "state.pt")  # fmt: skip
+
+
+def interrupted_at_epoch(epoch: int, monkeypatch) -> None:
+    """Ctrl-C right after the state of ``epoch`` is saved (where a real one waits: see training.train)."""
+    save = training.save_state
+
+    def save_then_interrupt(path, state):
+        save(path, state)
+        if len(state["history"]) >= epoch:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "save_state", save_then_interrupt)
+
+
+def test_an_interrupted_training_continues_where_it_stopped_without_any_store(params, paths, capsys, monkeypatch):
+    with monkeypatch.context() as patch:
+        interrupted_at_epoch(1, patch)
+        with pytest.raises(KeyboardInterrupt):
+            train.run(params, paths)
+    assert "the last completed epoch is saved in" in capsys.readouterr().err
+    assert paths.resume_state.exists() and not paths.checkpoint.exists() and not paths.record.exists()
+
+    train.run(params, paths)
+    assert "resuming after epoch 1/2" in capsys.readouterr().err
+    record = json.loads(paths.record.read_text())
+    assert [m["epoch"] for m in record["history"]] == [1, 2]
+    assert all(m["measured_at"] >= record["started"] for m in record["history"])  # when each was measured
+    assert record["tags"]["env.threads"] and record["tags"]["data_md5"] and record["system"]
+    assert paths.checkpoint.exists() and not paths.resume_state.exists()
+    assert len(paths.history.read_text().splitlines()) == 3  # header + both epochs, the first one restored
+    assert not (paths.checkpoint.parent / "mlruns").exists()  # no MLflow store was opened
+
+
+def test_a_changed_param_starts_over_instead_of_resuming(params, paths, capsys, monkeypatch):
+    with monkeypatch.context() as patch:
+        interrupted_at_epoch(1, patch)
+        with pytest.raises(KeyboardInterrupt):
+            train.run(params, paths)
+    train.run(params.replace(train=params.train.replace(lr=0.02)), paths)
+    assert "from another training (params, data or code changed): starting over" in capsys.readouterr().err
+    assert [m["epoch"] for m in json.loads(paths.record.read_text())["history"]] == [1, 2]
+
+
+def test_only_rank_0_writes_the_outputs(params, paths, monkeypatch):
+    # Rank 1 as torchrun describes it, in a world of one so that it needs no peer: it trains and writes nothing.
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    train.run(params, paths)
+    assert not any(p.exists() for p in (paths.checkpoint, paths.history, paths.record, paths.resume_state))
+
+
+@pytest.mark.e2e  # the three stages in turn, and the store
+def test_the_export_stage_records_the_whole_pipeline_in_one_run(params, paths, tmp_path):
+    train.run(params, paths)
+    reports = tmp_path / "reports"
+    evaluated = evaluate.Paths(
+        data=paths.data, checkpoint=paths.checkpoint, metrics=reports / "metrics.json",
+        per_class=reports / "per_class.csv", per_class_md=reports / "per_class.md", confusion=reports / "confusion.csv",
+        confusion_png=reports / "confusion.png", predictions_png=reports / "predictions.png",
+    )  # fmt: skip
+    evaluate.run(params, evaluated)
+    exported = export.Paths(
+        data=paths.data, checkpoint=paths.checkpoint, record=paths.record, metrics=evaluated.metrics,
+        evaluation=[evaluated.confusion_png, evaluated.predictions_png, evaluated.per_class, paths.history],
+        torchscript=tmp_path / "model.ts", onnx=tmp_path / "model.onnx", report=reports / "export.json",
+    )  # fmt: skip
+    try:
+        export.run(params, exported)
+    finally:
+        mlflow.set_tracking_uri(None)
+    report = json.loads(exported.report.read_text())
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")  # the project's own store
+    run = client.get_run(report["run_id"])
+    # every param as it is, lists as their values
+    assert run.data.params["model.conv_channels"] == "4" and run.data.params["train.epochs"] == "2"
+    assert run.data.params["evaluate.examples"] == "8" and run.data.params["data.dataset"] == "mnist"
+    # the training: its epochs at the times they were measured, its tags, the system metrics sampled meanwhile
+    record = json.loads(paths.record.read_text())
+    history = client.get_metric_history(run.info.run_id, names.TEST_ACCURACY)
+    assert [m.step for m in history] == [1, 2]
+    assert [m.timestamp for m in history] == [int(e["measured_at"] * 1000) for e in record["history"]]
+    assert run.info.start_time == int(record["started"] * 1000)
+    assert run.data.tags["env.threads"] == record["tags"]["env.threads"] and run.data.tags[names.DATA_MD5]
+    assert "system/cpu_utilization_percentage" in run.data.metrics
+    # the data as inputs, and the test figures against the model and the test data
+    inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
+    assert set(inputs) == {"training", "testing"} and inputs["testing"].name == "mnist"
+    (model,) = client.search_logged_models([run.info.experiment_id])
+    assert model.name == run.info.run_name and model.status == "READY"
+    by_key = {m.key: m for m in model.metrics}
+    assert by_key["final_test_accuracy"].value == run.data.metrics["final_test_accuracy"]
+    assert by_key["final_test_errors"].value == json.loads(evaluated.metrics.read_text())["test_errors"]
+    assert by_key["final_test_accuracy"].dataset_digest == inputs["testing"].digest
+    # registered through mlflow.register_model: the logged model knows its version
+    assert report["registered"]["version"] == 1
+    assert json.loads(model.tags["mlflow.modelVersions"])[0]["version"] == 1

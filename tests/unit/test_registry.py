@@ -1,0 +1,77 @@
+"""The registry's alias rule and registration, against a real MLflow SQLite store."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from mnist_pipeline.config import ModelConfig
+from mnist_pipeline.ml.model import build
+from mnist_pipeline.tracking import loader, registry
+from tests.helpers import log_onnx
+
+
+@pytest.mark.parametrize(
+    ("accuracy", "champion", "delta", "promote", "reason"),
+    [
+        (0.95, None, 0.001, True, "no champion yet"),
+        (0.97, (2, 0.96), 0.0, True, "test accuracy 0.9700 >= champion v2's 0.9600 + 0"),
+        (0.96, (2, 0.96), 0.0, True, ">= champion v2's"),
+        (0.95, (2, 0.96), 0.0, False, "kept champion v2: test accuracy 0.9500 < its 0.9600 + 0"),
+        (0.9605, (2, 0.96), 0.001, False, "kept champion v2"),
+        (0.9610, (2, 0.96), 0.001, True, ">= champion v2's 0.9600 + 0.001"),
+    ],
+)
+def test_promotion_rule(accuracy, champion, delta, promote, reason):
+    decision, why = registry.promotion(accuracy, champion, delta)
+    assert decision is promote and reason in why
+
+
+def test_candidate_always_moves_champion_only_when_not_worse(local_store, tmp_path):
+    torch.manual_seed(0)
+    model = build(ModelConfig(conv_channels=(4,), kernel_size=3, hidden=8, dropout=0.0, batch_norm=False)).eval()
+    with mlflow.start_run() as run:
+        run_id = run.info.run_id
+        uri = log_onnx(model, tmp_path)
+        first = registry.register(uri, "m", 0.95)
+        better = registry.register(uri, "m", 0.97)
+        worse = registry.register(uri, "m", 0.96)
+        equal = registry.register(uri, "m", 0.97)
+    assert (first.version, first.aliases) == (1, ("candidate", "champion"))
+    assert first.champion_reason == "no champion yet"
+    assert better.aliases == ("candidate", "champion")
+    assert worse.aliases == ("candidate",) and "kept champion v2" in worse.champion_reason
+    assert equal.aliases == ("candidate", "champion")
+    client = MlflowClient()
+    assert int(client.get_model_version_by_alias("m", "champion").version) == 4
+    assert int(client.get_model_version_by_alias("m", "candidate").version) == 4
+    version = client.get_model_version("m", "3")
+    assert version.tags["test_accuracy"] == "0.960000" and version.tags["run_id"] == run_id
+    assert version.tags["promotion"].startswith("kept champion v2") and version.tags["git_commit"]
+    assert version.description.startswith("MNIST CNN, test accuracy 96.00%")
+    with mlflow.start_run():
+        margin = registry.register(uri, "m", 0.9705, min_delta=0.001)
+    assert margin.aliases == ("candidate",)
+    loaded = loader.load_model("models:/m@champion")  # ONNX, in onnxruntime
+    x = torch.rand(3, 1, 28, 28)
+    torch.testing.assert_close(torch.from_numpy(loaded(x.numpy())), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_registration_interrupted_half_way_leaves_no_version(local_store, monkeypatch, tmp_path):
+    model = build(ModelConfig(conv_channels=(4,), kernel_size=3, hidden=8, dropout=0.0, batch_norm=False)).eval()
+    with mlflow.start_run():
+        uri = log_onnx(model, tmp_path)
+        registry.register(uri, "m", 0.95)
+
+        def interrupted(*args):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(MlflowClient, "set_registered_model_alias", interrupted)  # Ctrl-C between two calls
+        with pytest.raises(KeyboardInterrupt):
+            registry.register(uri, "m", 0.97)
+    versions = MlflowClient().search_model_versions("name='m'")
+    assert [int(v.version) for v in versions] == [1]  # version 2 was removed again
+    monkeypatch.undo()
+    assert int(MlflowClient().get_model_version_by_alias("m", "champion").version) == 1
