@@ -19,11 +19,10 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from mnist_pipeline.commands import predict
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.ml import export
 from mnist_pipeline.ml.model import build
-from mnist_pipeline.tracking import registry
+from mnist_pipeline.tracking import loader
 from tests.helpers import free_port, tiny_model_config, user_env, wait_until_up
 
 pytestmark = pytest.mark.e2e  # a real server process
@@ -113,8 +112,8 @@ def test_a_registered_version_that_would_run_code_is_refused_and_predict_loads_o
         version = client.create_model_version("shared", source=source).version
         client.set_registered_model_alias("shared", "champion", version)
         with pytest.raises(PipelineError, match="would run code it carries"):
-            registry.fetch_model("models:/shared@champion", loader="python_function")
-        logits = predict.load_model("models:/shared@champion")(np.zeros((2, 1, 28, 28), np.float32))
+            loader.fetch_model("models:/shared@champion", loader="python_function")
+        logits = loader.load_model("models:/shared@champion")(np.zeros((2, 1, 28, 28), np.float32))
         assert logits.shape == (2, 10)
     finally:
         mlflow.set_tracking_uri(None)
@@ -209,5 +208,5 @@ def test_serve_ended_by_sighup_frees_its_port(onnx_model_dir, tmp_path):
 
 
 def test_the_exported_model_passes_both_loaders_checks(onnx_model_dir):
-    assert registry.fetch_model(str(onnx_model_dir), loader="python_function") == onnx_model_dir
-    assert registry.fetch_model(str(onnx_model_dir)) == onnx_model_dir
+    assert loader.fetch_model(str(onnx_model_dir), loader="python_function") == onnx_model_dir
+    assert loader.fetch_model(str(onnx_model_dir)) == onnx_model_dir

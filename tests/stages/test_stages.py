@@ -102,7 +102,7 @@ def test_the_export_stage_records_the_whole_pipeline_in_one_run(params, paths, t
     exported = export.Paths(
         data=paths.data, checkpoint=paths.checkpoint, record=paths.record, metrics=evaluated.metrics,
         evaluation=[evaluated.confusion_png, evaluated.predictions_png, evaluated.per_class, paths.history],
-        torchscript=tmp_path / "model.ts", onnx=tmp_path / "model.onnx", report=reports / "export.json",
+        onnx=tmp_path / "model.onnx", report=reports / "export.json",
     )  # fmt: skip
     try:
         export.run(params, exported)
