@@ -29,3 +29,19 @@ REGISTERING = "pipeline.registering"  # present while a version is being registe
 ALIAS_CANDIDATE = "candidate"  # the newest version
 ALIAS_CHAMPION = "champion"  # the best version so far; what `predict` and `serve` use by default
 REPRODUCES = "reproduces"  # tag of a run made by `mnist-pipeline reproduce`: the run id it reproduces
+
+
+def lower_is_better(metric: str) -> bool:
+    """A loss, a count of errors, a time: the smaller the better (an accuracy: the larger)."""
+    return any(word in metric for word in ("loss", "errors", "seconds"))
+
+
+def for_people(metric: str, value: float) -> str:
+    """How people read a metric: an accuracy in percent, a loss to four places, seconds to a tenth, counts whole."""
+    if "accuracy" in metric:
+        return f"{100 * value:.2f}%"
+    if "seconds" in metric:
+        return f"{value:.1f}"
+    if "errors" in metric:
+        return f"{value:.0f}"
+    return f"{value:.4f}"

@@ -8,12 +8,6 @@ from mnist_pipeline import names
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.tracking import store
 
-METRICS = {
-    "test_accuracy": "metrics.final_test_accuracy",
-    "test_loss": "metrics.final_test_loss",
-    "train_seconds": "metrics.train_seconds",
-}
-
 
 def runs_table(last: int | None = None, sort_by: str = "test_accuracy") -> pd.DataFrame:
     """One row per run of the experiment (newest first before sorting): name, commit, differing params, metrics,
@@ -21,8 +15,6 @@ def runs_table(last: int | None = None, sort_by: str = "test_accuracy") -> pd.Da
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    if sort_by not in METRICS:
-        raise PipelineError(f"--sort {sort_by}: expected one of {', '.join(METRICS)}")
     store.configure(writes=False)
     runs = mlflow.search_runs(
         experiment_names=[names.EXPERIMENT],
@@ -33,11 +25,11 @@ def runs_table(last: int | None = None, sort_by: str = "test_accuracy") -> pd.Da
         return pd.DataFrame()
     table = pd.DataFrame(
         {
-            "run": runs.get("tags.dvc_exp_name", pd.Series(index=runs.index, dtype=object)).fillna(
+            "run": runs.get(f"tags.{names.DVC_EXP_NAME}", pd.Series(index=runs.index, dtype=object)).fillna(
                 runs["tags.mlflow.runName"]
             ),
             "run_id": runs["run_id"].str[:8],
-            "commit": runs.get("tags.git_commit", pd.Series("", index=runs.index)).fillna("").str[:7],
+            "commit": runs.get(f"tags.{names.GIT_COMMIT}", pd.Series("", index=runs.index)).fillna("").str[:7],
             "started": runs["start_time"].dt.strftime("%Y-%m-%d %H:%M"),
         }
     )
@@ -45,11 +37,16 @@ def runs_table(last: int | None = None, sort_by: str = "test_accuracy") -> pd.Da
     differing = [c for c in params.columns if params[c].nunique(dropna=False) > 1]
     for column in sorted(differing):
         table[column.removeprefix("params.")] = params[column]
-    for name, column in METRICS.items():
-        table[name] = runs[column] if column in runs else float("nan")
+    # Every test-set metric the export stage logged (the evaluate stage's metrics.json), then the training time.
+    metrics = sorted(c for c in runs.columns if c.startswith(f"metrics.{names.FINAL}"))
+    for column in [*metrics, f"metrics.{names.TRAIN_SECONDS}"]:
+        table[column.removeprefix("metrics.").removeprefix(names.FINAL)] = runs.get(column, float("nan"))
+    shown = [c.removeprefix(f"metrics.{names.FINAL}") for c in metrics] + [names.TRAIN_SECONDS]
+    if sort_by not in shown:
+        raise PipelineError(f"--sort {sort_by}: expected one of {', '.join(shown)}")
     table["registered"] = runs["run_id"].map(_registered_versions(MlflowClient())).fillna("")
-    return table.sort_values(sort_by, ascending=sort_by == "test_loss" or sort_by == "train_seconds",
-                             na_position="last", kind="stable").reset_index(drop=True)  # fmt: skip
+    return table.sort_values(sort_by, ascending=names.lower_is_better(sort_by), na_position="last",
+                             kind="stable").reset_index(drop=True)  # fmt: skip
 
 
 def _registered_versions(client) -> dict[str, str]:
@@ -66,21 +63,13 @@ def _registered_versions(client) -> dict[str, str]:
     return {run_id: "; ".join(items) for run_id, items in out.items()}
 
 
-# How people read each metric: accuracy in percent, the loss to four places, seconds to one tenth. CSV keeps the
-# full numbers for programs.
-FOR_PEOPLE = {
-    "test_accuracy": lambda v: f"{100 * v:.2f}%",
-    "test_loss": lambda v: f"{v:.4f}",
-    "train_seconds": lambda v: f"{v:.1f}",
-}
-
-
 def for_people(table: pd.DataFrame) -> pd.DataFrame:
-    """The table as text: metrics rounded as FOR_PEOPLE says, and a blank where a run has no value (a param that
-    did not exist yet, a run that did not finish)."""
+    """The table as text: each metric rounded as `names.for_people` says, and a blank where a run has no value (a
+    param that did not exist yet, a run that did not finish)."""
     shown = table.astype(object).where(table.notna(), "")
-    for column, fmt in FOR_PEOPLE.items():
-        shown[column] = table[column].map(lambda v, fmt=fmt: "" if pd.isna(v) else fmt(v))
+    for column in table.columns:
+        if pd.api.types.is_float_dtype(table[column]):
+            shown[column] = table[column].map(lambda v, c=column: "" if pd.isna(v) else names.for_people(c, v))
     return shown
 
 

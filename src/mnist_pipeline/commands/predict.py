@@ -88,25 +88,7 @@ def _idx_images(stream, name: str) -> Iterator[np.ndarray]:
 
 def _npy_images(path: Path, name: str) -> Iterator[tuple[str, np.ndarray]]:
     """The images of a .npy array, read CHUNK at a time (never the whole array at once) and never unpickled."""
-    try:
-        with path.open("rb") as f:
-            version = np.lib.format.read_magic(f)
-            header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, fortran, dtype = header(f)
-            offset = f.tell()
-    except (ValueError, OSError) as exc:
-        raise PipelineError(f"{name}: not a readable .npy array ({exc})") from None
-    if dtype.hasobject or dtype.kind not in "biuf":
-        raise PipelineError(f"{name}: not a readable .npy array (expected numbers, got {dtype})")
-    if len(shape) == 4 and shape[1] == 1:
-        shape = shape[:1] + shape[2:]
-    if len(shape) not in (2, 3) or fortran:
-        raise PipelineError(f"{name}: expected an array of shape (H, W) or (N, H, W), got {shape}")
-    (n, h, w), single = ((1, *shape), True) if len(shape) == 2 else (shape, False)
-    if h * w > MAX_PIXELS:
-        raise PipelineError(f"{name}: images of {h}x{w} pixels; refused")
-    if path.stat().st_size < offset + n * h * w * dtype.itemsize:
-        raise PipelineError(f"{name}: the file is shorter than its header's {shape} {dtype} says")
+    (n, h, w), single, dtype, offset = _npy_header(path, name)
 
     def chunks() -> Iterator[tuple[int, np.ndarray]]:
         with path.open("rb") as f:
@@ -128,6 +110,30 @@ def _npy_images(path: Path, name: str) -> Iterator[tuple[str, np.ndarray]]:
     for start, chunk in chunks():
         for i, image in enumerate(chunk.astype(np.float32) * scale, start):
             yield (name if single else f"{name}[{i}]"), image
+
+
+def _npy_header(path: Path, name: str):
+    """((N, H, W), whether the file holds a single image, dtype, offset of the data), the header checked."""
+    try:
+        with path.open("rb") as f:
+            version = np.lib.format.read_magic(f)
+            header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = header(f)
+            offset = f.tell()
+    except (ValueError, OSError) as exc:
+        raise PipelineError(f"{name}: not a readable .npy array ({exc})") from None
+    if dtype.hasobject or dtype.kind not in "biuf":
+        raise PipelineError(f"{name}: not a readable .npy array (expected numbers, got {dtype})")
+    if len(shape) == 4 and shape[1] == 1:
+        shape = shape[:1] + shape[2:]
+    if len(shape) not in (2, 3) or fortran:
+        raise PipelineError(f"{name}: expected an array of shape (H, W) or (N, H, W), got {shape}")
+    (n, h, w), single = ((1, *shape), True) if len(shape) == 2 else (shape, False)
+    if h * w > MAX_PIXELS:
+        raise PipelineError(f"{name}: images of {h}x{w} pixels; refused")
+    if path.stat().st_size < offset + n * h * w * dtype.itemsize:
+        raise PipelineError(f"{name}: the file is shorter than its header's {shape} {dtype} says")
+    return (n, h, w), single, dtype, offset
 
 
 def read_inputs(path: Path) -> Iterator[tuple[str, np.ndarray]]:

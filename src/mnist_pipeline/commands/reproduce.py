@@ -117,15 +117,10 @@ class Reproduction:
     environment_changes: list[str]  # what `environment.differences` finds between the two runs' tags
 
 
-def reproduce(run_id: str, root: Path, log=sys.stderr) -> Reproduction:
-    """Rerun ``run_id`` and compare the new run with it."""
+def _original(client, run_id: str, uri: str, root: Path, log):
+    """The run to reproduce and its commit, checked: in the store, its commit in this repository, a result."""
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
-    check_dvc_lock(root)
-    uri = store.configure(root)
-    client = MlflowClient()
-    run_id = find_run(client, run_id, uri)
     try:
         original = client.get_run(run_id)
     except MlflowException:
@@ -144,8 +139,14 @@ def reproduce(run_id: str, root: Path, log=sys.stderr) -> Reproduction:
               file=log)  # fmt: skip
     if METRICS[0] not in original.data.metrics:
         raise PipelineError(f"run {run_id} never finished its evaluate stage: there is no result to reproduce")
+    return original, commit
 
-    name = f"repro-{run_id[:8]}-{os.getpid()}"
+
+def _rerun(original, commit: str, name: str, root: Path, uri: str, log) -> None:
+    """The run's commit and params as the DVC experiment ``name``, in a temporary worktree."""
+    import yaml
+
+    run_id = original.info.run_id
     worktree = Path(tempfile.mkdtemp(prefix="mnist-reproduce-")) / "repo"
     if _git("worktree", "add", "--detach", str(worktree), commit, cwd=root).returncode != 0:
         raise PipelineError(f"could not check out commit {commit[:12]} into a temporary worktree")
@@ -165,8 +166,6 @@ def reproduce(run_id: str, root: Path, log=sys.stderr) -> Reproduction:
         print(f"reproducing run {run_id} (commit {commit[:12]}) as DVC experiment {name!r}", file=log)
         # The whole pipeline, its export recording the run and the model but registering nothing. Code from before
         # export.register recorded its run in the train stage: it stops at evaluate.
-        import yaml
-
         registers = "register" in yaml.safe_load((worktree / "params.yaml").read_text()).get("export", {})
         command = ["dvc", "exp", "run", "--force", "-n", name]
         command += ["-S", "export.register=false"] if registers else ["evaluate"]
@@ -177,6 +176,19 @@ def reproduce(run_id: str, root: Path, log=sys.stderr) -> Reproduction:
         _git("worktree", "remove", "--force", str(worktree), cwd=root)
         shutil.rmtree(worktree.parent, ignore_errors=True)
 
+
+
+def reproduce(run_id: str, root: Path, log=sys.stderr) -> Reproduction:
+    """Rerun ``run_id`` and compare the new run with it."""
+    from mlflow.tracking import MlflowClient
+
+    check_dvc_lock(root)
+    uri = store.configure(root)
+    client = MlflowClient()
+    original, commit = _original(client, find_run(client, run_id, uri), uri, root, log)
+    run_id = original.info.run_id
+    name = f"repro-{run_id[:8]}-{os.getpid()}"
+    _rerun(original, commit, name, root, uri, log)
     new = client.search_runs([original.info.experiment_id], f"tags.{names.DVC_EXP_NAME} = '{name}'")
     if not new:
         raise PipelineError(f"the reproduced run of {run_id} was not found in {uri}")

@@ -138,22 +138,7 @@ def parse_dimension(key: str, spec: Any, base: Mapping[str, Any], where: str) ->
         dimension = Dimension(key, choices=tuple(tuple(v) if isinstance(v, list) else v for v in spec))
         candidates = list(spec)
     elif isinstance(spec, dict):
-        unknown = set(spec) - {"low", "high", "log", "step"}
-        if unknown or not {"low", "high"} <= set(spec):
-            raise SpaceError(f"{entry}: expected {{low, high}} with optional log and step, got {spec}")
-        low, high, log, step = spec["low"], spec["high"], spec.get("log", False), spec.get("step")
-        for bound, value in (("low", low), ("high", high), ("step", step)):
-            if value is not None and not _number(value):
-                raise SpaceError(f"{entry}: {bound} {value!r} is not a number")
-        if not low < high:
-            raise SpaceError(f"{entry}: the range [{low}, {high}] is empty or inverted; expected low < high")
-        if not isinstance(log, bool):
-            raise SpaceError(f"{entry}: log {log!r} is not true or false")
-        if log and (low <= 0 or step is not None):
-            raise SpaceError(f"{entry}: a log scale needs low > 0 and no step")
-        if step is not None and step <= 0:
-            raise SpaceError(f"{entry}: step {step} must be > 0")
-        dimension = Dimension(key, low=low, high=high, log=log, step=step)
+        dimension = _range(key, spec, entry)
         candidates = dimension.draws()
     else:
         raise SpaceError(f"{entry}: expected a list of choices or {{low, high}}, got {spec!r}")
@@ -165,6 +150,25 @@ def parse_dimension(key: str, spec: Any, base: Mapping[str, Any], where: str) ->
     return dimension
 
 
+def _range(key: str, spec: dict, entry: str) -> Dimension:
+    unknown = set(spec) - {"low", "high", "log", "step"}
+    if unknown or not {"low", "high"} <= set(spec):
+        raise SpaceError(f"{entry}: expected {{low, high}} with optional log and step, got {spec}")
+    low, high, log, step = spec["low"], spec["high"], spec.get("log", False), spec.get("step")
+    for bound, value in (("low", low), ("high", high), ("step", step)):
+        if value is not None and not _number(value):
+            raise SpaceError(f"{entry}: {bound} {value!r} is not a number")
+    if not low < high:
+        raise SpaceError(f"{entry}: the range [{low}, {high}] is empty or inverted; expected low < high")
+    if not isinstance(log, bool):
+        raise SpaceError(f"{entry}: log {log!r} is not true or false")
+    if log and (low <= 0 or step is not None):
+        raise SpaceError(f"{entry}: a log scale needs low > 0 and no step")
+    if step is not None and step <= 0:
+        raise SpaceError(f"{entry}: step {step} must be > 0")
+    return Dimension(key, low=low, high=high, log=log, step=step)
+
+
 def with_params(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> config.Params:
     """params.yaml's content with ``overrides`` ({"train.lr": 0.003, ...}), built and checked as the stages do."""
     return config.build(config.with_overrides(dict(base), dict(overrides)))
@@ -172,20 +176,7 @@ def with_params(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> config
 
 def load_search(path: Path, base: Mapping[str, Any], sets: list[str]) -> Search:
     """tune.yaml with the --set entries on top, every entry checked: a SpaceError before anything is created."""
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise SpaceError(f"{path} is missing: it holds the search space (see the project's tune.yaml)") from None
-    except yaml.YAMLError as exc:
-        raise SpaceError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(raw, dict):
-        raise SpaceError(f"{path}: expected a mapping with validation, space and pruner, got {type(raw).__name__}")
-    for key in ("space", "pruner"):
-        if raw.get(key) is not None and not isinstance(raw[key], dict):
-            raise SpaceError(f"{path}: {key} must be a mapping, got {raw[key]!r}")
-    unknown = set(raw) - {"validation", "space", "pruner"}
-    if unknown:
-        raise SpaceError(f"{path}: unknown key {sorted(unknown)[0]!r}; expected validation, space, pruner")
+    raw = _read_space_file(path)
     space = dict(raw.get("space") or {})
     for item in sets:
         key, value = config.assignment(item, "--set")
@@ -205,6 +196,24 @@ def load_search(path: Path, base: Mapping[str, Any], sets: list[str]) -> Search:
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise SpaceError(f"{path}: pruner.{name} {value!r} must be an integer >= 0")
     return Search(validation, dimensions, startup, warmup)
+
+
+def _read_space_file(path: Path) -> dict:
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise SpaceError(f"{path} is missing: it holds the search space (see the project's tune.yaml)") from None
+    except yaml.YAMLError as exc:
+        raise SpaceError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise SpaceError(f"{path}: expected a mapping with validation, space and pruner, got {type(raw).__name__}")
+    for key in ("space", "pruner"):
+        if raw.get(key) is not None and not isinstance(raw[key], dict):
+            raise SpaceError(f"{path}: {key} must be a mapping, got {raw[key]!r}")
+    unknown = set(raw) - {"validation", "space", "pruner"}
+    if unknown:
+        raise SpaceError(f"{path}: unknown key {sorted(unknown)[0]!r}; expected validation, space, pruner")
+    return raw
 
 
 # --- the study -------------------------------------------------------------------------------------------------
@@ -517,27 +526,9 @@ def main(options: Options) -> int:
     base = config.read_params(options.params)
     config.load(options.params)  # params.yaml itself must be valid before any trial is built on it
     search = load_search(options.space, base, options.sets)
-    if options.trials is None and options.timeout is None:
-        raise SpaceError("give --trials N, --timeout SECONDS or both: the search needs a limit")
-    if options.jobs < 1 or (options.trials is not None and options.trials < 1):
-        raise SpaceError("--trials and --jobs must be at least 1")
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", options.study):
-        raise SpaceError(f"--study {options.study!r}: use letters, digits, '_', '.', '-' (it names a DVC experiment)")
-
-    import optuna
-    import torch
-
-    from mnist_pipeline.ml import data, training
-
-    data_dir = root / "data" / "raw"
-    data.verify_folder(data_dir, only=data.TRAIN_FILE_NAMES)  # the training files only: the test split stays unread
+    _check(options)
     params = with_params(base, {})
-    seed = params.train.seed if options.seed is None else options.seed
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // options.jobs))
-    device = training.resolve_device(params.train.device)
-    everything = training.Tensors.from_split(data.load_split(data_dir, "train"), device)
-    train_data, validation_data = everything.hold_out(search.validation, params.train.seed)
-
+    device, train_data, validation_data = _data(root, params, search, options.jobs)
     storage = options.storage or default_storage(root)
     tracking: Tracking | None = None
 
@@ -547,12 +538,57 @@ def main(options: Options) -> int:
             tracking.end_trial(run_id, "killed")
         print(f"trial {trial.number} was left running by a process that is gone: marked failed", file=sys.stderr)
 
+    seed = params.train.seed if options.seed is None else options.seed
     study = open_study(options.study, storage, search, seed, trial_failed)
     tracking = Tracking(options.study, storage)
     fail_abandoned_trials(study, trial_failed)
     print(f"study {options.study!r} in {_safe(storage)}: {len(train_data):,} training digits, "
           f"{len(validation_data):,} for validation; MLflow run {tracking.parent[:8]} in experiment {EXPERIMENT!r}",
           file=sys.stderr)  # fmt: skip
+    objective = _objective(search, base, tracking, train_data, validation_data, device)
+    _optimize(study, objective, options, search, tracking)
+    best, done = _best(study), counts(study)
+    print(f"{done['complete']} trials complete, {done['pruned']} pruned, {done['fail']} failed", file=sys.stderr)
+    if best is None:
+        print("no trial finished: nothing to apply", file=sys.stderr)
+        return 1
+    command = pipeline_command(search, best.params, options.study, best.number)
+    print(f"best: trial {best.number}, validation accuracy {100 * best.value:.2f}%. Rerun the pipeline with its "
+          f"params (trained on all {len(train_data) + len(validation_data):,} training digits, evaluated on the test "
+          "digits):", file=sys.stderr)  # fmt: skip
+    print(shell_line(command))
+    return apply(command, tracking, root) if options.apply else 0
+
+
+def _check(options: Options) -> None:
+    if options.trials is None and options.timeout is None:
+        raise SpaceError("give --trials N, --timeout SECONDS or both: the search needs a limit")
+    if options.jobs < 1 or (options.trials is not None and options.trials < 1):
+        raise SpaceError("--trials and --jobs must be at least 1")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", options.study):
+        raise SpaceError(f"--study {options.study!r}: use letters, digits, '_', '.', '-' (it names a DVC experiment)")
+
+
+def _data(root: Path, params: config.Params, search: Search, jobs: int):
+    """(device, training tensors, validation tensors): the training files only; the test split stays unread."""
+    import torch
+
+    from mnist_pipeline.ml import data, training
+
+    data_dir = root / "data" / "raw"
+    data.verify_folder(data_dir, only=data.TRAIN_FILE_NAMES)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // jobs))
+    device = training.resolve_device(params.train.device)
+    everything = training.Tensors.from_split(data.load_split(data_dir, "train"), device)
+    return (device, *everything.hold_out(search.validation, params.train.seed))
+
+
+def _objective(search: Search, base, tracking: Tracking, train_data, validation_data, device):
+    """Optuna's objective: one trial trained on the training split, scored by its validation accuracy, reported
+    after every epoch to the pruner and to the trial's MLflow run."""
+    import optuna
+
+    from mnist_pipeline.ml import training
 
     def objective(trial) -> float:
         values = {dimension.key: dimension.suggest(trial) for dimension in search.space}
@@ -567,27 +603,57 @@ def main(options: Options) -> int:
             if trial.should_prune():
                 raise optuna.TrialPruned(f"validation accuracy {metrics.val_accuracy:.4f} after epoch {metrics.epoch}")
 
+        ending = "failed"
         try:
             with open(os.devnull, "w") as quiet:
                 result = training.train(trial_params.model, trial_params.train, train_data, None, device,
                                         on_epoch=on_epoch, log=quiet, validation_data=validation_data)  # fmt: skip
+            ending = "complete"
         except optuna.TrialPruned:
-            tracking.end_trial(run_id, "pruned")
+            ending = "pruned"
             raise
         except KeyboardInterrupt:
-            tracking.end_trial(run_id, "killed")
+            ending = "killed"
             raise
-        except BaseException:
-            tracking.end_trial(run_id, "failed")
-            raise
-        tracking.end_trial(run_id, "complete")
+        finally:
+            tracking.end_trial(run_id, ending)
         return result.history[-1].val_accuracy
 
+    return objective
+
+
+def _optimize(study, objective, options: Options, search: Search, tracking: Tracking) -> None:
+    """Run trials up to --trials finished ones in the study (however many processes or runs of this command made
+    them: processes sharing a study stop together) or --timeout; end the study's MLflow run as the search ended."""
+    from optuna.study import MaxTrialsCallback
+    from optuna.trial import TrialState
+
+    callbacks, remaining = [_progress(options, search)], None
+    if options.trials is not None:
+        finished = counts(study)["complete"] + counts(study)["pruned"]
+        remaining = max(0, options.trials - finished)
+        callbacks.append(MaxTrialsCallback(options.trials, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+        if finished:
+            print(f"the study has {finished} finished trials; {remaining} to go", file=sys.stderr)
+    status = "FAILED"
+    try:
+        if remaining != 0:
+            study.optimize(objective, n_trials=remaining, timeout=options.timeout, n_jobs=options.jobs,
+                           callbacks=callbacks, catch=(), gc_after_trial=False)  # fmt: skip
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracking.finish(study, search, status)
+
+
+def _progress(options: Options, search: Search):
+    """Optuna callback: one line per finished trial."""
     started = time.perf_counter()
 
     def progress(study_, trial) -> None:
-        done = counts(study_)
-        best = _best(study_)
+        done, best = counts(study_), _best(study_)
         finished = done["complete"] + done["pruned"]
         of = f"{finished}/{options.trials} finished" if options.trials else f"{finished} finished"
         outcome = (f"validation accuracy {100 * trial.value:.2f}%" if trial.value is not None
@@ -597,46 +663,7 @@ def main(options: Options) -> int:
         print(f"trial {trial.number} ({of}): {outcome} [{shown}]  |  {best_text}  |  pruned {done['pruned']}  |  "
               f"{time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)  # fmt: skip
 
-    callbacks, remaining = [progress], None
-    if options.trials is not None:
-        # --trials counts the study's finished trials, however many processes or runs of this command made them:
-        # a search run again goes on up to N in all, and processes sharing a study stop together.
-        from optuna.study import MaxTrialsCallback
-        from optuna.trial import TrialState
-
-        finished = counts(study)["complete"] + counts(study)["pruned"]
-        remaining = max(0, options.trials - finished)
-        callbacks.append(MaxTrialsCallback(options.trials, states=(TrialState.COMPLETE, TrialState.PRUNED)))
-        if finished:
-            print(f"the study has {finished} finished trials; {remaining} to go", file=sys.stderr)
-    try:
-        if remaining != 0:
-            study.optimize(objective, n_trials=remaining, timeout=options.timeout, n_jobs=options.jobs,
-                           callbacks=callbacks, catch=(), gc_after_trial=False)  # fmt: skip
-    except KeyboardInterrupt:
-        tracking.finish(study, search, "KILLED")
-        raise
-    except Exception:
-        tracking.finish(study, search, "FAILED")
-        raise
-    tracking.finish(study, search, "FINISHED")
-
-    best = _best(study)
-    done = counts(study)
-    print(f"{done['complete']} trials complete, {done['pruned']} pruned, {done['fail']} failed", file=sys.stderr)
-    if best is None:
-        print("no trial finished: nothing to apply", file=sys.stderr)
-        return 1
-    command = pipeline_command(search, best.params, options.study, best.number)
-    print(
-        f"best: trial {best.number}, validation accuracy {100 * best.value:.2f}%. Rerun the pipeline with its "
-        f"params (trained on all {len(everything):,} training digits, evaluated on the test digits):",
-        file=sys.stderr,
-    )
-    print(shell_line(command))
-    if not options.apply:
-        return 0
-    return apply(command, tracking, root)
+    return progress
 
 
 def _short(value: Any) -> str:

@@ -201,19 +201,10 @@ class TrainResult:
     weight_spread: float  # largest |weight difference| between ranks at the end: 0.0 when in lockstep
 
 
-def train(
-    model_cfg: ModelConfig,
-    cfg: TrainConfig,
-    train_data: Tensors,
-    test_data: Tensors | None,
-    device: torch.device,
-    on_epoch: Callable[[EpochMetrics], None] | None = None,
-    log: TextIO | None = None,
-    cluster: Cluster = SINGLE,
-    resume: dict | None = None,
-    on_checkpoint: Callable[[dict], None] | None = None,
-    validation_data: Tensors | None = None,
-) -> TrainResult:
+def train(model_cfg: ModelConfig, cfg: TrainConfig, train_data: Tensors, test_data: Tensors | None,
+          device: torch.device, on_epoch: Callable[[EpochMetrics], None] | None = None, log: TextIO | None = None,
+          cluster: Cluster = SINGLE, resume: dict | None = None, on_checkpoint: Callable[[dict], None] | None = None,
+          validation_data: Tensors | None = None) -> TrainResult:  # fmt: skip
     """Train a fresh model, or continue the state ``resume`` (from ``on_checkpoint``) where it stopped.
 
     After each epoch: measure the model on the validation digits (if any) and the test split (if given: the tuner
@@ -245,45 +236,11 @@ def train(
 
     start = time.perf_counter() - (history[-1].seconds if history else 0.0)
     for epoch in range(len(history) + 1, cfg.epochs + 1):
-        net.train()
-        loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per batch
-        seen = 0
-        order = torch.randperm(len(train_data), generator=generator, device=device)
-        for step, first in enumerate(range(0, len(train_data), cfg.batch_size), start=1):
-            batch = order[first : first + cfg.batch_size]  # the global batch, the same on every rank
-            offsets = random_offsets(len(batch), cfg.augment_shift, generator) if cfg.augment_shift else None
-            mine = cluster.shard(len(batch))
-            idx = batch[mine]
-            x = train_data.x(idx, cfg.augment_shift, offsets[:, mine] if offsets is not None else None)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                batch_loss = F.cross_entropy(
-                    net(x), train_data.y[idx], reduction="sum", label_smoothing=cfg.label_smoothing
-                )
-            # DDP averages the ranks' gradients, so each rank scales its sum by world/global batch: the average
-            # is then the gradient of the mean loss over the global batch, whatever the shards' sizes.
-            loss = batch_loss * (cluster.world_size / len(batch))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            loss_sum += batch_loss.detach()
-            seen += len(batch)
-            # A non-finite loss stays in the sum, so checking the sum is enough. One process on the CPU checks every
-            # step (it costs nothing); on a GPU a check waits for the GPU, and across ranks all must agree, so there
-            # it happens with the progress line and at the end of the epoch: at most log_every steps later.
-            if (not cluster.distributed and device.type != "cuda") or step % cfg.log_every == 0 or \
-                    step == steps_per_epoch:  # fmt: skip
-                _stop_if_diverged(loss_sum, cfg, epoch, step, steps_per_epoch, cluster)
-            if step % cfg.log_every == 0 and log is not None:
-                _say(log, f"epoch {epoch}/{cfg.epochs}  batch {step}/{steps_per_epoch}  "
-                          f"[{seen}/{len(train_data)}]  batch loss {loss.item():.4f}")  # fmt: skip
-        train_loss = distributed.sum_over_ranks(loss_sum, cluster).item() / seen
-        val_loss = val_accuracy = test_loss = test_accuracy = None  # fp32, like the evaluate stage
-        if validation_data is not None:
-            val_loss, val_accuracy = evaluate_loss_accuracy(model, validation_data, cluster=cluster)
-        if test_data is not None:
-            test_loss, test_accuracy = evaluate_loss_accuracy(model, test_data, cluster=cluster)
+        train_loss = _one_epoch(net, optimizer, scheduler, generator, train_data, cfg, epoch, amp_dtype, cluster, log)
+        (val_loss, val_accuracy), (test_loss, test_accuracy) = (
+            evaluate_loss_accuracy(model, split, cluster=cluster) if split is not None else (None, None)
+            for split in (validation_data, test_data)
+        )  # fp32, like the evaluate stage
         metrics = EpochMetrics(epoch, train_loss, test_loss, test_accuracy, time.perf_counter() - start, val_loss,
                                val_accuracy, time.time())  # fmt: skip
         history.append(metrics)
@@ -299,6 +256,47 @@ def train(
     seconds = time.perf_counter() - start
     rank_seconds = distributed.gather_floats(seconds, cluster, device)
     return TrainResult(model, history, device, seconds, rank_seconds, distributed.weight_spread(model, cluster))
+
+
+def _one_epoch(net, optimizer, scheduler, generator: torch.Generator, train_data: Tensors, cfg: TrainConfig,
+               epoch: int, amp_dtype: torch.dtype | None, cluster: Cluster, log: TextIO | None) -> float:
+    """One pass over the training digits in the generator's order; the mean training loss over every rank."""
+    device = train_data.y.device
+    steps_per_epoch = -(-len(train_data) // cfg.batch_size)
+    net.train()
+    loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per batch
+    seen = 0
+    order = torch.randperm(len(train_data), generator=generator, device=device)
+    for step, first in enumerate(range(0, len(train_data), cfg.batch_size), start=1):
+        batch = order[first : first + cfg.batch_size]  # the global batch, the same on every rank
+        offsets = random_offsets(len(batch), cfg.augment_shift, generator) if cfg.augment_shift else None
+        mine = cluster.shard(len(batch))
+        idx = batch[mine]
+        x = train_data.x(idx, cfg.augment_shift, offsets[:, mine] if offsets is not None else None)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            batch_loss = F.cross_entropy(
+                net(x), train_data.y[idx], reduction="sum", label_smoothing=cfg.label_smoothing
+            )
+        # DDP averages the ranks' gradients, so each rank scales its sum by world/global batch: the average
+        # is then the gradient of the mean loss over the global batch, whatever the shards' sizes.
+        loss = batch_loss * (cluster.world_size / len(batch))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        loss_sum += batch_loss.detach()
+        seen += len(batch)
+        # A non-finite loss stays in the sum, so checking the sum is enough. One process on the CPU checks every
+        # step (it costs nothing); on a GPU a check waits for the GPU, and across ranks all must agree, so there
+        # it happens with the progress line and at the end of the epoch: at most log_every steps later.
+        if (not cluster.distributed and device.type != "cuda") or step % cfg.log_every == 0 or \
+                step == steps_per_epoch:  # fmt: skip
+            _stop_if_diverged(loss_sum, cfg, epoch, step, steps_per_epoch, cluster)
+        if step % cfg.log_every == 0 and log is not None:
+            _say(log, f"epoch {epoch}/{cfg.epochs}  batch {step}/{steps_per_epoch}  "
+                      f"[{seen}/{len(train_data)}]  batch loss {loss.item():.4f}")  # fmt: skip
+    return distributed.sum_over_ranks(loss_sum, cluster).item() / seen
 
 
 def _stop_if_diverged(loss_sum: torch.Tensor, cfg: TrainConfig, epoch: int, step: int, steps: int,

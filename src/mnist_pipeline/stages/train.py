@@ -46,7 +46,6 @@ def _train(params: config.Params, paths: Paths) -> None:
     from mnist_pipeline.ml import distributed, system, training
     from mnist_pipeline.ml.data import load_split, verify_folder
     from mnist_pipeline.ml.model import save_checkpoint
-    from mnist_pipeline.tracking import environment
 
     cluster = distributed.from_env()
     model_cfg, train_cfg = params.model, params.train
@@ -90,15 +89,24 @@ def _train(params: config.Params, paths: Paths) -> None:
         return
     save_checkpoint(paths.checkpoint, result.model, model_cfg, {"train_config": train_cfg.to_dict()})
     training.write_history(paths.history, result.history)
+    record = _record(result, cluster, device, threads, data_md5, (resume or {}).get("started", started), samples)
+    write_atomic(paths.record, json.dumps(record, indent=1) + "\n")
+    paths.resume_state.unlink(missing_ok=True)  # finished: nothing left to resume
+
+
+def _record(result, cluster, device, threads: int, data_md5: str, started: float, samples) -> dict:
+    """What only the training knows, for the export stage to log (see the module's docstring)."""
+    from mnist_pipeline.tracking import environment
+
     metrics = {names.TRAIN_SECONDS: result.seconds}
     if cluster.distributed:
         metrics["ddp_weight_spread"] = result.weight_spread
         metrics.update({f"{names.TRAIN_SECONDS}_rank{r}": s for r, s in enumerate(result.rank_seconds)})
         print(f"{cluster.world_size} ranks, training seconds per rank {[round(s, 2) for s in result.rank_seconds]}, "
               f"largest weight difference between ranks {result.weight_spread:g}", file=sys.stderr)  # fmt: skip
-    record = {
+    return {
         "id": uuid.uuid4().hex,  # tells the runs that record this training from those of another
-        "started": (resume or {}).get("started", started),
+        "started": started,
         "ended": time.time(),
         "tags": {
             **environment.tags(device, threads, Path.cwd()),
@@ -109,8 +117,6 @@ def _train(params: config.Params, paths: Paths) -> None:
         "history": [vars(m) for m in result.history],
         "system": [sample for rank_samples in samples for sample in rank_samples],
     }
-    write_atomic(paths.record, json.dumps(record, indent=1) + "\n")
-    paths.resume_state.unlink(missing_ok=True)  # finished: nothing left to resume
 
 
 def resumable_state(path: Path, key: str, wanted: bool) -> dict | None:
