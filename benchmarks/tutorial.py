@@ -70,7 +70,6 @@ def run_baseline(data_dir: Path, seed: int) -> list[dict]:
 
 def run_pipeline(data_dir: Path, seed: int, params: Path) -> list[dict]:
     """This project's training with the given params.yaml (the seed replaced)."""
-    import dataclasses
     import io
 
     from mnist_pipeline import config

@@ -55,8 +55,9 @@ def test_each_stage_lists_exactly_the_code_it_loads(tmp_path, mirror_md5, http_m
         done = subprocess.run(shlex.split(stage["cmd"]), cwd=repo, env=env, capture_output=True, text=True,
                               timeout=600)  # fmt: skip
         assert done.returncode == 0, f"stage {name} failed:\n{done.stderr}"
-        script = shlex.split(stage["cmd"])[1]
-        loaded = {module_file(m, repo) for m in loaded_modules(log)} | {script}
+        _, option, module, *_ = shlex.split(stage["cmd"])  # python -m mnist_pipeline.stages.<name> ...
+        assert option == "-m", stage["cmd"]
+        loaded = {module_file(m, repo) for m in loaded_modules(log)} | {module_file(module, repo)}
         listed = {dep for dep in stage["deps"] if dep.endswith(".py")}
         if loaded - listed:
             problems.append(f"{name}: loads but does not list {sorted(loaded - listed)}")

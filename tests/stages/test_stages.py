@@ -74,7 +74,7 @@ def test_a_changed_param_starts_over_instead_of_resuming(params, paths, capsys, 
         interrupted_at_epoch(1, patch)
         with pytest.raises(KeyboardInterrupt):
             train.run(params, paths)
-    train.run(params.replace(train=params.train.replace(lr=0.02)), paths)
+    train.run(params.model_copy(update={"train": params.train.replace(lr=0.02)}), paths)
     assert "from another training (params, data or code changed): starting over" in capsys.readouterr().err
     assert [m["epoch"] for m in json.loads(paths.record.read_text())["history"]] == [1, 2]
 

@@ -38,7 +38,8 @@ def command(stage: ModuleType) -> click.Command:
         flag = f"--{field.name.replace('_', '-')}"
         options.append(click.Option([flag, field.name], type=click.Path(path_type=Path), required=True,
                                     multiple=field.metadata["many"], help=field.metadata["help"]))  # fmt: skip
-    return click.Command(stage.__name__.rsplit(".", 1)[1], callback=run, params=options, help=stage.__doc__)
+    name = stage.__spec__.name.rsplit(".", 1)[-1]  # under `python -m` the module's __name__ is "__main__"
+    return click.Command(name, callback=run, params=options, help=stage.__doc__)
 
 
 def _load(params_file: Path) -> config.Params:
