@@ -1,4 +1,5 @@
-"""Shared fixtures: synthetic MNIST-format data, served from a folder or over HTTP on 127.0.0.1."""
+"""Shared fixtures: synthetic MNIST-format data, served from a folder or over HTTP on 127.0.0.1; a real `mlflow
+server`; input files of every format `predict` reads; an exported model."""
 
 from __future__ import annotations
 
@@ -8,10 +9,15 @@ import sys
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
+from mnist_pipeline.ml import export
+from mnist_pipeline.ml.model import build
 from mnist_pipeline.ml.synthetic import write_mirror
-from tests.helpers import free_port, start_server, stop_server, wait_until_up
+from tests.helpers import digit, free_port, start_server, stop_server, tiny_model_config, wait_until_up
 
 
 @pytest.fixture(scope="session")
@@ -70,3 +76,31 @@ def mlflow_server(tmp_path_factory):
         yield f"http://127.0.0.1:{port}"
     finally:
         stop_server(server)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("inputs")
+    seven = digit()
+    Image.fromarray(seven).save(folder / "grey.png")
+    Image.fromarray(255 - seven).convert("RGB").save(folder / "inverted_rgb.png")
+    Image.fromarray(255 - digit(100)).save(folder / "big.jpg", quality=95)
+    np.save(folder / "one.npy", seven)
+    np.save(folder / "batch.npy", np.stack([seven, seven]).astype(np.float32) / 255)
+    (folder / "digits-idx3-ubyte").write_bytes(
+        b"\x00\x00\x08\x03" + b"".join(n.to_bytes(4, "big") for n in (2, 28, 28)) + np.stack([seven] * 2).tobytes()
+    )
+    (folder / "text.png").write_text("not an image")
+    (folder / "empty.jpg").write_bytes(b"")
+    np.save(folder / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    (folder / "short-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03" + (5).to_bytes(4, "big") * 3 + b"\x00" * 10)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory) -> Path:
+    """An exported model, as the export stage writes it (ONNX)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "model.onnx"
+    export.save_onnx(build(tiny_model_config()).eval(), torch.rand(2, 1, 28, 28), path)
+    return path

@@ -78,6 +78,7 @@ def interrupt(repo: Path, mirror: str, sig: signal.Signals, after_epochs: int) -
     return err
 
 
+@pytest.mark.slow  # three interrupted pipelines
 def test_interrupted_three_ways_the_pipeline_still_finishes_with_every_epoch_logged_once(tmp_path, http_mirror,
                                                                                          mirror_md5):  # fmt: skip
     """Ctrl-C, then SIGTERM, then kill -9, each in the middle of training; each rerun continues from the last
@@ -180,6 +181,7 @@ class Relay:
                     pass
 
 
+@pytest.mark.slow  # a real server and a relay
 def test_a_tracking_server_lost_mid_run_keeps_the_training_and_the_next_repro_records_it(
     tmp_path, http_mirror, mirror_md5, mlflow_server
 ):
@@ -253,6 +255,7 @@ def repro_killed_at(repo: Path, mirror: str, trigger: str) -> str:
     return output
 
 
+@pytest.mark.slow  # three killed pipelines
 def test_killed_at_any_moment_of_export_the_next_repro_leaves_the_registry_whole(tmp_path, http_mirror, mirror_md5):
     """kill -9 of the whole pipeline before, during and right after registering: each following `dvc repro`
     repairs what the last one left (a RUNNING run, a PENDING logged model, a half-registered version), runs the
@@ -339,6 +342,7 @@ def trickling_server():
     server.server_close()
 
 
+@pytest.mark.slow  # waits out a deadline
 def test_a_tracking_server_that_trickles_ends_the_export_in_one_line_and_sigterm_stops_it(
     tmp_path, http_mirror, mirror_md5, trickling_server
 ):
@@ -370,6 +374,7 @@ def in_namespace_with_small_disk(repo: Path, folder: Path, size_kb: int, command
                           capture_output=True, text=True, timeout=600)  # fmt: skip
 
 
+@pytest.mark.slow  # two pipelines on a tmpfs
 @pytest.mark.parametrize("moment", ["first artifact", "logged model"])
 def test_a_full_disk_during_export_is_one_line_and_leaves_nothing_running_or_pending(
     tmp_path, http_mirror, mirror_md5, moment
@@ -397,6 +402,7 @@ def test_a_full_disk_during_export_is_one_line_and_leaves_nothing_running_or_pen
     assert client.search_registered_models() == []
 
 
+@pytest.mark.slow  # six export reruns beside a loop
 def test_the_repair_on_opening_the_store_never_touches_a_live_run(tmp_path, http_mirror, mirror_md5):
     """`compare` (which repairs the store when it opens it) in a loop beside six export-only reruns: before, the
     repair marked the live run KILLED and its model FAILED in three of them."""

@@ -325,6 +325,7 @@ def test_exp_run_with_a_train_param_reruns_train_evaluate_export_only(pipeline, 
     assert "lower-lr" in shown.stdout and "test_accuracy" in shown.stdout
 
 
+@pytest.mark.slow  # two more pipelines
 def test_two_temp_experiments_at_once_both_log_fully_to_the_projects_store(pipeline, http_mirror):
     """Two `dvc exp run --temp` in parallel. Each runs in a copy under .dvc/tmp/exps/, and both write to the
     project's SQLite store at once: both runs complete and are recorded with all their metrics, no lock errors."""
@@ -403,6 +404,7 @@ def _browse(sync_api, pages: dict[str, str], wait_for: dict[str, str]) -> tuple[
     return texts, refused
 
 
+@pytest.mark.slow  # a third run and the UI in Chromium
 @pytest.mark.browser
 @pytest.mark.skipif(_chromium() is None, reason="Chromium is not installed (Debian: apt-get install chromium)")
 def test_the_mlflow_ui_shows_models_datasets_system_metrics_and_runs_apart(pipeline, lower_lr, third_run):
@@ -487,6 +489,8 @@ def test_dvc_plots_show_draws_each_file_once_with_titled_axes(pipeline, http_mir
             continue
         spec = plot["content"]
         assert spec["title"]["text"] == plot_id
+        if plot_id.startswith("Confusion"):  # the mistakes (0-10 a cell) read apart from the diagonal (~1,000)
+            assert '"type": "symlog"' in json.dumps(spec)
         titles = _axis_titles(spec)
         for axis in axes:
             assert any(title.startswith(axis) for title in titles), (plot_id, axis, titles)
@@ -516,6 +520,8 @@ def _draw_offline(sync_api, page_file: Path) -> dict:
             charts: [...document.querySelectorAll('svg.marks')].map(svg => ({
                 text: svg.textContent,
                 lines: svg.querySelectorAll('.mark-line path[d]').length,
+                strokes: [...new Set([...svg.querySelectorAll('.mark-line path[d]')]
+                    .map(p => p.getAttribute('stroke')))],
                 cells: svg.querySelectorAll('.mark-rect path[d]').length,
             })),
             images: [...document.images].map(img => ({src: img.getAttribute('src'), width: img.naturalWidth})),
@@ -524,6 +530,7 @@ def _draw_offline(sync_api, page_file: Path) -> dict:
     return {**drawn, "refused": refused, "errors": errors}
 
 
+@pytest.mark.slow  # another experiment and Chromium
 @pytest.mark.browser
 @pytest.mark.skipif(_chromium() is None, reason="Chromium is not installed (Debian: apt-get install chromium)")
 def test_dvc_plots_show_and_diff_draw_in_a_browser_without_a_network(pipeline, lower_lr, http_mirror):
@@ -550,9 +557,11 @@ def test_dvc_plots_show_and_diff_draw_in_a_browser_without_a_network(pipeline, l
     for chart in (loss, accuracy, confusion):
         assert "lower-lr" in chart["text"] and "higher-lr" in chart["text"], chart["text"][:300]
     assert loss["lines"] >= 4 and accuracy["lines"] >= 2  # each experiment's lines
+    assert len(loss["strokes"]) >= 2, loss["strokes"]  # each experiment in a colour of its own
     assert len(drawn["images"]) == 4 and all(image["width"] > 0 for image in drawn["images"])
 
 
+@pytest.mark.slow  # a whole pipeline in a worktree
 def test_reproduce_a_run_exactly_without_touching_the_workspace(pipeline, http_mirror):
     repo, _ = pipeline
     original = client(repo).get_run(pipeline.run_id)  # the first `dvc repro`

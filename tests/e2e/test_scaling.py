@@ -96,6 +96,7 @@ def rest(server: str, endpoint: str, **query) -> dict:
         return json.load(response)
 
 
+@pytest.mark.slow  # a pipeline against a real mlflow server
 def test_the_server_holds_the_run_its_metrics_and_the_registered_version(served_pipeline, mlflow_server):
     repo = served_pipeline
     assert not (repo / "mlruns/mlflow.db").exists()  # nothing went to the local store
@@ -128,6 +129,7 @@ def test_the_server_holds_the_run_its_metrics_and_the_registered_version(served_
     print(f"\nREST round trip (runs/get), median of 10: {statistics.median(round_trips):.1f} ms")
 
 
+@pytest.mark.slow  # the same pipeline
 def test_compare_reads_the_runs_from_the_server(served_pipeline, http_mirror, mlflow_server):
     out = run(served_pipeline, http_mirror, "mnist-pipeline", "compare", "--csv", MLFLOW_TRACKING_URI=mlflow_server)
     assert out.returncode == 0, out.stderr
@@ -137,6 +139,7 @@ def test_compare_reads_the_runs_from_the_server(served_pipeline, http_mirror, ml
     assert row.registered.startswith("served-test v1")
 
 
+@pytest.mark.slow  # the same pipeline
 def test_dvc_remote_push_then_pull_restores_data_and_model(served_pipeline, http_mirror, tmp_path):
     """A folder as the DVC remote (S3, GCS and SSH remotes work alike, see README): push, lose the cache and
     every output, pull; then `dvc repro` has nothing to do."""

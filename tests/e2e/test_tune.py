@@ -110,6 +110,7 @@ def test_each_trial_is_a_child_run_of_the_studys_run_with_its_figures(searched):
     assert {"optuna/optimization_history.png", "optuna/parallel_coordinate.png"} <= figures
 
 
+@pytest.mark.slow  # a whole pipeline after the search
 @pytest.mark.e2e
 def test_apply_runs_the_pipeline_once_with_the_winner(searched, http_mirror):
     repo, _, _ = searched
@@ -130,6 +131,7 @@ def test_apply_runs_the_pipeline_once_with_the_winner(searched, http_mirror):
     assert version.run_id == applied_run.info.run_id
 
 
+@pytest.mark.slow  # two searches at once
 @pytest.mark.e2e
 def test_two_processes_share_one_study(searched, http_mirror, tmp_path):
     repo, _, _ = searched
@@ -163,6 +165,7 @@ def test_two_processes_share_one_study(searched, http_mirror, tmp_path):
     assert len(parents) == 1 and len(runs) == len(trials) + 1
 
 
+@pytest.mark.slow  # a third search
 @pytest.mark.e2e
 def test_ctrl_c_keeps_the_finished_trials_and_marks_the_running_one(searched, http_mirror):
     repo, _, _ = searched
@@ -195,6 +198,7 @@ def test_ctrl_c_keeps_the_finished_trials_and_marks_the_running_one(searched, ht
     assert "Traceback" not in err
 
 
+@pytest.mark.slow  # a command that loads the training data
 @pytest.mark.e2e
 def test_a_bad_storage_is_one_line_and_creates_nothing(searched, http_mirror, tmp_path):
     repo, _, _ = searched
@@ -211,6 +215,7 @@ def test_a_bad_storage_is_one_line_and_creates_nothing(searched, http_mirror, tm
     assert len(tuner_runs(repo)) == runs_before  # no MLflow run either
 
 
+@pytest.mark.slow  # two more searches
 @pytest.mark.e2e
 def test_a_trial_killed_with_sigkill_is_marked_failed_when_the_study_resumes(searched, http_mirror):
     repo, _, _ = searched

@@ -171,7 +171,7 @@ def load_text_as_a_stage_would(text: str, capsys) -> tuple[int, str]:
         return status, capsys.readouterr().err
 
 
-FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 @FUZZ

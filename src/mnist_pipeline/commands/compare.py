@@ -42,9 +42,11 @@ def runs_table(last: int | None = None, sort_by: str = "test_accuracy") -> pd.Da
     for column in [*metrics, f"metrics.{names.TRAIN_SECONDS}"]:
         table[column.removeprefix("metrics.").removeprefix(names.FINAL)] = runs.get(column, float("nan"))
     shown = [c.removeprefix(f"metrics.{names.FINAL}") for c in metrics] + [names.TRAIN_SECONDS]
-    if sort_by not in shown:
+    if sort_by not in shown and metrics:  # (no run has test metrics yet: the newest first)
         raise PipelineError(f"--sort {sort_by}: expected one of {', '.join(shown)}")
     table["registered"] = runs["run_id"].map(_registered_versions(MlflowClient())).fillna("")
+    if sort_by not in table:
+        return table
     return table.sort_values(sort_by, ascending=names.lower_is_better(sort_by), na_position="last",
                              kind="stable").reset_index(drop=True)  # fmt: skip
 

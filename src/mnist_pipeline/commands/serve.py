@@ -133,9 +133,9 @@ def serve(model_uri: str, host: str, port: int, allow_pickle: bool, extra_hosts:
     """Download and check the model, then serve it until interrupted."""
     import uvicorn
 
-    from mnist_pipeline.tracking import registry
+    from mnist_pipeline.tracking import loader
 
-    model_dir = registry.fetch_model(model_uri, allow_pickle, loader="python_function")
+    model_dir = loader.fetch_model(model_uri, allow_pickle, loader="python_function")
     app = build_app(model_dir, allowed_hosts(host, extra_hosts))
     print(f"serving {model_uri} on http://{host}:{port}/invocations (bodies up to {MAX_BODY_BYTES // 2**20} MiB)",
           file=sys.stderr)  # fmt: skip

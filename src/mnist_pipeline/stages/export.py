@@ -90,14 +90,18 @@ DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def disk_full(exc: OSError, artifacts: str | None, logged: list[Path]) -> PipelineError:
-    """One line: what could not be written (the file, else the run's artifact folder), the space left there, and
-    what the run's artifacts need."""
-    where = Path(exc.filename or (artifacts or ".").removeprefix("file://"))
-    folder = next((p for p in (where, *where.parents) if p.exists()), Path("."))
-    free = shutil.disk_usage(folder).free
+    """One line: what could not be written (the file, or the run's artifact folder when the file named is a source
+    MLflow was copying from), the space left there, and what the run's artifacts need."""
+    folder = Path((artifacts or ".").removeprefix("file://"))
+    named = Path(exc.filename) if exc.filename else None
+    if named is not None and artifacts and not named.resolve().is_relative_to(folder.resolve()):
+        named = None  # MLflow writes a logged model to a temporary folder, then copies it into the artifacts
+    where = named or folder
+    existing = next((p for p in (where, *where.parents) if p.exists()), Path("."))
+    free = shutil.disk_usage(existing).free
     needed = sum(p.stat().st_size for p in logged if p.exists()) + 2**20  # the files, and MLflow's own (~100 KB)
     return PipelineError(
-        f"cannot write {exc.filename or f'the run artifacts in {where}'}: {exc.strerror}; {free / 1e6:.1f} MB free "
+        f"cannot write {named or f'the run artifacts in {folder}'}: {exc.strerror}; {free / 1e6:.1f} MB free "
         f"there, the run's artifacts need about {needed / 1e6:.1f} MB: free some space, then rerun `dvc repro` "
         "(the run was ended FAILED, nothing was registered)"
     )
