@@ -179,9 +179,8 @@ def machine() -> str:
 
 def measure(project: Path, repeats: int = 3, log=sys.stderr) -> tuple[float, list[Figure], dict]:
     """Run the loop once; return (F, figures, facts about the run)."""
-    from mnist_pipeline import config, names
+    from mnist_pipeline import config
     from mnist_pipeline.ml import data
-    from mnist_pipeline.tracking import store
 
     project = project.resolve()
     if not (project / "dvc.yaml").is_file():
@@ -214,6 +213,22 @@ def measure(project: Path, repeats: int = 3, log=sys.stderr) -> tuple[float, lis
     for stage in STAGES:
         figures.append(Figure(f"stage {stage}: wall, peak RSS", watch.wall(stage), watch.peak_mb(stage)))
 
+    figures += _everyday_commands(project, cli, model_name, repeats, say)
+    facts = {
+        "test_accuracy": metrics.get("test_accuracy"),
+        "warnings": [line for line in output.splitlines() if "Warning" in line or " INFO " in line],
+    }
+    return floor, figures, facts
+
+
+def _everyday_commands(project: Path, cli: list[str], model_name: str, repeats: int, say) -> list[Figure]:
+    """`predict` with the champion and with the ONNX file, `compare`, and pyfunc in a fresh process."""
+    from mnist_pipeline import names
+    from mnist_pipeline.ml import data
+    from mnist_pipeline.tracking import store
+
+    python = sys.executable
+    figures = []
     with tempfile.TemporaryDirectory(prefix="mnist-loop-") as tmp:
         digit = data.load_split(project / "data" / "raw", "test").images[0]  # a real test digit
         png, npy = Path(tmp) / "one.png", Path(tmp) / "one.npy"
@@ -236,11 +251,7 @@ def measure(project: Path, repeats: int = 3, log=sys.stderr) -> tuple[float, lis
         figures.append(Figure(f"pyfunc load {champion} + predict one digit", _median_of(repeats, pyfunc, env)))
         say(f"pyfunc: {figures[-1].seconds:.2f} s")
 
-    facts = {
-        "test_accuracy": metrics.get("test_accuracy"),
-        "warnings": [line for line in output.splitlines() if "Warning" in line or " INFO " in line],
-    }
-    return floor, figures, facts
+    return figures
 
 
 def _write_png(image, path: Path) -> None:

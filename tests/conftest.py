@@ -9,6 +9,7 @@ import sys
 import threading
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
 import torch
@@ -17,6 +18,7 @@ from PIL import Image
 from mnist_pipeline.ml import export
 from mnist_pipeline.ml.model import build
 from mnist_pipeline.ml.synthetic import write_mirror
+from mnist_pipeline.tracking import store
 from tests.helpers import digit, free_port, start_server, stop_server, tiny_model_config, wait_until_up
 
 
@@ -104,3 +106,17 @@ def model_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("model") / "model.onnx"
     export.save_onnx(build(tiny_model_config()).eval(), torch.rand(2, 1, 28, 28), path)
     return path
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch) -> Path:
+    """A project folder whose local store holds one run with one artifact."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    root = tmp_path / "project"
+    root.mkdir()
+    store.configure(root)
+    with mlflow.start_run() as run:
+        mlflow.log_text("seven", "note.txt")
+    yield root, run.info.run_id
+    mlflow.set_tracking_uri(None)

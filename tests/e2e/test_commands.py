@@ -9,19 +9,20 @@ import sys
 
 import pytest
 
+from mnist_pipeline import cli
 from tests.helpers import REPO_ROOT, user_env
 
 pytestmark = pytest.mark.e2e  # each test starts a command in a fresh process
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
+def predict_command(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "mnist_pipeline.cli", "predict", *args], capture_output=True, text=True
     )
 
 
 def test_cli_predicts_good_inputs_reports_bad_ones_and_exits_non_zero(files, model_file):
-    out = cli(
+    out = predict_command(
         str(files / "grey.png"), str(files / "text.png"), str(files / "big.jpg"), "--model", str(model_file)
     )
     assert out.returncode == 1
@@ -36,7 +37,7 @@ def test_cli_predicts_good_inputs_reports_bad_ones_and_exits_non_zero(files, mod
 
 
 def test_cli_json_and_top_k(files, model_file):
-    out = cli(str(files / "batch.npy"), "--json", "--top-k", "3", "--model", str(model_file))
+    out = predict_command(str(files / "batch.npy"), "--json", "--top-k", "3", "--model", str(model_file))
     assert out.returncode == 0, out.stderr
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     assert [r["input"] for r in rows] == [f"{files / 'batch.npy'}[0]", f"{files / 'batch.npy'}[1]"]

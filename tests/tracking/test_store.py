@@ -54,20 +54,6 @@ def test_a_damaged_local_store_is_named_without_blaming_a_variable_nobody_set(tm
     assert f"the local store {tmp_path}/mlruns/mlflow.db is damaged" in message
 
 
-@pytest.fixture
-def project(tmp_path, monkeypatch) -> Path:
-    """A project folder whose local store holds one run with one artifact."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("DVC_ROOT", raising=False)
-    root = tmp_path / "project"
-    root.mkdir()
-    store.configure(root)
-    with mlflow.start_run() as run:
-        mlflow.log_text("seven", "note.txt")
-    yield root, run.info.run_id
-    mlflow.set_tracking_uri(None)
-
-
 def reopen(root: Path, monkeypatch) -> None:
     """What a new command started in ``root`` does (MLflow exports the URI it was given to the environment)."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
