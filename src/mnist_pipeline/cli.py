@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from mnist_pipeline import names
 from mnist_pipeline.errors import run_main
 
 ALLOW_PICKLE_HELP = "Also load an MLflow model stored with pickle (it can run any code: only if you trust it)."
@@ -88,7 +89,7 @@ Examples:
   mnist-pipeline compare --last 5 --sort train_seconds
   mnist-pipeline compare --markdown > runs.md    # for a pull request; --csv for a spreadsheet""")
 @click.option("--last", type=click.IntRange(min=1), help="Only the N most recent runs  [default: all]")
-@click.option("--sort", "sort_by", default="test_accuracy", help="Order of the rows, best first: a metric's name.")
+@click.option("--sort", "sort_by", default=names.TEST_ACCURACY, help="Order of the rows, best first: a metric's name.")
 @click.option("--csv", "fmt", flag_value="csv", help="CSV with the full numbers, for programs and spreadsheets.")
 @click.option("--markdown", "fmt", flag_value="markdown", help="A Markdown table.")
 @click.option("--text", "fmt", flag_value="text", default=True, help="A plain-text table (the default).")

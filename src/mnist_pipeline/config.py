@@ -1,9 +1,8 @@
-"""Typed, validated params: one frozen pydantic model per section of params.yaml.
+"""params.yaml as typed, frozen pydantic models, one per section; what each key allows is declared on its field.
 
-Validation is strict (no string for a number, no bool for an integer; an integer is fine for a float), and every
-mistake of a file is reported at once, in one line: the key, the value and what is allowed. Stages load their
-params before doing any work, so a bad param never leaves half-written outputs or an MLflow run behind. What a
-key allows is declared once, on its field (its type, bounds and, where words say it better, ``allowed``).
+Strict (no string for a number, no bool for an integer; an integer is fine for a float), and every mistake of a
+file is reported at once, in one line: the key, the value and what is allowed. The params are loaded before any
+work, so a bad one leaves no half-written output and no MLflow run. What each key means: params.yaml's comments.
 """
 
 from __future__ import annotations
@@ -62,22 +61,21 @@ MD5 = Annotated[str, rule(pattern=r"^[0-9a-f]{32}$", allowed="32 lowercase hex d
 
 class DataConfig(Section):
     SECTION = "data"
-    dataset: Literal[tuple(DATASETS)]  # all in MNIST's format, each with its mirrors and checksums
-    expected_md5: dict[Literal[FILE_NAMES], MD5]  # file name -> MD5 of its decompressed content; empty = published
+    dataset: Literal[tuple(DATASETS)]
+    expected_md5: dict[Literal[FILE_NAMES], MD5]
 
 
 class ModelConfig(Section):
     SECTION = "model"
-    # One conv + ReLU + 2x2 max-pool block per entry.
     conv_channels: Annotated[
         tuple[Annotated[int, rule(ge=1, le=1024)], ...],
         rule(min_length=1, max_length=2, strict=False,
             allowed="a list of 1 or 2 channel counts in 1..1024 (28x28 digits allow two 2x2 poolings)"),
     ]  # fmt: skip
     kernel_size: Annotated[int, rule(allowed="3 or 5"), AfterValidator(lambda size: _one_of(size, (3, 5)))]
-    hidden: Annotated[int, rule(ge=1, le=8192)]  # width of the first linear layer
-    dropout: Annotated[float, rule(ge=0, lt=1)]  # before the last linear layer
-    batch_norm: bool  # BatchNorm after each conv
+    hidden: Annotated[int, rule(ge=1, le=8192)]
+    dropout: Annotated[float, rule(ge=0, lt=1)]
+    batch_norm: bool
 
 
 class TrainConfig(Section):
@@ -87,18 +85,17 @@ class TrainConfig(Section):
     epochs: Annotated[int, rule(ge=1, le=MAX_EPOCHS)]
     batch_size: Annotated[int, rule(ge=1, le=MAX_BATCH, allowed=f"an integer in 1..{MAX_BATCH} (the training set)")]
     optimizer: Literal[OPTIMIZERS]
-    lr: Annotated[float, rule(gt=0, le=10)]  # peak learning rate when lr_schedule is onecycle
+    lr: Annotated[float, rule(gt=0, le=10)]
     weight_decay: Annotated[float, rule(ge=0, le=1)]
     lr_schedule: Literal[LR_SCHEDULES]
     label_smoothing: Annotated[float, rule(ge=0, lt=1)]
-    augment_shift: Annotated[int, rule(ge=0, le=8)]  # shift each training digit by up to this many pixels (0 = off)
-    # Training digits held out, drawn with the seed, and measured after each epoch (0 = none).
+    augment_shift: Annotated[int, rule(ge=0, le=8)]
     validation: Annotated[int, rule(ge=0, lt=MAX_BATCH, allowed=f"an integer in 0..{MAX_BATCH - 1} (digits held out)")]
-    precision: Literal[PRECISIONS]  # auto = bf16 autocast on CUDA, fp32 on CPU
+    precision: Literal[PRECISIONS]
     threads: Annotated[int, rule(ge=0, le=1024, allowed="an integer in 0..1024 (0 = one per core)")]
-    log_every: Annotated[int, rule(ge=1)]  # print the running loss every this many batches
-    nproc: Annotated[int, rule(ge=1, le=1024)]  # data-parallel processes on this machine; batch_size is global
-    resume: bool  # after an interruption, continue from the last completed epoch instead of starting over
+    log_every: Annotated[int, rule(ge=1)]
+    nproc: Annotated[int, rule(ge=1, le=1024)]
+    resume: bool
 
     # Keys that change what is printed or whether an interrupted training continues, never the trained model:
     # they are not among the train stage's params in dvc.yaml, nor in the resume fingerprint.
@@ -114,8 +111,8 @@ class TrainConfig(Section):
 class EvaluateConfig(Section):
     SECTION = "evaluate"
     batch_size: Annotated[int, rule(ge=1)]
-    examples: Annotated[int, rule(ge=1, le=100)]  # random test digits shown in the predictions figure
-    mistakes: Annotated[int, rule(ge=0, le=100)]  # the model's most confident mistakes shown below them
+    examples: Annotated[int, rule(ge=1, le=100)]
+    mistakes: Annotated[int, rule(ge=0, le=100)]
 
 
 def _one_of(value: Any, allowed: tuple) -> Any:
@@ -130,19 +127,12 @@ warnings.filterwarnings("ignore", 'Field name "register" in "ExportConfig" shado
 
 class ExportConfig(Section):
     SECTION = "export"
-    model_name: Annotated[
-        str,
-        rule(
-            pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
-            allowed="letters, digits, '_', '.', '-' (starting with a letter or digit)",
-        ),
-    ]
-    parity_samples: Annotated[int, rule(ge=1)]  # real test digits the exported model is checked on
-    parity_tolerance: Annotated[float, rule(gt=0, lt=1)]  # max absolute logit difference against the eager model
-    promote_min_delta: Annotated[float, rule(ge=0, lt=1)]  # champion moves if accuracy >= champion's + this
-    # Register the logged model and move the aliases (false: the run and its model only). Field(...): required, for
-    # without it pydantic would take ABCMeta's ``register`` method as the default.
-    register: bool = Field(...)
+    model_name: Annotated[str, rule(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                                    allowed="letters, digits, '_', '.', '-' (starting with a letter or digit)")]
+    parity_samples: Annotated[int, rule(ge=1)]
+    parity_tolerance: Annotated[float, rule(gt=0, lt=1)]
+    promote_min_delta: Annotated[float, rule(ge=0, lt=1)]
+    register: bool = Field(...)  # required: without Field(...) pydantic takes ABCMeta's `register` as its default
 
 
 class Params(BaseModel):
@@ -179,13 +169,11 @@ def read_params(path: Path) -> dict[str, Any]:
 
 
 def load(path: Path) -> Params:
-    """Build and validate every section of params.yaml: a typo anywhere stops any stage before it starts work."""
     return build(read_params(path), str(path))
 
 
 def build(raw: dict[str, Any], source: str = "params.yaml") -> Params:
-    """Every section from the content of a params file (as `read_params` returns it), validated; every mistake of
-    the file in one ConfigError."""
+    """Every section from a params file's content (as `read_params` returns it); every mistake in one ConfigError."""
     return _validated(Params, raw, source)
 
 

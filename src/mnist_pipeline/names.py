@@ -23,6 +23,7 @@ TRAINING_ID = "pipeline.training_id"  # the training whose model the run records
 TRAINING_RUN = "pipeline.training_run"  # on a run whose training an earlier run recorded first: that run's id
 
 # Registered model version tags.
+RUN_ID = "run_id"  # the run that logged the version
 REGISTERING = "pipeline.registering"  # present while a version is being registered (see `repair`)
 
 # Registered model aliases.

@@ -9,7 +9,7 @@ from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.tracking import store
 
 
-def runs_table(last: int | None = None, sort_by: str = "test_accuracy") -> pd.DataFrame:
+def runs_table(last: int | None = None, sort_by: str = names.TEST_ACCURACY) -> pd.DataFrame:
     """One row per run of the experiment (newest first before sorting): name, commit, differing params, metrics,
     registry versions with their aliases."""
     import mlflow

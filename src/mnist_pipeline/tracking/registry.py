@@ -131,7 +131,7 @@ def _register(client: MlflowClient, model_uri: str, name: str, test_accuracy: fl
         promote, reason = promotion(test_accuracy, champion, min_delta)
         tags = {
             names.TEST_ACCURACY: f"{test_accuracy:.6f}",
-            "run_id": run.info.run_id,
+            names.RUN_ID: run.info.run_id,
             names.GIT_COMMIT: run.data.tags.get(names.GIT_COMMIT, "unknown"),
             names.DVC_EXP_NAME: run.data.tags.get(names.DVC_EXP_NAME, ""),
             "promotion": reason,
