@@ -1,0 +1,1 @@
+"""What `mnist-pipeline` runs besides the pipeline: predict, serve, ui, compare, reproduce, tune."""

@@ -1,0 +1,1 @@
+"""The machine learning: data, model, training, evaluation, export, distributed training. No MLflow here."""
