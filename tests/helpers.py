@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -133,9 +134,16 @@ def user_env(**extra: str) -> dict[str, str]:
 
 
 def run(repo: Path, mirror: str, *args: str, **env: str) -> subprocess.CompletedProcess:
-    """Run a command (dvc, python, mnist-pipeline) from the repo root, as a user would."""
-    return subprocess.run(list(args), cwd=repo, env=user_env(MNIST_MIRROR=mirror, **env), capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
+    """Run a command (dvc, python, mnist-pipeline) from the repo root, as a user would, until it exits.
+
+    Its output goes to files, not pipes: a process it leaves running (DVC's queue workers linger after `dvc exp run
+    --run-all` has returned) would hold a pipe open, and reading it to its end would wait for that process too."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        done = subprocess.run(list(args), cwd=repo, env=user_env(MNIST_MIRROR=mirror, **env), stdout=out, stderr=err,
+                              timeout=600)  # fmt: skip
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(done.args, done.returncode, out.read().decode(), err.read().decode())
 
 
 def ran_stages(result: subprocess.CompletedProcess) -> list[str]:

@@ -22,6 +22,22 @@ OWNER = "pipeline.owner"  # the process that has the run open: host:pid:start (s
 TRAINING_ID = "pipeline.training_id"  # the training whose model the run records (an id the train stage draws)
 TRAINING_RUN = "pipeline.training_run"  # on a run whose training an earlier run recorded first: that run's id
 
+DDP_WEIGHT_SPREAD = "ddp_weight_spread"  # largest weight difference between ranks after a data-parallel training
+WORLD_SIZE = "world_size"  # tag: the processes the training ran in
+GIT_COMMIT_MLFLOW = "mlflow.source.git.commit"  # MLflow's own commit tag (the UI's Source column)
+
+# The tuner's runs (experiment TUNE_EXPERIMENT): one parent per study, nested children, one per trial.
+TUNE_EXPERIMENT = "mnist-pipeline-tune"
+PARENT_RUN = "mlflow.parentRunId"  # what the MLflow UI nests child runs by
+TUNE_STUDY = "tune.study"  # on the study's run, its trials' and the pipeline run --apply made
+TUNE_ROLE = "tune.role"  # "study" (the parent) or "trial"
+TUNE_STATE = "tune.state"  # a trial's end: complete, pruned, failed, killed
+TUNE_TRIAL = "tune.trial"  # a trial's number
+TUNE_STORAGE = "tune.storage"  # the study's storage URL, without its password
+TUNE_BEST_TRIAL = "tune.best_trial"
+TUNE_BEST = "tune.best."  # + a param's key: the best trial's value
+TUNE_APPLIED_RUN = "tune.applied_run"  # the pipeline run --apply made
+
 # Registered model version tags.
 RUN_ID = "run_id"  # the run that logged the version
 REGISTERING = "pipeline.registering"  # present while a version is being registered (see `repair`)

@@ -13,7 +13,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from mnist_pipeline import config
+from mnist_pipeline import config, names
 from mnist_pipeline.commands import tune
 from mnist_pipeline.ml.data import FILE_NAMES, TRAIN_FILE_NAMES
 from tests.helpers import REPO_ROOT, make_repo, run, user_env
@@ -48,7 +48,7 @@ def study_of(repo: Path, name: str = "mnist-tune", storage: str | None = None):
 
 
 def in_study(run, name: str = "mnist-tune") -> bool:
-    return run.data.tags.get(tune.STUDY_TAG) == name
+    return run.data.tags.get(names.TUNE_STUDY) == name
 
 
 def tuner_runs(repo: Path):
@@ -92,15 +92,15 @@ def test_a_search_prunes_resumes_and_never_reads_the_test_split(searched):
 def test_each_trial_is_a_child_run_of_the_studys_run_with_its_figures(searched):
     repo, _, _ = searched
     runs = [r for r in tuner_runs(repo) if in_study(r)]  # other tests of this module make studies of their own
-    (parent,) = [r for r in runs if r.data.tags.get(tune.ROLE_TAG) == "study"]
-    children = [r for r in runs if r.data.tags.get(tune.ROLE_TAG) == "trial"]
-    assert parent.data.tags[tune.STUDY_TAG] == "mnist-tune" and parent.info.status == "FINISHED"
-    assert len(children) == 5 and {r.data.tags[tune.PARENT_TAG] for r in children} == {parent.info.run_id}
+    (parent,) = [r for r in runs if r.data.tags.get(names.TUNE_ROLE) == "study"]
+    children = [r for r in runs if r.data.tags.get(names.TUNE_ROLE) == "trial"]
+    assert parent.data.tags[names.TUNE_STUDY] == "mnist-tune" and parent.info.status == "FINISHED"
+    assert len(children) == 5 and {r.data.tags[names.PARENT_RUN] for r in children} == {parent.info.run_id}
     by_trial = {t.number: t for t in study_of(repo).get_trials()}
     client = mlflow(repo)
     for child in children:
         trial = by_trial[int(child.data.tags["tune.trial"])]
-        assert child.data.tags[tune.STATE_TAG] == trial.state.name.lower()
+        assert child.data.tags[names.TUNE_STATE] == trial.state.name.lower()
         assert child.data.params["train.lr"] == str(trial.params["train.lr"])
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_accuracy")]
         assert steps == list(range(1, trial.last_step + 1))
@@ -121,11 +121,11 @@ def test_apply_runs_the_pipeline_once_with_the_winner(searched, http_mirror):
     pipeline_runs = client.search_runs([client.get_experiment_by_name("mnist-pipeline").experiment_id])
     (applied_run,) = pipeline_runs
     best = study_of(repo).best_trial
-    assert applied_run.data.tags[tune.STUDY_TAG] == "mnist-tune"
+    assert applied_run.data.tags[names.TUNE_STUDY] == "mnist-tune"
     assert applied_run.data.tags["dvc_exp_name"] == f"mnist-tune-trial-{best.number}"
     assert applied_run.data.params["train.lr"] == str(best.params["train.lr"])
     assert "final_test_accuracy" in applied_run.data.metrics  # the pipeline's own evaluate stage
-    (parent,) = [r for r in tuner_runs(repo) if r.data.tags.get(tune.ROLE_TAG) == "study" and in_study(r)]
+    (parent,) = [r for r in tuner_runs(repo) if r.data.tags.get(names.TUNE_ROLE) == "study" and in_study(r)]
     assert parent.data.tags["tune.applied_run"] == applied_run.info.run_id
     version = client.get_model_version_by_alias("mnist-cnn", "candidate")
     assert version.run_id == applied_run.info.run_id
@@ -160,8 +160,8 @@ def test_two_processes_share_one_study(searched, http_mirror, tmp_path):
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert 6 <= len(finished) <= 7, errors  # each process stops once the study has 6 (the other may be mid-trial)
     assert len({t.user_attrs["worker"] for t in trials}) == 2, errors  # both took part
-    runs = [r for r in tuner_runs(repo) if r.data.tags.get(tune.STUDY_TAG) == "shared"]
-    parents = [r for r in runs if r.data.tags[tune.ROLE_TAG] == "study"]
+    runs = [r for r in tuner_runs(repo) if r.data.tags.get(names.TUNE_STUDY) == "shared"]
+    parents = [r for r in runs if r.data.tags[names.TUNE_ROLE] == "study"]
     assert len(parents) == 1 and len(runs) == len(trials) + 1
 
 
@@ -178,7 +178,7 @@ def test_ctrl_c_keeps_the_finished_trials_and_marks_the_running_one(searched, ht
     proc = subprocess.Popen(cmd, cwd=repo, env=user_env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
     def cut_runs():
-        return [r for r in tuner_runs(repo) if r.data.tags.get(tune.STUDY_TAG) == "cut"]
+        return [r for r in tuner_runs(repo) if r.data.tags.get(names.TUNE_STUDY) == "cut"]
 
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and proc.poll() is None:  # until the third trial has logged an epoch
@@ -192,7 +192,7 @@ def test_ctrl_c_keeps_the_finished_trials_and_marks_the_running_one(searched, ht
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL]
     assert trials[2].params["train.epochs"] == 1000
     runs = {r.data.tags.get("tune.trial", "study"): r for r in cut_runs()}
-    assert [runs[n].data.tags[tune.STATE_TAG] for n in ("0", "1", "2")] == ["complete", "complete", "killed"]
+    assert [runs[n].data.tags[names.TUNE_STATE] for n in ("0", "1", "2")] == ["complete", "complete", "killed"]
     assert runs["2"].info.status == "KILLED" and runs["2"].info.run_id == trials[2].user_attrs["mlflow_run_id"]
     assert runs["study"].info.status == "KILLED"
     assert "Traceback" not in err
@@ -232,7 +232,7 @@ def test_a_trial_killed_with_sigkill_is_marked_failed_when_the_study_resumes(sea
     proc = subprocess.Popen(cmd(3), cwd=repo, env=user_env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
     def killed_runs():
-        return [r for r in tuner_runs(repo) if r.data.tags.get(tune.STUDY_TAG) == "killed"]
+        return [r for r in tuner_runs(repo) if r.data.tags.get(names.TUNE_STUDY) == "killed"]
 
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and proc.poll() is None:  # until the third trial has logged an epoch
@@ -249,4 +249,4 @@ def test_a_trial_killed_with_sigkill_is_marked_failed_when_the_study_resumes(sea
     trials = study_of(repo, "killed", storage).get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL]
     child = {r.data.tags.get("tune.trial"): r for r in killed_runs()}["2"]
-    assert child.info.status == "KILLED" and child.data.tags[tune.STATE_TAG] == "killed"
+    assert child.info.status == "KILLED" and child.data.tags[names.TUNE_STATE] == "killed"

@@ -34,17 +34,12 @@ from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.files import check_dvc_lock
 from mnist_pipeline.tracking import store
 
-EXPERIMENT = "mnist-pipeline-tune"
+EXPERIMENT = names.TUNE_EXPERIMENT
 DEFAULT_STORAGE_FILE = Path("tuning") / "optuna.db"  # under the project root
 # Keys a trial may set: what shapes the model and its training. Not the device, threads or process count (where it
 # runs), the validation split (the tuner's own), nor printing and resuming.
 TUNABLE_SECTIONS = ("model", "train")
 NOT_TUNABLE = {"train.device", "train.threads", "train.nproc", "train.validation", "train.log_every", "train.resume"}
-# MLflow tags of the tuner's runs.
-STUDY_TAG = "tune.study"
-ROLE_TAG = "tune.role"  # "study" (the parent) or "trial"
-STATE_TAG = "tune.state"  # a trial's end: complete, pruned, failed, killed
-PARENT_TAG = "mlflow.parentRunId"  # what the MLflow UI nests child runs by
 
 
 class SpaceError(PipelineError):
@@ -355,20 +350,21 @@ class Tracking:
         self.study = study
         with store.lock(store.tracking_uri()):  # processes sharing a study share its run: one creates it
             found = self.client.search_runs(
-                [self.experiment_id], f"tags.`{STUDY_TAG}` = '{study}' and tags.`{ROLE_TAG}` = 'study'", max_results=1
+                [self.experiment_id], f"tags.`{names.TUNE_STUDY}` = '{study}' and tags.`{names.TUNE_ROLE}` = 'study'",
+                max_results=1,
             )
             if found:  # the study goes on: so does its run
                 self.parent = found[0].info.run_id
                 self.client.update_run(self.parent, status="RUNNING")
             else:
-                tags = {STUDY_TAG: study, ROLE_TAG: "study", "tune.storage": _safe(storage)}
+                tags = {names.TUNE_STUDY: study, names.TUNE_ROLE: "study", names.TUNE_STORAGE: _safe(storage)}
                 self.parent = self.client.create_run(
                     self.experiment_id, tags=_with_context(tags), run_name=f"study {study}"
                 ).info.run_id
 
     def start_trial(self, number: int, params: config.Params) -> str:
-        tags = {PARENT_TAG: self.parent, STUDY_TAG: self.study, ROLE_TAG: "trial", "tune.trial": str(number),
-                names.OWNER: self.owner}  # fmt: skip
+        tags = {names.PARENT_RUN: self.parent, names.TUNE_STUDY: self.study, names.TUNE_ROLE: "trial",
+                names.TUNE_TRIAL: str(number), names.OWNER: self.owner}  # fmt: skip
         run_id = self.client.create_run(self.experiment_id, tags=_with_context(tags), run_name=f"trial {number}")
         run_id = run_id.info.run_id
         from mlflow.entities import Param
@@ -386,7 +382,7 @@ class Tracking:
         self.client.log_batch(run_id, metrics=[Metric(k, v, now, epoch) for k, v in metrics.items()])
 
     def end_trial(self, run_id: str, state: str) -> None:
-        self.client.set_tag(run_id, STATE_TAG, state)
+        self.client.set_tag(run_id, names.TUNE_STATE, state)
         status = {"complete": "FINISHED", "pruned": "FINISHED", "failed": "FAILED", "killed": "KILLED"}[state]
         self.client.set_terminated(run_id, status)
 
@@ -396,7 +392,7 @@ class Tracking:
         from mlflow.entities import Metric
 
         open_trials = self.client.search_runs(
-            [self.experiment_id], f"tags.`{PARENT_TAG}` = '{self.parent}' and attributes.status = 'RUNNING'"
+            [self.experiment_id], f"tags.`{names.PARENT_RUN}` = '{self.parent}' and attributes.status = 'RUNNING'"
         )
         for run in open_trials:
             if run.data.tags.get(names.OWNER) == self.owner:
@@ -408,9 +404,9 @@ class Tracking:
         best = _best(study)
         if best is not None:
             metrics.append(Metric("best_val_accuracy", best.value, now, 0))
-            self.client.set_tag(self.parent, "tune.best_trial", str(best.number))
+            self.client.set_tag(self.parent, names.TUNE_BEST_TRIAL, str(best.number))
             for d in search.space:
-                self.client.set_tag(self.parent, f"tune.best.{d.key}", _yaml_value(d.value(best.params)))
+                self.client.set_tag(self.parent, names.TUNE_BEST + d.key, _yaml_value(d.value(best.params)))
         self.client.log_batch(self.parent, metrics=metrics)
         with tempfile.TemporaryDirectory() as folder:
             for figure in write_figures(study, Path(folder)):
@@ -681,7 +677,7 @@ def apply(command: list[str], tracking: Tracking, root: Path) -> int:
     if done.returncode != 0:
         raise PipelineError(f"the pipeline run with the best params failed (exit status {done.returncode})")
     run_id = json.loads((root / "reports" / "export.json").read_text())["run_id"]
-    tracking.client.set_tag(run_id, STUDY_TAG, tracking.study)
-    tracking.client.set_tag(tracking.parent, "tune.applied_run", run_id)
-    print(f"the pipeline's MLflow run {run_id[:8]} is tagged {STUDY_TAG}={tracking.study}", file=sys.stderr)
+    tracking.client.set_tag(run_id, names.TUNE_STUDY, tracking.study)
+    tracking.client.set_tag(tracking.parent, names.TUNE_APPLIED_RUN, run_id)
+    print(f"the pipeline's MLflow run {run_id[:8]} is tagged {names.TUNE_STUDY}={tracking.study}", file=sys.stderr)
     return 0

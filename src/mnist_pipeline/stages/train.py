@@ -100,7 +100,7 @@ def _record(result, cluster, device, threads: int, data_md5: str, started: float
 
     metrics = {names.TRAIN_SECONDS: result.seconds}
     if cluster.distributed:
-        metrics["ddp_weight_spread"] = result.weight_spread
+        metrics[names.DDP_WEIGHT_SPREAD] = result.weight_spread
         metrics.update({f"{names.TRAIN_SECONDS}_rank{r}": s for r, s in enumerate(result.rank_seconds)})
         print(f"{cluster.world_size} ranks, training seconds per rank {[round(s, 2) for s in result.rank_seconds]}, "
               f"largest weight difference between ranks {result.weight_spread:g}", file=sys.stderr)  # fmt: skip
@@ -111,7 +111,7 @@ def _record(result, cluster, device, threads: int, data_md5: str, started: float
         "tags": {
             **environment.tags(device, threads, Path.cwd()),
             names.DATA_MD5: data_md5,
-            "world_size": str(cluster.world_size),
+            names.WORLD_SIZE: str(cluster.world_size),
         },  # fmt: skip
         "metrics": metrics,
         "history": [vars(m) for m in result.history],

@@ -32,7 +32,7 @@ def run_tags(record: Mapping[str, Any]) -> dict[str, str]:
     from mnist_pipeline.tracking.repair import owner
 
     commit = git_commit()
-    tags = {**record["tags"], names.GIT_COMMIT: commit, "mlflow.source.git.commit": commit, names.OWNER: owner(),
+    tags = {**record["tags"], names.GIT_COMMIT: commit, names.GIT_COMMIT_MLFLOW: commit, names.OWNER: owner(),
             names.TRAINING_ID: record["id"]}  # fmt: skip
     if os.environ.get("DVC_EXP_NAME"):
         tags[names.DVC_EXP_NAME] = os.environ["DVC_EXP_NAME"]
