@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import http.server
 import sys
-import threading
 from pathlib import Path
 
 import mlflow
@@ -19,7 +18,7 @@ from mnist_pipeline.ml import export
 from mnist_pipeline.ml.model import build
 from mnist_pipeline.ml.synthetic import write_mirror
 from mnist_pipeline.tracking import store
-from tests.helpers import digit, free_port, start_server, stop_server, tiny_model_config, wait_until_up
+from tests.helpers import digit, free_port, serving, start_server, stop_server, tiny_model_config, wait_until_up
 
 
 @pytest.fixture(scope="session")
@@ -43,13 +42,8 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 @pytest.fixture(scope="session")
 def http_mirror(mirror_dir):
     """The synthetic files served over HTTP on 127.0.0.1, on a free port; yields the base URL."""
-    handler = functools.partial(_QuietHandler, directory=str(mirror_dir))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/"
-    server.shutdown()
-    server.server_close()
+    with serving(functools.partial(_QuietHandler, directory=str(mirror_dir))) as url:
+        yield f"{url}/"
 
 
 @pytest.fixture(scope="session")

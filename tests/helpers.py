@@ -3,6 +3,7 @@ as a user runs them, servers started and stopped, a server that trickles."""
 
 from __future__ import annotations
 
+import http.server
 import os
 import shutil
 import signal
@@ -10,8 +11,11 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -170,3 +174,16 @@ def digit(size: int = 28) -> np.ndarray:
         col = int(22 * s - (row - 7 * s) * 0.5)
         image[row, max(col - int(2 * s), 0) : col + 1] = 255
     return image
+
+
+@contextmanager
+def serving(handler) -> Iterator[str]:
+    """An HTTP server on 127.0.0.1, on a free port, answering with ``handler`` in threads; yields its base URL."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

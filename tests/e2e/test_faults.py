@@ -19,7 +19,7 @@ from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 
 from mnist_pipeline.ml import training
-from tests.helpers import free_port, make_repo, ran_stages, run, trickle, user_env
+from tests.helpers import free_port, make_repo, ran_stages, run, serving, trickle, user_env
 
 pytestmark = pytest.mark.e2e
 
@@ -334,12 +334,8 @@ class _HealthyThenTrickling(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def trickling_server():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HealthyThenTrickling)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serving(_HealthyThenTrickling) as url:
+        yield url
 
 
 @pytest.mark.slow  # waits out a deadline

@@ -57,6 +57,20 @@ def tuner_runs(repo: Path):
     return client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
 
 
+def study_runs(repo: Path, study: str):
+    return [r for r in tuner_runs(repo) if r.data.tags.get(names.TUNE_STUDY) == study]
+
+
+def until_the_third_trial_logs_an_epoch(proc: subprocess.Popen, repo: Path, study: str) -> None:
+    """Wait (3 minutes at most) until the running search's third trial has logged an epoch to MLflow."""
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None:
+        runs = study_runs(repo, study)
+        if any(r.data.tags.get(names.TUNE_TRIAL) == "2" and r.data.metrics for r in runs):
+            return
+        time.sleep(0.3)
+
+
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory, http_mirror, mirror_md5):
     """A copy of the project with its data downloaded and then its test files deleted (the tuner must not need
@@ -177,21 +191,14 @@ def test_ctrl_c_keeps_the_finished_trials_and_marks_the_running_one(searched, ht
            "--study", "cut"]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=repo, env=user_env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
-    def cut_runs():
-        return [r for r in tuner_runs(repo) if r.data.tags.get(names.TUNE_STUDY) == "cut"]
-
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and proc.poll() is None:  # until the third trial has logged an epoch
-        if any(r.data.tags.get("tune.trial") == "2" and r.data.metrics for r in cut_runs()):
-            break
-        time.sleep(0.3)
+    until_the_third_trial_logs_an_epoch(proc, repo, "cut")
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     trials = study_of(repo, "cut", storage).get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL]
     assert trials[2].params["train.epochs"] == 1000
-    runs = {r.data.tags.get("tune.trial", "study"): r for r in cut_runs()}
+    runs = {r.data.tags.get("tune.trial", "study"): r for r in study_runs(repo, "cut")}
     assert [runs[n].data.tags[names.TUNE_STATE] for n in ("0", "1", "2")] == ["complete", "complete", "killed"]
     assert runs["2"].info.status == "KILLED" and runs["2"].info.run_id == trials[2].user_attrs["mlflow_run_id"]
     assert runs["study"].info.status == "KILLED"
@@ -231,14 +238,7 @@ def test_a_trial_killed_with_sigkill_is_marked_failed_when_the_study_resumes(sea
 
     proc = subprocess.Popen(cmd(3), cwd=repo, env=user_env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
-    def killed_runs():
-        return [r for r in tuner_runs(repo) if r.data.tags.get(names.TUNE_STUDY) == "killed"]
-
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and proc.poll() is None:  # until the third trial has logged an epoch
-        if any(r.data.tags.get("tune.trial") == "2" and r.data.metrics for r in killed_runs()):
-            break
-        time.sleep(0.3)
+    until_the_third_trial_logs_an_epoch(proc, repo, "killed")
     proc.kill()
     proc.communicate(timeout=60)
     assert study_of(repo, "killed", storage).get_trials()[2].state == TrialState.RUNNING  # what kill -9 leaves
@@ -248,5 +248,5 @@ def test_a_trial_killed_with_sigkill_is_marked_failed_when_the_study_resumes(sea
     assert "trial 2 was left running by a process that is gone: marked failed" in again.stderr
     trials = study_of(repo, "killed", storage).get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL]
-    child = {r.data.tags.get("tune.trial"): r for r in killed_runs()}["2"]
+    child = {r.data.tags.get("tune.trial"): r for r in study_runs(repo, "killed")}["2"]
     assert child.info.status == "KILLED" and child.data.tags[names.TUNE_STATE] == "killed"

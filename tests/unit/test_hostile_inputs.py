@@ -20,7 +20,7 @@ from mnist_pipeline.commands import predict
 from mnist_pipeline.config import TrainConfig
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.ml import data, training
-from tests.helpers import REPO_ROOT, digit, tiny_model_config, trickle
+from tests.helpers import REPO_ROOT, digit, serving, tiny_model_config, trickle
 
 BOMB_BYTES = 128 * 2**20  # what the bomb below inflates to
 
@@ -196,12 +196,8 @@ class _TrickleHeaders(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def trickling_headers():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _TrickleHeaders)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serving(_TrickleHeaders) as url:
+        yield url
 
 
 def test_a_mirror_that_trickles_its_headers_is_given_up_after_the_deadline(monkeypatch, trickling_headers):
