@@ -66,7 +66,7 @@ def test_ui_stopped_by_its_pid_leaves_no_server_behind(tmp_path, sig):
         if ui.poll() is None:
             ui.kill()
     assert ui.returncode == 128 + sig and f"interrupted ({sig.name})" in err
-    deadline = time.monotonic() + 5  # the group is gone when the command returns; the kernel may lag a moment
+    deadline = time.monotonic() + 30  # the group is gone when the command returns; the kernel may lag (busy machine)
     while (port_open(port) or alive(server)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not port_open(port), "the port still answers"
