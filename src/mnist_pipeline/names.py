@@ -40,7 +40,8 @@ TUNE_APPLIED_RUN = "tune.applied_run"  # the pipeline run --apply made
 
 # Registered model version tags.
 RUN_ID = "run_id"  # the run that logged the version
-REGISTERING = "pipeline.registering"  # present while a version is being registered (see `repair`)
+REGISTERING = "pipeline.registering"  # while a version is being registered: the registering process (see `repair`)
+PROMOTION = "promotion"  # the promotion decision and its reason, set once the version's aliases have moved
 
 # Registered model aliases.
 ALIAS_CANDIDATE = "candidate"  # the newest version

@@ -348,24 +348,36 @@ class Tracking:
             self.experiment_id = experiment.experiment_id
         self.owner = repair.owner()
         self.study = study
-        with store.lock(store.tracking_uri()):  # processes sharing a study share its run: one creates it
-            found = self.client.search_runs(
-                [self.experiment_id], f"tags.`{names.TUNE_STUDY}` = '{study}' and tags.`{names.TUNE_ROLE}` = 'study'",
-                max_results=1,
-            )
-            if found:  # the study goes on: so does its run
-                self.parent = found[0].info.run_id
-                self.client.update_run(self.parent, status="RUNNING")
-            else:
-                tags = {names.TUNE_STUDY: study, names.TUNE_ROLE: "study", names.TUNE_STORAGE: _safe(storage)}
-                self.parent = self.client.create_run(
-                    self.experiment_id, tags=_with_context(tags), run_name=f"study {study}"
-                ).info.run_id
+        self.parent = self._parent_run(study, storage)
+
+    def _parent_run(self, study: str, storage: str) -> str:
+        """The study's run, shared by every process of the study, on any machine.
+
+        The tracking server has no lock: a process that finds no run of the study creates one, looks again, and
+        keeps the oldest (by start time, then id), deleting its own if another came first. A process that looks
+        after another has created one finds it, so all keep the same run; only two creations within the same
+        millisecond on machines whose clocks differ could each keep their own."""
+        query = f"tags.`{names.TUNE_STUDY}` = '{study}' and tags.`{names.TUNE_ROLE}` = 'study'"
+
+        def oldest():
+            found = self.client.search_runs([self.experiment_id], query, max_results=100)
+            return min(found, key=lambda run: (run.info.start_time, run.info.run_id), default=None)
+
+        found = oldest()
+        if found is not None:  # the study goes on: so does its run
+            self.client.update_run(found.info.run_id, status="RUNNING")
+            return found.info.run_id
+        tags = {names.TUNE_STUDY: study, names.TUNE_ROLE: "study", names.TUNE_STORAGE: _safe(storage)}
+        mine = self.client.create_run(self.experiment_id, tags=with_context(tags), run_name=f"study {study}")
+        first = oldest()
+        if first.info.run_id != mine.info.run_id:
+            self.client.delete_run(mine.info.run_id)
+        return first.info.run_id
 
     def start_trial(self, number: int, params: config.Params) -> str:
         tags = {names.PARENT_RUN: self.parent, names.TUNE_STUDY: self.study, names.TUNE_ROLE: "trial",
                 names.TUNE_TRIAL: str(number), names.OWNER: self.owner}  # fmt: skip
-        run_id = self.client.create_run(self.experiment_id, tags=_with_context(tags), run_name=f"trial {number}")
+        run_id = self.client.create_run(self.experiment_id, tags=with_context(tags), run_name=f"trial {number}")
         run_id = run_id.info.run_id
         from mlflow.entities import Param
 
@@ -414,11 +426,10 @@ class Tracking:
         self.client.set_terminated(self.parent, status)
 
 
-def _with_context(tags: Mapping[str, str]) -> dict[str, str]:
-    """``tags`` and MLflow's own context tags (source: this command, user, git), as `mlflow.start_run` adds them."""
-    from mlflow.tracking.context.registry import resolve_tags
+def with_context(tags: Mapping[str, str]) -> dict[str, str]:
+    from mnist_pipeline.tracking import runs  # imports MLflow: not before the tuner talks to it
 
-    return resolve_tags(dict(tags))
+    return runs.with_context(tags)
 
 
 def _safe(storage: str) -> str:

@@ -64,6 +64,8 @@ def run(params: config.Params, paths: Paths) -> None:
 def _record(params, paths: Paths, record, test_metrics, digits, checks, check) -> tuple[dict, str]:
     """The MLflow part: one run with everything, the logged model checked through pyfunc, then registered. A
     tracking server that stops answering, or a full disk, ends it in one line."""
+    from mlflow.exceptions import MlflowException
+
     from mnist_pipeline import network
     from mnist_pipeline.tracking import store
 
@@ -78,6 +80,10 @@ def _record(params, paths: Paths, record, test_metrics, digits, checks, check) -
             f"the MLflow tracking server {uri} did not answer within {store.server_deadline_s():g} s "
             "(MLFLOW_HTTP_REQUEST_TIMEOUT); nothing was registered: check the server, then rerun `dvc repro`"
         ) from None
+    except MlflowException as exc:
+        if not store.is_server(uri):
+            raise
+        raise store.server_failure(uri, exc) from None
     except OSError as exc:
         if exc.errno not in DISK_FULL:
             raise

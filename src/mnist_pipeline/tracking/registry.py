@@ -3,6 +3,11 @@
 The registered model is the ONNX file, logged with MLflow's ``onnx`` flavor: it loads through ``mlflow.pyfunc``
 with onnxruntime alone, without pickle, torch or this project, on a machine with or without a GPU. Each new
 version becomes ``candidate``; ``champion`` moves to it when it is at least as accurate (see `promotion`).
+
+Several machines may register into one tracking server at once. Their versions get the aliases in the order the
+server numbered them, which is the order they were created: a version decides (and moves the aliases) only once
+every earlier version has decided, or can no longer (its run ended or its process is gone). The server's own
+numbering is the queue; nothing else is shared.
 """
 
 from __future__ import annotations
@@ -106,8 +111,38 @@ def register(
     """
     log = log or sys.stderr
     client = MlflowClient()
-    with store.lock(mlflow.get_tracking_uri()):  # versions get their aliases in the order they were created
+    with store.lock(mlflow.get_tracking_uri()):  # a local store: one writer at a time (a server needs none)
         return _register(client, model_uri, name, test_accuracy, min_delta, log)
+
+
+TURN_WAIT_S = 300  # the longest a version waits for earlier ones to decide (a registration takes seconds)
+POLL_S = 0.5
+
+
+def _earlier_undecided(client: MlflowClient, name: str, version: int) -> list[int]:
+    """Versions of ``name`` before ``version`` still being registered, by processes that live."""
+    from mnist_pipeline.tracking.repair import registration
+
+    earlier = [v for v in client.search_model_versions(f"name = '{name}'") if int(v.version) < version]
+    return sorted(int(v.version) for v in earlier if registration(client, v) == "live")
+
+
+def _wait_for_turn(client: MlflowClient, name: str, version: int, log: TextIO) -> None:
+    """Return once every earlier version of ``name`` has decided (see the module's docstring)."""
+    import time
+
+    deadline = time.monotonic() + TURN_WAIT_S
+    said = False
+    while waiting := _earlier_undecided(client, name, version):
+        if time.monotonic() > deadline:
+            print(f"note: {name} version(s) {waiting} registered elsewhere have not decided after {TURN_WAIT_S} s; "
+                  f"version {version} decides now", file=log)  # fmt: skip
+            return
+        if not said:
+            print(f"{name} version {version} waits for version(s) {waiting}, registered at the same time elsewhere, "
+                  "to move the aliases first", file=log, flush=True)  # fmt: skip
+            said = True
+        time.sleep(POLL_S)
 
 
 def _new_version(model_uri: str, name: str, tags: dict[str, str]):
@@ -122,19 +157,19 @@ def _new_version(model_uri: str, name: str, tags: dict[str, str]):
 
 def _register(client: MlflowClient, model_uri: str, name: str, test_accuracy: float, min_delta: float,
               log: TextIO) -> Registration:  # fmt: skip
-    champion = _champion_accuracy(client, name)  # before registering: the new version must not compete with itself
+    from mnist_pipeline.tracking.repair import owner
+
     run = mlflow.active_run()
-    # Marked until it has all its tags: a registration that dies half-way leaves a version `repair` recognises.
-    version = int(_new_version(model_uri, name, tags={names.REGISTERING: "1"}).version)
+    # Marked with its process until it has all its tags: a registration that dies half-way leaves a version
+    # `repair` recognises, and removes once it sees that process gone.
+    version = int(_new_version(model_uri, name, tags={names.REGISTERING: owner()}).version)
     print(f"registering {name} version {version}: tags, then aliases", file=log, flush=True)
     try:
-        promote, reason = promotion(test_accuracy, champion, min_delta)
         tags = {
             names.TEST_ACCURACY: f"{test_accuracy:.6f}",
             names.RUN_ID: run.info.run_id,
             names.GIT_COMMIT: run.data.tags.get(names.GIT_COMMIT, "unknown"),
             names.DVC_EXP_NAME: run.data.tags.get(names.DVC_EXP_NAME, ""),
-            "promotion": reason,
         }
         for key, value in tags.items():
             client.set_model_version_tag(name, str(version), key, value)
@@ -144,11 +179,14 @@ def _register(client: MlflowClient, model_uri: str, name: str, test_accuracy: fl
             description=f"MNIST CNN, test accuracy {100 * test_accuracy:.2f}%, run {run.info.run_id}",
         )
         client.delete_model_version_tag(name, str(version), names.REGISTERING)  # complete: now it may get aliases
+        _wait_for_turn(client, name, version, log)
+        promote, reason = promotion(test_accuracy, _champion_accuracy(client, name), min_delta)
         client.set_registered_model_alias(name, names.ALIAS_CANDIDATE, str(version))
         aliases = [names.ALIAS_CANDIDATE]
         if promote:
             client.set_registered_model_alias(name, names.ALIAS_CHAMPION, str(version))
             aliases.append(names.ALIAS_CHAMPION)
+        client.set_model_version_tag(name, str(version), names.PROMOTION, reason)  # decided: the next one's turn
     except BaseException:  # interrupted or failed half-way: no version without its tags and aliases
         with suppress(Exception):
             client.delete_model_version(name, str(version))

@@ -7,9 +7,11 @@ writing. Three things can be left behind, and each is recognised without guessin
   process's start time), and a run whose owner on this host no longer exists is ended KILLED;
 - a logged model still PENDING whose run is no longer RUNNING: marked FAILED (MLflow marks a model READY once
   all of it is written);
-- a registered version still carrying ``names.REGISTERING``: registration sets that tag first and removes it once
-  the version has all its tags, before any alias moves; registering happens under the store's lock, and so does
-  this repair, so a version still marked is one whose registration died. It is deleted.
+- a registered version that never got its aliases: registration marks a new version with ``names.REGISTERING``
+  (its process, as ``names.OWNER``) until it has all its tags, then moves the aliases and sets
+  ``names.PROMOTION``, the decision. A version of the pipeline's without a decision whose process is gone (the
+  marker's, or its run's) or whose run has ended is one whose registration died: it is deleted. One whose process
+  lives, or runs on another machine sharing the tracking server, is left alone (see `registration`).
 
 `store.configure` calls `repair` under the store's lock, so every stage and command that opens the store leaves
 it consistent first.
@@ -71,9 +73,31 @@ def repair(client: MlflowClient, experiment_id: str, log: TextIO | None = None) 
             client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
             done.append(f"logged model {model.model_id} of run {model.source_run_id} was never completed: FAILED")
     for version in client.search_model_versions():
-        if names.REGISTERING in version.tags:
+        if registration(client, version) == "abandoned":
             client.delete_model_version(version.name, version.version)
             done.append(f"{version.name} version {version.version} was left half-registered: deleted")
     for line in done:
         print(f"repaired the MLflow store: {line}", file=log or sys.stderr)
     return done
+
+
+def registration(client: MlflowClient, version) -> str:
+    """Where a registered version stands: "decided" (it has its aliases and decision), "foreign" (not registered by
+    the pipeline), "live" (being registered by a process that lives, or on another machine), "abandoned"."""
+    from mlflow.exceptions import MlflowException
+
+    tags = version.tags
+    if names.PROMOTION in tags:
+        return "decided"
+    marked = tags.get(names.REGISTERING)
+    if marked is not None:  # "1": marked by a pipeline from before marks named their process
+        return "abandoned" if marked == "1" or owner_is_gone(marked) else "live"
+    if names.RUN_ID not in tags:
+        return "foreign"
+    try:
+        run = client.get_run(tags[names.RUN_ID])
+    except MlflowException:  # its run was deleted
+        return "abandoned"
+    recorded = run.data.tags.get(names.OWNER)
+    gone = run.info.status != "RUNNING" or bool(recorded and owner_is_gone(recorded))
+    return "abandoned" if gone else "live"

@@ -18,9 +18,11 @@ from typing import Any
 import mlflow
 from mlflow.entities import LoggedModelStatus, Metric
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_USER
 
 from mnist_pipeline import config, names
 from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.tracking import credentials, store
 
 
 def _ms(seconds: float) -> int:
@@ -73,10 +75,7 @@ def pipeline_run(params: config.Params, record: Mapping[str, Any]) -> Iterator[s
     if first:
         tags[names.TRAINING_RUN] = first[0].info.run_id
     start = None if first else _ms(record["started"])  # the training is part of this run's time only the first time
-    from mlflow.tracking.context.registry import resolve_tags
-
-    # MLflow's own context tags (source: the stage's script, user, git) under ours, as `mlflow.start_run` adds them.
-    run = client.create_run(experiment.experiment_id, start_time=start, tags=resolve_tags(tags),
+    run = client.create_run(experiment.experiment_id, start_time=start, tags=with_context(tags),
                             run_name=os.environ.get("DVC_EXP_NAME") or None)  # fmt: skip
     run_id = run.info.run_id
     mlflow.start_run(run_id=run_id)
@@ -92,6 +91,16 @@ def pipeline_run(params: config.Params, record: Mapping[str, Any]) -> Iterator[s
     mlflow.end_run("FINISHED")
 
 
+def with_context(tags: Mapping[str, str]) -> dict[str, str]:
+    """``tags`` over MLflow's own context tags (source: this script, user, git), as `mlflow.start_run` adds them.
+    On a server with logins the run's user is the one logged in (say, from a netrc), not the machine's."""
+    from mlflow.tracking.context.registry import resolve_tags
+
+    uri = mlflow.get_tracking_uri()
+    login = credentials.user(uri) if store.is_server(uri) else None
+    return resolve_tags(dict(tags)) | ({MLFLOW_USER: login} if login else {})
+
+
 def flat_params(params: config.Params) -> dict[str, Any]:
     return {f"{s.SECTION}.{key}": value for s in params.sections() for key, value in s.to_dict().items()}
 
@@ -103,7 +112,6 @@ def _end(client: MlflowClient, run_id: str, status: str) -> None:
     """End a run that did not finish, and fail the models it left half-logged, within a few seconds. The store
     itself may be what failed: then the next command that opens it repairs both (`repair`)."""
     from mnist_pipeline import network
-    from mnist_pipeline.tracking import store
 
     try:
         with store.exchange(mlflow.get_tracking_uri()), network.time_limit(END_DEADLINE_S, "ending the run"):

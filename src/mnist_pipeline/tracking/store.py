@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from mnist_pipeline import names
 from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.tracking import credentials
 
 STORE_DIR = "mlruns"
 
@@ -112,13 +114,19 @@ def create_experiment(client, name: str) -> str:
     from a subfolder, or a first stage run in a DVC experiment's temporary copy, would put every later artifact
     there."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     tags = dict([EXPERIMENT_KIND])
     uri = mlflow.get_tracking_uri()
-    if not uri.startswith("sqlite:///"):
-        return client.create_experiment(name, tags=tags)  # a server: it decides where artifacts go
-    folder = Path(uri.removeprefix("sqlite:///")).parent
-    return client.create_experiment(name, artifact_location=str(folder / name), tags=tags)
+    location = None  # a server decides where artifacts go
+    if uri.startswith("sqlite:///"):
+        location = str(Path(uri.removeprefix("sqlite:///")).parent / name)
+    try:
+        return client.create_experiment(name, artifact_location=location, tags=tags)
+    except MlflowException as exc:  # another machine created it a moment ago
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS" or client.get_experiment_by_name(name) is None:
+            raise
+        return client.get_experiment_by_name(name).experiment_id
 
 
 def relocate(database: Path, folder: Path) -> None:
@@ -248,30 +256,71 @@ PROBE_TIMEOUT_S = 5
 
 
 def check_server(uri: str) -> None:
-    """One quick request to a tracking server's /health before anything else; a one-line error if it is down."""
-    if not uri.startswith(("http://", "https://")):
+    """Two quick requests to a tracking server before anything else: its /health, then one read as the user the
+    pipeline will log in as. A server that is down, or refuses the credentials, stops the caller in one line."""
+    if not is_server(uri):
         return
     for name, value in HTTP_RETRY_DEFAULTS.items():
         os.environ.setdefault(name, value)
+    if "@" in urllib.parse.urlsplit(uri).netloc:
+        raise PipelineError("MLFLOW_TRACKING_URI holds credentials, which would show in logs and messages; put them "
+                            "in MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or in ~/.netrc")  # fmt: skip
+    base = uri.rstrip("/")
+    status = _probe(uri, f"{base}/health", {})
+    if status is None:  # it answers; now as the user (a read every user may make)
+        query = urllib.parse.urlencode({"experiment_name": names.EXPERIMENT})
+        status = _probe(uri, f"{base}/api/2.0/mlflow/experiments/get-by-name?{query}", credentials.headers(uri))
+    if status in (401, 403):
+        raise PipelineError(f"the MLflow tracking server {uri} refused {credentials.describe(uri)} ({status}: "
+                            f"{'no valid login' if status == 401 else 'no permission to read'}); "
+                            f"{credentials.HOW_TO}")  # fmt: skip
+
+
+def _probe(uri: str, url: str, headers: dict[str, str]) -> int | None:
+    """GET ``url``: None when it answered (any status but 401 and 403), else that status; a one-line error when the
+    server does not answer at all."""
     from mnist_pipeline import network
 
     with network.deadline(PROBE_TIMEOUT_S) as (urlopen, deadline):
         try:
-            with urlopen(f"{uri.rstrip('/')}/health", timeout=PROBE_TIMEOUT_S) as response:
+            with urlopen(urllib.request.Request(url, headers=headers), timeout=PROBE_TIMEOUT_S) as response:
                 response.read(2**16)
             reason = None
-        except urllib.error.HTTPError:
-            reason = None  # it answers (perhaps asking for credentials, which MLflow's own requests carry)
+        except urllib.error.HTTPError as exc:
+            if exc.code in (401, 403):
+                return exc.code
+            reason = None  # it answers
         except (OSError, http.client.HTTPException) as exc:
             reason = getattr(exc, "reason", None) or exc
         if deadline.expired.is_set():  # cut off: what came may look whole but is not
             reason = f"no whole answer within {PROBE_TIMEOUT_S} s"
         if reason is None:
-            return
+            return None
         raise PipelineError(
             f"the MLflow tracking server {uri} does not answer ({reason}); check that it is running and "
             "reachable from here, or unset MLFLOW_TRACKING_URI to use the local store in mlruns/"
         ) from None
+
+
+def is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def server_failure(uri: str, exc: Exception) -> PipelineError:
+    """What a tracking server's error in the middle of an exchange means, in one line: a refused login or
+    permission, or a server that stopped answering (the half-done run is put right at the next start, `repair`)."""
+    status = exc.get_http_status_code() if hasattr(exc, "get_http_status_code") else None
+    if status == 401:
+        return PipelineError(f"the MLflow tracking server {uri} refused {credentials.describe(uri)} (401: no valid "
+                             f"login); {credentials.HOW_TO}")  # fmt: skip
+    if status == 403:
+        return PipelineError(f"the MLflow tracking server {uri} refused {credentials.describe(uri)} a change (403: "
+                             "permission denied); ask its admin for write access to the experiment and the "
+                             "registered model (docs/operations.md)")  # fmt: skip
+    detail = str(exc).rsplit("failed with exception ", 1)[-1].splitlines()[0]
+    cause = detail.rsplit("Caused by ", 1)[-1].strip("()") if "Caused by " in detail else detail
+    return PipelineError(f"the MLflow tracking server {uri} failed in the middle of the exchange ({cause[:160]}); "
+                         "nothing half-done stays: check the server, then rerun `dvc repro`")  # fmt: skip
 
 
 def server_deadline_s() -> float:
@@ -288,7 +337,7 @@ def exchange(uri: str):
 
     from mnist_pipeline import network
 
-    if not uri.startswith(("http://", "https://")):
+    if not is_server(uri):
         return nullcontext()
     return network.time_limit(server_deadline_s(), f"the MLflow tracking server {uri}")
 
