@@ -24,6 +24,7 @@ TRAINING_RUN = "pipeline.training_run"  # on a run whose training an earlier run
 
 DDP_WEIGHT_SPREAD = "ddp_weight_spread"  # largest weight difference between ranks after a data-parallel training
 WORLD_SIZE = "world_size"  # tag: the processes the training ran in
+NODES = "nodes"  # tag: the machines they ran on
 GIT_COMMIT_MLFLOW = "mlflow.source.git.commit"  # MLflow's own commit tag (the UI's Source column)
 
 # The tuner's runs (experiment TUNE_EXPERIMENT): one parent per study, nested children, one per trial.

@@ -1,7 +1,8 @@
 """Data-parallel training over processes started by torchrun: who this process is, the process group, checks.
 
 torchrun (PyTorch's elastic launcher, ``torch.distributed.run``) gives each process it starts RANK, WORLD_SIZE,
-LOCAL_RANK and LOCAL_WORLD_SIZE. Without them the stage is one process and nothing here talks to anyone.
+LOCAL_RANK and LOCAL_WORLD_SIZE, and its machine's place among the machines, GROUP_RANK of GROUP_WORLD_SIZE.
+Without them the stage is one process and nothing here talks to anyone.
 Gradients are averaged by ``DistributedDataParallel``; this module only shards the batches and sums the few
 numbers (losses, counts) that every rank contributes to.
 """
@@ -27,6 +28,8 @@ class Cluster:
     world_size: int = 1
     local_rank: int = 0  # index on this machine: the GPU this process uses
     local_world_size: int = 1  # processes on this machine: they share its CPU cores
+    node: int = 0  # this machine among the machines (torchrun's --nnodes)
+    nodes: int = 1
 
     @property
     def is_main(self) -> bool:
@@ -101,7 +104,8 @@ def from_env() -> Cluster:
     env = os.environ
     if "WORLD_SIZE" not in env:
         return SINGLE
-    return Cluster(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"]), int(env["LOCAL_WORLD_SIZE"]))
+    return Cluster(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"]), int(env["LOCAL_WORLD_SIZE"]),
+                   int(env.get("GROUP_RANK", 0)), int(env.get("GROUP_WORLD_SIZE", 1)))  # fmt: skip
 
 
 @contextmanager

@@ -2,7 +2,7 @@
 
 The samples use the names of MLflow's own system metrics (``cpu_utilization_percentage``, ...), which the export
 stage logs under ``system/`` with the time each was taken, so the run's *System metrics* charts show the training.
-Under torchrun every rank samples its own machine and process, and its samples carry its rank.
+Under torchrun every rank samples its own machine and process, and its samples carry its rank and node.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ class Sampler:
     def __init__(self, device, interval_s: float = INTERVAL_S):
         self.device, self.interval_s = device, interval_s
         self.rank = int(os.environ.get("RANK", "0"))
+        self.node = int(os.environ.get("GROUP_RANK", "0"))
         self.samples: list[dict] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="system-metrics", daemon=True)
@@ -61,4 +62,4 @@ class Sampler:
                 values[f"gpu_{index}_utilization_percentage"] = float(torch.cuda.utilization(self.device))
             except Exception:  # noqa: BLE001 - needs NVIDIA's management library, which not every install has
                 pass
-        return {"time": time.time(), "rank": self.rank, "values": values}
+        return {"time": time.time(), "rank": self.rank, "node": self.node, "values": values}

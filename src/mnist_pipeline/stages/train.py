@@ -112,6 +112,7 @@ def _record(result, cluster, device, threads: int, data_md5: str, started: float
             **environment.tags(device, threads, Path.cwd()),
             names.DATA_MD5: data_md5,
             names.WORLD_SIZE: str(cluster.world_size),
+            names.NODES: str(cluster.nodes),
         },  # fmt: skip
         "metrics": metrics,
         "history": [vars(m) for m in result.history],

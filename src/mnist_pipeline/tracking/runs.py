@@ -137,9 +137,11 @@ def log_training(record: Mapping[str, Any]) -> None:
         metrics += [Metric(key, float(value), at, epoch.epoch) for key, value in epoch.metrics().items()]
     ended = _ms(record["ended"])
     metrics += [Metric(key, float(value), ended, 0) for key, value in record["metrics"].items()]
-    ranks = sorted({sample["rank"] for sample in record["system"]})
-    for rank in ranks:  # MLflow's own monitor names them so: system/<metric>, or system/<node>/<metric>
-        prefix = f"system/rank_{rank}/" if len(ranks) > 1 else "system/"
+    ranks = sorted({(sample.get("node", 0), sample["rank"]) for sample in record["system"]})
+    nodes = {node for node, _ in ranks}
+    for node, rank in ranks:  # as MLflow's own monitor names them: system/<metric>, or system/<node>/<metric>
+        prefix = "system/" if len(ranks) == 1 else f"system/rank_{rank}/"
+        prefix = f"system/node_{node}_rank_{rank}/" if len(nodes) > 1 else prefix
         samples = [sample for sample in record["system"] if sample["rank"] == rank]
         for step, sample in enumerate(samples):
             at = _ms(sample["time"])
