@@ -136,6 +136,9 @@ default_permission = READ
 database_uri = {auth_database}
 admin_username = admin
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+# Checking a password costs a deliberately slow hash on every request; a minute's cache of good logins makes a
+# pipeline's hundreds of requests cheap (a changed password is honoured within that minute).
+auth_cache_ttl_seconds = 60
 """
 
 

@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.team, pytest.mark.e2e]
 # Trials long enough (a few seconds each) that both machines are searching at the same time.
 SPACE = {
     "validation": 200,
-    "space": {"train.lr": [0.001, 0.003], "train.epochs": [30]},
+    "space": {"train.lr": [0.001, 0.003], "train.epochs": [15]},
     "pruner": {"startup_trials": 1, "warmup_epochs": 0},
 }
 
@@ -35,7 +35,7 @@ def test_two_machines_take_trials_from_one_study_under_one_parent_run(tmp_path, 
         assert download.returncode == 0, download.stderr
         (repo / "space.yaml").write_text(yaml.safe_dump(SPACE))
         clones.append(repo)
-    cmd = ["mnist-pipeline", "tune", "--space", "space.yaml", "--trials", "6", "--storage", storage, "--study",
+    cmd = ["mnist-pipeline", "tune", "--space", "space.yaml", "--trials", "4", "--storage", storage, "--study",
            "team-search"]  # fmt: skip
     pairs = zip(clones, users, strict=True)
     searches = [start(repo, http_mirror, *cmd, **team_server.env(user)) for repo, user in pairs]
@@ -44,7 +44,7 @@ def test_two_machines_take_trials_from_one_study_under_one_parent_run(tmp_path, 
 
     trials = optuna.load_study(study_name="team-search", storage=storage).get_trials()
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-    assert 6 <= len(finished) <= 7  # each stops once the study has 6 (the other may be mid-trial)
+    assert 4 <= len(finished) <= 5  # each stops once the study has 4 (the other may be mid-trial)
     assert len({t.user_attrs["worker"] for t in trials}) == 2  # both machines took trials
 
     client = as_user("carol")  # anyone on the team can read the search
