@@ -150,6 +150,15 @@ def run(repo: Path, mirror: str, *args: str, **env: str) -> subprocess.Completed
         return subprocess.CompletedProcess(done.args, done.returncode, out.read().decode(), err.read().decode())
 
 
+def start(repo: Path, mirror: str, *args: str, **env: str) -> tuple[subprocess.Popen, Path]:
+    """Start a command in ``repo`` as `run` does, without waiting; its output goes to a file."""
+    log = Path(tempfile.mkdtemp()) / "out.txt"
+    with log.open("wb") as out:
+        process = subprocess.Popen(list(args), cwd=repo, env=user_env(MNIST_MIRROR=mirror, **env), stdout=out,
+                                   stderr=subprocess.STDOUT)  # fmt: skip
+    return process, log
+
+
 def ran_stages(result: subprocess.CompletedProcess) -> list[str]:
     return [line.split("'")[1] for line in result.stdout.splitlines() if line.startswith("Running stage '")]
 

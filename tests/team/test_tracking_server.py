@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import base64
 import json
-import subprocess
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -16,7 +14,7 @@ import pytest
 from mlflow.exceptions import MlflowException
 
 from mnist_pipeline import names
-from tests.helpers import make_repo, ran_stages, run, user_env
+from tests.helpers import make_repo, ran_stages, run, start
 from tests.team.conftest import READER
 
 pytestmark = [pytest.mark.team, pytest.mark.e2e]
@@ -80,7 +78,9 @@ def test_requests_without_a_login_or_with_a_wrong_password_are_refused_and_chang
         assert rest(team_server, "experiments/create", {"name": "intruder"}, login) == 401
         assert rest(team_server, "registered-models/create", {"name": "intruder"}, login) == 401
         assert rest(team_server, "experiments/search?max_results=1", login=login) == 401
-    assert (len(admin.search_experiments()), len(admin.search_registered_models())) == before
+    after = len(admin.search_experiments()), len(admin.search_registered_models())
+    print(f"\n(experiments, registered models) before {before}, after 9 refused requests {after}")
+    assert after == before
     assert admin.get_experiment_by_name("intruder") is None
     assert rest(team_server, "experiments/search?max_results=1", login=("alice", team_server.password("alice"))) == 200
 
@@ -111,13 +111,20 @@ def test_a_reader_reads_but_cannot_register_or_move_an_alias(team_server, as_use
         with pytest.raises(MlflowException) as refused:
             attempt()
         assert refused.value.get_http_status_code() == 403, what
-    assert state(alice, "reader-test") == before
+    after = state(alice, "reader-test")
+    print(f"\na reader's 4 refused changes: before {before}, after {after}")
+    assert after == before
 
 
 def test_a_wrong_password_stops_the_pipeline_in_one_line_before_it_trains(tmp_path, team_server, http_mirror,
-                                                                         mirror_md5):  # fmt: skip
-    repo = make_repo(tmp_path, mirror_md5)
+                                                                         mirror_md5, as_user):  # fmt: skip
+    repo = make_repo(tmp_path, mirror_md5, export={"model_name": "wrong-password-test"})
+    admin = as_user("admin")
+    before = state(admin, "wrong-password-test"), len(admin.search_experiments())
     out = run(repo, http_mirror, "dvc", "repro", **{**team_server.env("alice"), "MLFLOW_TRACKING_PASSWORD": "guess"})
+    after = state(admin, "wrong-password-test"), len(admin.search_experiments())
+    print(f"\na wrong password: (state, experiments) before {before}, after {after}")
+    assert after == before
     assert out.returncode != 0
     (line,) = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert line == (f"error: the MLflow tracking server {team_server.url} refused the login 'alice' "
@@ -130,15 +137,6 @@ def test_a_wrong_password_stops_the_pipeline_in_one_line_before_it_trains(tmp_pa
 # --- two machines at once ----------------------------------------------------------------------------------------
 
 MODEL = "team-cnn"
-
-
-def start(repo: Path, mirror: str, *args: str, **env: str) -> tuple[subprocess.Popen, Path]:
-    """Start a command in ``repo`` as `run` does, without waiting; its output goes to a file."""
-    log = Path(tempfile.mkdtemp()) / "out.txt"
-    with log.open("wb") as out:
-        process = subprocess.Popen(list(args), cwd=repo, env=user_env(MNIST_MIRROR=mirror, **env), stdout=out,
-                                   stderr=subprocess.STDOUT)  # fmt: skip
-    return process, log
 
 
 @pytest.fixture(scope="module")

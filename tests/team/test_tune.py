@@ -12,8 +12,7 @@ from optuna.trial import TrialState
 
 from mnist_pipeline import names
 from mnist_pipeline.commands import tune
-from tests.helpers import make_repo, run
-from tests.team.test_tracking_server import start
+from tests.helpers import make_repo, run, start
 
 pytestmark = [pytest.mark.team, pytest.mark.e2e]
 

@@ -16,8 +16,7 @@ from mnist_pipeline import config, names
 from mnist_pipeline.ml import training
 from mnist_pipeline.ml.data import load_split
 from mnist_pipeline.ml.model import load_checkpoint
-from tests.helpers import free_port, make_repo, ran_stages, run
-from tests.team.test_tracking_server import start
+from tests.helpers import free_port, make_repo, ran_stages, run, start
 
 pytestmark = [pytest.mark.team, pytest.mark.e2e]
 
