@@ -53,19 +53,26 @@ Examples:
   mnist-pipeline predict digit.png                             # the champion: models:/mnist-cnn@champion
   mnist-pipeline predict a.png b.png --top-k 3 --json          # the 3 likeliest digits, one JSON line per image
   mnist-pipeline predict data/raw/t10k-images-idx3-ubyte | head  # an IDX file, streamed
-  mnist-pipeline predict digit.png --model models/model.onnx   # a local file: no MLflow, no torch""")
+  mnist-pipeline predict digit.png --model models/model.onnx   # a local file: no MLflow, no torch
+  mnist-pipeline predict photo.jpg --show seen/                # and seen/photo.jpg.png: what the model saw""")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--model", "model_ref", help=MODEL_HELP, show_default=False)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line instead of a table.")
 @click.option("--top-k", default=1, type=click.IntRange(1, 10), help="Show the K most likely digits.")
+@click.option("--show", type=click.Path(file_okay=False, path_type=Path), metavar="FOLDER",
+              help="Write the 28x28 image the model saw for each input into FOLDER (PNG, 8x enlarged).")
+@click.option("--uncertain-below", default=0.7, show_default=True, type=click.FloatRange(0, 1),
+              help="Flag a prediction whose probability is below this as uncertain.")
 @click.option("--allow-pickle", is_flag=True, help=ALLOW_PICKLE_HELP)
-def predict(inputs: tuple[Path, ...], model_ref: str | None, as_json: bool, top_k: int, allow_pickle: bool) -> None:
-    """Print the predicted digit and its probability for each input: images of any size (PNG, JPEG, ...: made
-    28x28 grey, white digit on black or black on white), .npy arrays and IDX files of digits (one line per
-    digit, streamed)."""
+def predict(inputs: tuple[Path, ...], model_ref: str | None, as_json: bool, top_k: int, show: Path | None,
+            uncertain_below: float, allow_pickle: bool) -> None:  # fmt: skip
+    """Print the predicted digit and its probability for each input: images of any size (PNG, JPEG, a photo:
+    its background removed, the digit found, scaled and centred as MNIST's were), .npy arrays and IDX files of
+    digits (one line per digit, streamed). A probability below --uncertain-below is flagged "uncertain"."""
     from mnist_pipeline.commands import predict as command
 
-    raise SystemExit(command.main(list(inputs), model_ref, as_json, top_k, allow_pickle))
+    options = command.Options(as_json, top_k, show, uncertain_below, allow_pickle)
+    raise SystemExit(command.main(list(inputs), model_ref, options))
 
 
 @main.command(short_help="Serve a registered model over REST with MLflow's scoring app.")

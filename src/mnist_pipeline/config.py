@@ -90,6 +90,11 @@ class TrainConfig(Section):
     lr_schedule: Literal[LR_SCHEDULES]
     label_smoothing: Annotated[float, rule(ge=0, lt=1)]
     augment_shift: Annotated[int, rule(ge=0, le=8)]
+    augment_rotation: Annotated[float, rule(ge=0, le=180)]
+    augment_scale: Annotated[float, rule(ge=0, le=0.5)]
+    augment_shear: Annotated[float, rule(ge=0, le=45)]
+    augment_elastic: Annotated[float, rule(ge=0, le=8)]
+    augment_stroke: Annotated[float, rule(ge=0, le=1)]
     validation: Annotated[int, rule(ge=0, lt=MAX_BATCH, allowed=f"an integer in 0..{MAX_BATCH - 1} (digits held out)")]
     precision: Literal[PRECISIONS]
     threads: Annotated[int, rule(ge=0, le=1024, allowed="an integer in 0..1024 (0 = one per core)")]
@@ -113,6 +118,8 @@ class EvaluateConfig(Section):
     batch_size: Annotated[int, rule(ge=1)]
     examples: Annotated[int, rule(ge=1, le=100)]
     mistakes: Annotated[int, rule(ge=0, le=100)]
+    robustness_samples: Annotated[int, rule(ge=0, le=10_000, allowed="an integer in 0..10000 (0 = no report)")]
+    robustness_seed: Annotated[int, rule(ge=0, le=2**32 - 1, allowed="an integer in 0..2**32-1")]
 
 
 def _one_of(value: Any, allowed: tuple) -> Any:
@@ -132,6 +139,7 @@ class ExportConfig(Section):
     parity_samples: Annotated[int, rule(ge=1)]
     parity_tolerance: Annotated[float, rule(gt=0, lt=1)]
     promote_min_delta: Annotated[float, rule(ge=0, lt=1)]
+    max_robust_drop: Annotated[float, rule(ge=0, le=1)]
     register: bool = Field(...)  # required: without Field(...) pydantic takes ABCMeta's `register` as its default
 
 

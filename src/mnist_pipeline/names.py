@@ -11,6 +11,7 @@ VAL_ACCURACY = "val_accuracy"
 EPOCH_METRICS = (TRAIN_LOSS, TEST_LOSS, TEST_ACCURACY, VAL_LOSS, VAL_ACCURACY)
 TRAIN_SECONDS = "train_seconds"
 TEST_ERRORS = "test_errors"  # test digits the model gets wrong: reads apart where an accuracy rounds alike
+ROBUST_ACCURACY = "robust_accuracy"  # mean accuracy of the robustness report (`ml.robustness`)
 # The evaluate stage's metrics (reports/metrics.json) are logged into the run under this prefix.
 FINAL = "final_"
 

@@ -91,7 +91,7 @@ def test_huge_images_nan_pixels_and_idx_bombs_are_refused_by_name_the_rest_is_pr
     _save_onnx(model)
     inputs = [huge, tmp_path / "nan.npy", good, tmp_path / "inf.npy", tmp_path / "bomb-idx3-ubyte.gz"]
     capsys.readouterr()  # what exporting the model printed
-    status = predict.main(inputs, str(model), as_json=False, top_k=1)
+    status = predict.main(inputs, str(model))
     out, err = capsys.readouterr()
     assert status == 1 and [line.split("\t")[0] for line in out.splitlines()] == [str(good)]
     errors = err.splitlines()

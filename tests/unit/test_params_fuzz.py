@@ -92,6 +92,11 @@ FIELDS: dict[str, dict[str, tuple[st.SearchStrategy, st.SearchStrategy]]] = {
         "label_smoothing": (st.floats(0.0, 1.0, exclude_max=True), number_outside(0.0, 1.0, hi_open=True)),
         "validation": (st.integers(0, 59_999), int_outside(0, 59_999)),
         "augment_shift": (st.integers(0, 8), int_outside(0, 8)),
+        "augment_rotation": (st.floats(0.0, 180.0), number_outside(0.0, 180.0)),
+        "augment_scale": (st.floats(0.0, 0.5), number_outside(0.0, 0.5)),
+        "augment_shear": (st.floats(0.0, 45.0), number_outside(0.0, 45.0)),
+        "augment_elastic": (st.floats(0.0, 8.0), number_outside(0.0, 8.0)),
+        "augment_stroke": (st.floats(0.0, 1.0), number_outside(0.0, 1.0)),
         "precision": (st.sampled_from(config.PRECISIONS), choice_outside(config.PRECISIONS)),
         "threads": (st.integers(0, 1024), int_outside(0, 1024)),
         "log_every": (st.integers(1, 10_000), int_outside(1, None)),
@@ -102,6 +107,8 @@ FIELDS: dict[str, dict[str, tuple[st.SearchStrategy, st.SearchStrategy]]] = {
         "batch_size": (st.integers(1, 10_000), int_outside(1, None)),
         "examples": (st.integers(1, 100), int_outside(1, 100)),
         "mistakes": (st.integers(0, 100), int_outside(0, 100)),
+        "robustness_samples": (st.integers(0, 10_000), int_outside(0, 10_000)),
+        "robustness_seed": (st.integers(0, 2**32 - 1), int_outside(0, 2**32 - 1)),
     },
     "export": {
         "model_name": (
@@ -114,6 +121,7 @@ FIELDS: dict[str, dict[str, tuple[st.SearchStrategy, st.SearchStrategy]]] = {
             number_outside(0.0, 1.0, True, True),
         ),
         "promote_min_delta": (st.floats(0.0, 1.0, exclude_max=True), number_outside(0.0, 1.0, hi_open=True)),
+        "max_robust_drop": (st.floats(0.0, 1.0), number_outside(0.0, 1.0)),
         "register": (st.booleans(), st.one_of(st.integers(), st.just("yes"))),
     },
 }

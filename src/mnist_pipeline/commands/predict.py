@@ -1,12 +1,8 @@
 """`mnist-pipeline predict`: digits for image files, .npy arrays or IDX files, with any exported form of the model.
 
-Preprocessing, the way MNIST itself was made, so that a photo or a drawing looks like a training digit:
-
-1. read as greyscale (RGB and RGBA are converted; .npy floats in [0, 1] are scaled to 0-255);
-2. invert when the background is light (MNIST digits are light on black): the border's median decides;
-3. a 28x28 image is taken as already MNIST-normalised and kept as it is; any other size is cropped to its ink,
-   scaled so that its longer side is 20 pixels (aspect kept), and placed in a 28x28 frame with its centre of mass
-   at the centre.
+Each input is read as greyscale (RGB and RGBA are converted; .npy floats in [0, 1] are scaled to 0-255), then
+made to look like an MNIST digit by `mnist_pipeline.ml.preprocess`: background removed, the digit found, scaled
+and centred the way MNIST's were.
 """
 
 from __future__ import annotations
@@ -23,45 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.ml.preprocess import preprocess
 from mnist_pipeline.tracking import loader
 
-IMAGE_SIZE, DIGIT_BOX = 28, 20
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-
-
-def preprocess(image: np.ndarray, name: str) -> np.ndarray:
-    """(H, W) greyscale 0-255 -> (28, 28) float32 in [0, 1], light digit on black, MNIST-style."""
-    image = np.asarray(image, dtype=np.float32)
-    if image.ndim != 2 or min(image.shape) < 1:
-        raise PipelineError(f"{name}: expected a 2-D image, got shape {image.shape}")
-    if image.max() - image.min() < 1:
-        raise PipelineError(f"{name}: the image is blank (every pixel is {image.max():.0f})")
-    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
-    if np.median(border) > 127:  # dark digit on a light background
-        image = 255.0 - image
-    if image.shape == (IMAGE_SIZE, IMAGE_SIZE):
-        return image / 255.0
-    return _normalise_size(image) / 255.0
-
-
-def _normalise_size(image: np.ndarray) -> np.ndarray:
-    from PIL import Image
-
-    ink = image > 0.2 * image.max()
-    rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
-    crop = image[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-    scale = DIGIT_BOX / max(crop.shape)
-    height, width = max(1, round(crop.shape[0] * scale)), max(1, round(crop.shape[1] * scale))
-    digit = np.asarray(Image.fromarray(crop).resize((width, height), Image.Resampling.LANCZOS)).clip(0, 255)
-    # centre of mass of the scaled digit -> centre of the 28x28 frame
-    total = digit.sum()
-    cy = (digit.sum(axis=1) * np.arange(height)).sum() / total
-    cx = (digit.sum(axis=0) * np.arange(width)).sum() / total
-    top = int(np.clip(round(IMAGE_SIZE / 2 - cy), 0, IMAGE_SIZE - height))
-    left = int(np.clip(round(IMAGE_SIZE / 2 - cx), 0, IMAGE_SIZE - width))
-    frame = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
-    frame[top : top + height, left : left + width] = digit
-    return frame
 
 
 MAX_PIXELS = 25_000_000  # an image larger than 5000x5000 is no handwritten digit; decoding it could take GBs
@@ -212,19 +173,22 @@ class Prediction:
     digit: int
     probability: float
     top_k: list[tuple[int, float]]
+    uncertain: bool = False
 
     def line(self, show_top_k: bool) -> str:
+        flag = "\tuncertain" if self.uncertain else ""
         if show_top_k:
-            return f"{self.input}\t" + "  ".join(f"{d} ({p:.4f})" for d, p in self.top_k)
-        return f"{self.input}\t{self.digit}\t{self.probability:.4f}"
+            return f"{self.input}\t" + "  ".join(f"{d} ({p:.4f})" for d, p in self.top_k) + flag
+        return f"{self.input}\t{self.digit}\t{self.probability:.4f}{flag}"
 
     def json(self) -> str:
         top = [{"digit": d, "probability": round(p, 6)} for d, p in self.top_k]
         return json.dumps({"input": self.input, "digit": self.digit, "probability": round(self.probability, 6),
-                           "top_k": top})  # fmt: skip
+                           "uncertain": self.uncertain, "top_k": top})  # fmt: skip
 
 
-def predict(model: loader.Model, labels: list[str], images: np.ndarray, top_k: int) -> list[Prediction]:
+def predict(model: loader.Model, labels: list[str], images: np.ndarray, top_k: int,
+            uncertain_below: float = 0.0) -> list[Prediction]:  # fmt: skip
     """images: (N, 28, 28) float32 in [0, 1]."""
     if not labels:
         return []
@@ -235,23 +199,51 @@ def predict(model: loader.Model, labels: list[str], images: np.ndarray, top_k: i
     digits = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
     values = np.take_along_axis(probabilities, digits, axis=1)
     return [
-        Prediction(label, int(d[0]), float(v[0]), [(int(a), float(b)) for a, b in zip(d, v, strict=True)])
+        Prediction(label, int(d[0]), float(v[0]), [(int(a), float(b)) for a, b in zip(d, v, strict=True)],
+                   bool(v[0] < uncertain_below))  # fmt: skip
         for label, d, v in zip(labels, digits, values, strict=True)
     ]
 
 
-def main(inputs: list[Path], model_ref: str | None, as_json: bool, top_k: int, allow_pickle: bool = False) -> int:
+@dataclass(frozen=True)
+class Options:
+    as_json: bool = False
+    top_k: int = 1
+    show: Path | None = None  # a folder for the 28x28 images the model saw
+    uncertain_below: float = 0.0
+    allow_pickle: bool = False
+
+
+def write_seen(folder: Path, label: str, image: np.ndarray) -> Path:
+    """The 28x28 image the model saw, 8x enlarged (nearest: the pixels stay visible), as ``<label>.png``."""
+    import io
+
+    from PIL import Image
+
+    from mnist_pipeline.files import write_atomic
+
+    folder.mkdir(parents=True, exist_ok=True)
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(label).name)  # an IDX file's digits are "file[7]"
+    pixels = Image.fromarray((image * 255).round().astype(np.uint8)).resize((224, 224), Image.Resampling.NEAREST)
+    buffer = io.BytesIO()
+    pixels.save(buffer, format="PNG")
+    path = folder / f"{safe}.png"
+    write_atomic(path, buffer.getvalue())
+    return path
+
+
+def main(inputs: list[Path], model_ref: str | None, options: Options = Options()) -> int:
     """Print one line per input; return 0, or 1 when any input could not be read."""
-    if not 1 <= top_k <= 10:
-        raise PipelineError(f"--top-k {top_k}: expected 1..10")
+    if not 1 <= options.top_k <= 10:
+        raise PipelineError(f"--top-k {options.top_k}: expected 1..10")
     labels, images, failed, model = [], [], 0, None
 
     def flush() -> None:  # predict and print what has been read so far
         nonlocal model
         if labels:
-            model = model or loader.load_model(model_ref, allow_pickle)
-            for prediction in predict(model, labels, np.stack(images), top_k):
-                print(prediction.json() if as_json else prediction.line(top_k > 1), flush=True)
+            model = model or loader.load_model(model_ref, options.allow_pickle)
+            for prediction in predict(model, labels, np.stack(images), options.top_k, options.uncertain_below):
+                print(prediction.json() if options.as_json else prediction.line(options.top_k > 1), flush=True)
             labels.clear()
             images.clear()
 
@@ -260,6 +252,8 @@ def main(inputs: list[Path], model_ref: str | None, as_json: bool, top_k: int, a
             for label, image in read_inputs(path):
                 images.append(preprocess(image, label))
                 labels.append(label)
+                if options.show is not None:
+                    write_seen(options.show, label, images[-1])
                 if len(labels) == CHUNK:
                     flush()
         except PipelineError as exc:

@@ -34,7 +34,7 @@ from mnist_pipeline import names
 from mnist_pipeline.config import ModelConfig, TrainConfig
 from mnist_pipeline.errors import PipelineError, interrupts_held
 from mnist_pipeline.files import write_atomic
-from mnist_pipeline.ml import distributed
+from mnist_pipeline.ml import augment, distributed
 from mnist_pipeline.ml.data import Split
 from mnist_pipeline.ml.distributed import SINGLE, Cluster
 from mnist_pipeline.ml.model import ConvNet, build
@@ -270,9 +270,12 @@ def _one_epoch(net, optimizer, scheduler, generator: torch.Generator, train_data
     for step, first in enumerate(range(0, len(train_data), cfg.batch_size), start=1):
         batch = order[first : first + cfg.batch_size]  # the global batch, the same on every rank
         offsets = random_offsets(len(batch), cfg.augment_shift, generator) if cfg.augment_shift else None
+        amounts = augment.draw(len(batch), cfg, generator) if augment.active(cfg) else None
         mine = cluster.shard(len(batch))
         idx = batch[mine]
         x = train_data.x(idx, cfg.augment_shift, offsets[:, mine] if offsets is not None else None)
+        if amounts is not None:
+            x = augment.apply(x, amounts[mine], cfg)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             batch_loss = F.cross_entropy(
                 net(x), train_data.y[idx], reduction="sum", label_smoothing=cfg.label_smoothing

@@ -25,7 +25,7 @@ class Paths:
     data: Path = path("folder written by the download stage")
     checkpoint: Path = path("the trained model")
     record: Path = path("the train stage's record of the training (JSON)")
-    metrics: Path = path("the evaluate stage's metrics JSON")
+    metrics: list[Path] = path("the evaluate stage's metrics JSON files (every key is logged)", many=True)
     evaluation: list[Path] = path("the evaluate stage's figures and tables, logged with the run", many=True)
     onnx: Path = path("the ONNX file to write (the model that is registered)")
     report: Path = path("parity figures, the MLflow run id and the registered version (JSON)")
@@ -44,7 +44,7 @@ def run(params: config.Params, paths: Paths) -> None:
     record = runs.read_record(paths.record)
     model, _ = load_checkpoint(paths.checkpoint)
     verify_folder(paths.data)
-    test_metrics = json.loads(paths.metrics.read_text())
+    test_metrics = {key: value for file in paths.metrics for key, value in json.loads(file.read_text()).items()}
     test = load_split(paths.data, "test")
     digits = to_pixels(torch.from_numpy(test.images[: export_cfg.parity_samples].copy()))  # (N, 1, 28, 28)
 
@@ -139,8 +139,11 @@ def _log_and_register(params, paths: Paths, record, test_metrics, digits, checks
         if not params.export.register:
             print(f"not registered (export.register: false): the run {run_id} holds the model")
             return None, run_id
-        registration = registry.register(info.model_uri, params.export.model_name, test_metrics[names.TEST_ACCURACY],
-                                         params.export.promote_min_delta)  # fmt: skip
+        registration = registry.register(
+            info.model_uri, params.export.model_name, test_metrics[names.TEST_ACCURACY],
+            params.export.promote_min_delta, robust_accuracy=test_metrics.get(names.ROBUST_ACCURACY),
+            max_robust_drop=params.export.max_robust_drop,
+        )  # fmt: skip
     return registration.to_dict(), run_id
 
 

@@ -45,13 +45,14 @@ class Registration:
         }
 
 
-def _champion_accuracy(client: MlflowClient, name: str) -> tuple[int, float] | None:
-    """(version, test accuracy) of the current champion, or None when there is none."""
+def _champion_accuracy(client: MlflowClient, name: str) -> tuple[int, float, float | None] | None:
+    """(version, test accuracy, robust accuracy or None) of the current champion, or None when there is none."""
     try:
         champion = client.get_model_version_by_alias(name, names.ALIAS_CHAMPION)
     except MlflowException:
         return None
-    return int(champion.version), float(champion.tags.get(names.TEST_ACCURACY, "nan"))
+    robust = champion.tags.get(names.ROBUST_ACCURACY)
+    return int(champion.version), float(champion.tags.get(names.TEST_ACCURACY, "nan")), robust and float(robust)
 
 
 ONNX_REQUIREMENTS = ("onnx", "onnxruntime")
@@ -90,19 +91,31 @@ def predict_with_logged_model(model_uri: str, digits: np.ndarray) -> list[list[f
     return np.asarray(output["logits"] if isinstance(output, dict) else output).tolist()
 
 
-def promotion(test_accuracy: float, champion: tuple[int, float] | None, min_delta: float) -> tuple[bool, str]:
-    """Should a new version with ``test_accuracy`` become champion? Returns (decision, reason in one line)."""
+def promotion(test_accuracy: float, champion: tuple | None, min_delta: float, robust_accuracy: float | None = None,
+              max_robust_drop: float = 1.0) -> tuple[bool, str]:  # fmt: skip
+    """Should a new version with ``test_accuracy`` become champion? Returns (decision, reason in one line).
+
+    ``champion``: (version, test accuracy[, robust accuracy]). It must be at least as accurate on the test digits
+    (plus ``min_delta``), and, when both have a robust accuracy (the robustness report's mean), not more than
+    ``max_robust_drop`` below the champion's there: a point gained on MNIST's own test set does not buy a model
+    that reads real digits worse."""
     if champion is None:
         return True, "no champion yet"
-    version, accuracy = champion
-    if test_accuracy >= accuracy + min_delta:
-        return True, f"test accuracy {test_accuracy:.4f} >= champion v{version}'s {accuracy:.4f} + {min_delta:g}"
-    return False, f"kept champion v{version}: test accuracy {test_accuracy:.4f} < its {accuracy:.4f} + {min_delta:g}"
+    version, accuracy, robust = (*champion, None)[:3]
+    if test_accuracy < accuracy + min_delta:
+        return False, (f"kept champion v{version}: test accuracy {test_accuracy:.4f} < its {accuracy:.4f} + "
+                       f"{min_delta:g}")  # fmt: skip
+    passed = f"test accuracy {test_accuracy:.4f} >= champion v{version}'s {accuracy:.4f} + {min_delta:g}"
+    if robust_accuracy is not None and robust is not None:
+        if robust_accuracy < robust - max_robust_drop:
+            return False, (f"kept champion v{version}: robust accuracy {robust_accuracy:.4f} < its {robust:.4f} - "
+                           f"{max_robust_drop:g} (export.max_robust_drop), though {passed}")  # fmt: skip
+        passed += f"; robust accuracy {robust_accuracy:.4f} >= its {robust:.4f} - {max_robust_drop:g}"
+    return True, passed
 
 
-def register(
-    model_uri: str, name: str, test_accuracy: float, min_delta: float = 0.0, log: TextIO | None = None
-) -> Registration:
+def register(model_uri: str, name: str, test_accuracy: float, min_delta: float = 0.0, log: TextIO | None = None,
+             robust_accuracy: float | None = None, max_robust_drop: float = 1.0) -> Registration:  # fmt: skip
     """Register a logged model as a new version of ``name`` and move the aliases.
 
     ``candidate`` always moves to the new version; ``champion`` moves when the new version's test accuracy is at
@@ -112,7 +125,8 @@ def register(
     log = log or sys.stderr
     client = MlflowClient()
     with store.lock(mlflow.get_tracking_uri()):  # a local store: one writer at a time (a server needs none)
-        return _register(client, model_uri, name, test_accuracy, min_delta, log)
+        rule = (test_accuracy, min_delta, robust_accuracy, max_robust_drop)
+        return _register(client, model_uri, name, rule, log)
 
 
 TURN_WAIT_S = 300  # the longest a version waits for earlier ones to decide (a registration takes seconds)
@@ -155,8 +169,8 @@ def _new_version(model_uri: str, name: str, tags: dict[str, str]):
         return mlflow.register_model(model_uri, name, tags=tags)
 
 
-def _register(client: MlflowClient, model_uri: str, name: str, test_accuracy: float, min_delta: float,
-              log: TextIO) -> Registration:  # fmt: skip
+def _register(client: MlflowClient, model_uri: str, name: str, rule: tuple, log: TextIO) -> Registration:
+    """``rule``: (test accuracy, min delta, robust accuracy, max robust drop), for `promotion`."""
     from mnist_pipeline.tracking.repair import owner
 
     run = mlflow.active_run()
@@ -165,8 +179,10 @@ def _register(client: MlflowClient, model_uri: str, name: str, test_accuracy: fl
     version = int(_new_version(model_uri, name, tags={names.REGISTERING: owner()}).version)
     print(f"registering {name} version {version}: tags, then aliases", file=log, flush=True)
     try:
+        test_accuracy, min_delta, robust_accuracy, max_robust_drop = rule
         tags = {
             names.TEST_ACCURACY: f"{test_accuracy:.6f}",
+            **({names.ROBUST_ACCURACY: f"{robust_accuracy:.6f}"} if robust_accuracy is not None else {}),
             names.RUN_ID: run.info.run_id,
             names.GIT_COMMIT: run.data.tags.get(names.GIT_COMMIT, "unknown"),
             names.DVC_EXP_NAME: run.data.tags.get(names.DVC_EXP_NAME, ""),
@@ -180,7 +196,8 @@ def _register(client: MlflowClient, model_uri: str, name: str, test_accuracy: fl
         )
         client.delete_model_version_tag(name, str(version), names.REGISTERING)  # complete: now it may get aliases
         _wait_for_turn(client, name, version, log)
-        promote, reason = promotion(test_accuracy, _champion_accuracy(client, name), min_delta)
+        champion = _champion_accuracy(client, name)
+        promote, reason = promotion(test_accuracy, champion, min_delta, robust_accuracy, max_robust_drop)
         client.set_registered_model_alias(name, names.ALIAS_CANDIDATE, str(version))
         aliases = [names.ALIAS_CANDIDATE]
         if promote:

@@ -1,0 +1,59 @@
+"""The training's augmentation: each digit moved, warped and its strokes changed by amounts drawn for it, on the
+device, a whole batch at a time (no Python loop over digits). The amounts are drawn from the training's generator
+for the whole global batch, so every rank of a distributed training draws alike and takes its own digits' share,
+and a seed fixes them (see `distortions` for the moves themselves)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mnist_pipeline.config import TrainConfig
+from mnist_pipeline.ml import distortions
+
+ELASTIC_SIGMA = 3.0  # pixels: the smoothness of the elastic warp's field
+
+
+def active(cfg: TrainConfig) -> bool:
+    """Whether any augmentation but the pixel shift (`training.shift_images`) is on."""
+    return any((cfg.augment_rotation, cfg.augment_scale, cfg.augment_shear, cfg.augment_elastic, cfg.augment_stroke))
+
+
+@dataclass(frozen=True)
+class Draw:
+    """The amounts for a batch of digits, one entry per digit."""
+
+    degrees: torch.Tensor
+    scale: torch.Tensor
+    shear: torch.Tensor
+    field: torch.Tensor | None  # (N, 2, 28, 28) for the elastic warp
+    stroke: torch.Tensor  # -1, 0 or 1
+
+    def __getitem__(self, index) -> Draw:
+        return Draw(self.degrees[index], self.scale[index], self.shear[index],
+                    None if self.field is None else self.field[index], self.stroke[index])  # fmt: skip
+
+
+def draw(n: int, cfg: TrainConfig, generator: torch.Generator) -> Draw:
+    def uniform(low: float, high: float, shape=None) -> torch.Tensor:
+        u = torch.rand(shape or (n,), generator=generator, device=generator.device)
+        return low + (high - low) * u
+
+    field = uniform(0, 1, (n, 2, 28, 28)) if cfg.augment_elastic else None
+    changed = uniform(0, 1) < cfg.augment_stroke
+    stroke = torch.where(changed, torch.where(uniform(0, 1) < 0.5, -1, 1), 0)
+    return Draw(uniform(-cfg.augment_rotation, cfg.augment_rotation),
+                uniform(1 - cfg.augment_scale, 1 + cfg.augment_scale),
+                uniform(-cfg.augment_shear, cfg.augment_shear), field, stroke)  # fmt: skip
+
+
+def apply(x: torch.Tensor, amounts: Draw, cfg: TrainConfig) -> torch.Tensor:
+    """``x``: (N, 1, 28, 28) pixels in [0, 1], moved by ``amounts``."""
+    if cfg.augment_stroke:
+        x = distortions.stroke(x, amounts.stroke)
+    if cfg.augment_rotation or cfg.augment_scale or cfg.augment_shear:
+        x = distortions.affine(x, amounts.degrees, amounts.scale, shear=amounts.shear)
+    if amounts.field is not None:
+        x = distortions.warp(x, amounts.field, cfg.augment_elastic, ELASTIC_SIGMA)
+    return x

@@ -1,0 +1,127 @@
+"""The robustness report: the model's accuracy on test digits under the distortions real inputs have, each at a
+few strengths, seeded so that the report is the same on every run; `robust_accuracy` is the mean over all.
+
+The "photo" distortion renders each digit as a photo (`distortions.render_photos`) and reads it back through
+`predict`'s own preprocessing (`preprocess`): it measures what a user photographing a digit gets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from mnist_pipeline.ml import distortions as d
+
+Distort = Callable[[torch.Tensor, float, torch.Generator], torch.Tensor]
+
+
+def _photo(x: torch.Tensor, quality: float, generator: torch.Generator) -> torch.Tensor:
+    from mnist_pipeline.ml.preprocess import preprocess
+
+    photos = d.render_photos(x, generator, quality=int(quality))
+    return torch.from_numpy(np.stack([preprocess(p, "photo") for p in photos]))[:, None]
+
+
+def _shift(x: torch.Tensor, pixels: float, generator: torch.Generator) -> torch.Tensor:
+    signs = torch.stack([d.random_signs(len(x), generator), d.random_signs(len(x), generator)], dim=1)
+    return d.affine(x, shift=signs * pixels)
+
+
+@dataclass(frozen=True)
+class Distortion:
+    name: str
+    strengths: tuple[float, ...]  # the milder first
+    unit: str
+    apply: Distort
+
+
+DISTORTIONS = (
+    Distortion("rotation", (10, 20), "degrees, either way", lambda x, s, g: d.affine(x, s * d.random_signs(len(x), g))),
+    Distortion("scale", (0.7, 1.3), "times the size", lambda x, s, g: d.affine(x, scale=s)),
+    Distortion("shift", (3, 6), "pixels across and down, either way (no re-centring)", _shift),
+    Distortion("thinner", (1, 2), "pixels of erosion", lambda x, s, g: d.stroke(x, -int(s))),
+    Distortion("thicker", (1, 2), "pixels of dilation", lambda x, s, g: d.stroke(x, int(s))),
+    Distortion("blur", (1.0, 1.5), "Gaussian sigma, pixels", lambda x, s, g: d.blur(x, s)),
+    Distortion("noise", (0.2, 0.4), "Gaussian sigma, of the pixel range", lambda x, s, g: d.noise(x, s, g)),
+    Distortion("elastic", (2.0, 3.0), "pixels of largest move", lambda x, s, g: d.elastic(x, s, 3.0, g)),
+    Distortion("contrast", (0.5, 0.25), "of the full range", lambda x, s, g: d.contrast(x, s)),
+    Distortion("photo", (75, 35), "JPEG quality, through predict's preprocessing", _photo),
+)
+
+
+def metric_name(distortion: str, strength: float) -> str:
+    """The MLflow metric of one distortion at one strength: ``robust_rotation_10``, ``robust_scale_0.7``."""
+    return f"robust_{distortion}_{strength:g}"
+
+
+@torch.inference_mode()
+def report(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, seed: int, batch_size: int = 2000) -> pd.DataFrame:
+    """One row per distortion and strength: (distortion, strength, level, unit, accuracy). ``x``: (N, 1, 28, 28)
+    pixels in [0, 1]. Each distortion draws from a generator of its own seeded from ``seed``, so adding one changes
+    none of the others."""
+    model.eval()
+    rows = []
+    for index, distortion in enumerate(DISTORTIONS):
+        for level, strength in enumerate(distortion.strengths, start=1):
+            generator = torch.Generator().manual_seed(seed * 1000 + index * 10 + level)
+            correct = 0
+            for start in range(0, len(x), batch_size):
+                batch = distortion.apply(x[start : start + batch_size], strength, generator).float()
+                correct += int((model(batch).argmax(dim=1) == labels[start : start + batch_size]).sum())
+            rows.append({"distortion": distortion.name, "strength": strength, "level": level,
+                         "unit": distortion.unit, "accuracy": correct / len(x)})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def metrics(table: pd.DataFrame) -> dict[str, float]:
+    """One metric per distortion and strength (see `metric_name`)."""
+    return {metric_name(r.distortion, r.strength): float(r.accuracy) for r in table.itertuples()}
+
+
+def robust_accuracy(table: pd.DataFrame) -> float:
+    """The mean accuracy over every distortion and strength: ``robust_accuracy``."""
+    return float(table.accuracy.mean())
+
+
+def by_level(table: pd.DataFrame, clean_accuracy: float) -> pd.DataFrame:
+    """A column per distortion, a row per strength level (0: none, the clean accuracy): DVC draws one line per
+    column."""
+    if table.empty:
+        return pd.DataFrame({"level": [0]})
+    wide = table.pivot(index="level", columns="distortion", values="accuracy")[list(dict.fromkeys(table.distortion))]
+    clean = pd.DataFrame({name: [clean_accuracy] for name in wide.columns}, index=pd.Index([0], name="level"))
+    return pd.concat([clean, wide]).reset_index()
+
+
+def plot(table: pd.DataFrame, path: Path) -> None:
+    """Accuracy against strength level, one line per distortion (the PNG logged with the run)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mnist_pipeline.files import write_atomic
+
+    figure, axes = plt.subplots(figsize=(7, 4.5), dpi=100)
+    for name, rows in table.groupby("distortion", sort=False):
+        levels = [0, *rows.level]
+        clean = table.attrs.get("clean_accuracy", rows.accuracy.iloc[0])
+        axes.plot(levels, [clean, *rows.accuracy], marker="o", label=name)
+    axes.set(title="Robustness: test accuracy under distortions",
+             xlabel="strength (0 = none, 1 = milder, 2 = stronger)",
+             ylabel="accuracy", xticks=[0, 1, 2])  # fmt: skip
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8, ncols=2)
+    figure.tight_layout()
+    import io
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    write_atomic(path, buffer.getvalue())
