@@ -26,6 +26,7 @@ DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("constant", "onecycle")
 PRECISIONS = ("auto", "fp32", "bf16")
+INPUT_NORMS = ("mnist", "per_image")
 # Bounds of what can work on MNIST: a batch is at most the training set (60,000 digits); a run of more epochs
 # than this is a typo (the accuracy preset needs 10).
 MAX_BATCH = 60_000
@@ -76,6 +77,7 @@ class ModelConfig(Section):
     hidden: Annotated[int, rule(ge=1, le=8192)]
     dropout: Annotated[float, rule(ge=0, lt=1)]
     batch_norm: bool
+    input_norm: Literal[INPUT_NORMS]
 
 
 class TrainConfig(Section):
@@ -95,6 +97,7 @@ class TrainConfig(Section):
     augment_shear: Annotated[float, rule(ge=0, le=45)]
     augment_elastic: Annotated[float, rule(ge=0, le=8)]
     augment_stroke: Annotated[float, rule(ge=0, le=1)]
+    augment_noise: Annotated[float, rule(ge=0, le=1)]
     validation: Annotated[int, rule(ge=0, lt=MAX_BATCH, allowed=f"an integer in 0..{MAX_BATCH - 1} (digits held out)")]
     precision: Literal[PRECISIONS]
     threads: Annotated[int, rule(ge=0, le=1024, allowed="an integer in 0..1024 (0 = one per core)")]

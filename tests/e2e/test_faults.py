@@ -310,16 +310,22 @@ def test_killed_at_any_moment_of_export_the_next_repro_leaves_the_registry_whole
 
 
 class _HealthyThenTrickling(http.server.BaseHTTPRequestHandler):
-    """A tracking server that answers /health at once and every other request one byte every 0.2 s."""
+    """A tracking server that answers /health and the pipeline's own login check (urllib's requests: as a server
+    without the experiment yet) at once, and every other request (MLflow's client's) one byte every 0.2 s."""
 
     def do_GET(self):
         if self.path.startswith("/health"):
-            self.send_response(200)
-            self.send_header("Content-Length", "2")
-            self.end_headers()
-            self.wfile.write(b"OK")
-            return
-        self._trickle()
+            self._answer(200, b"OK")
+        elif self.headers.get("User-Agent", "").startswith("Python-urllib"):
+            self._answer(404, b'{"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "no such experiment"}')
+        else:
+            self._trickle()
+
+    def _answer(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
     do_POST = do_PATCH = do_DELETE = do_GET
     trickling = threading.Event()  # set when a client is waiting on a trickle

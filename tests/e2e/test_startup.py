@@ -65,7 +65,7 @@ def test_the_onnx_export_does_not_load_torchs_compiler(tmp_path):
         "from mnist_pipeline.config import ModelConfig\n"
         "from mnist_pipeline.ml.model import build\n"
         "export.save_onnx(build(ModelConfig(conv_channels=(4,), kernel_size=3, hidden=16, dropout=0.0, "
-        "batch_norm=False)), torch.rand(2, 1, 28, 28), Path(sys.argv[1]))\n"
+        "batch_norm=False, input_norm='mnist')), torch.rand(2, 1, 28, 28), Path(sys.argv[1]))\n"
         "print('torch._dynamo' in sys.modules)\n"
     )
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.onnx")], capture_output=True, text=True)

@@ -7,10 +7,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from mnist_pipeline.config import ModelConfig
 from mnist_pipeline.ml.model import build
 from mnist_pipeline.tracking import loader, registry
-from tests.helpers import log_onnx
+from tests.helpers import log_onnx, tiny_model_config
 
 
 @pytest.mark.parametrize(
@@ -31,7 +30,7 @@ def test_promotion_rule(accuracy, champion, delta, promote, reason):
 
 def test_candidate_always_moves_champion_only_when_not_worse(local_store, tmp_path):
     torch.manual_seed(0)
-    model = build(ModelConfig(conv_channels=(4,), kernel_size=3, hidden=8, dropout=0.0, batch_norm=False)).eval()
+    model = build(tiny_model_config(hidden=8)).eval()
     with mlflow.start_run() as run:
         run_id = run.info.run_id
         uri = log_onnx(model, tmp_path)
@@ -60,7 +59,7 @@ def test_candidate_always_moves_champion_only_when_not_worse(local_store, tmp_pa
 
 
 def test_a_registration_interrupted_half_way_leaves_no_version(local_store, monkeypatch, tmp_path):
-    model = build(ModelConfig(conv_channels=(4,), kernel_size=3, hidden=8, dropout=0.0, batch_norm=False)).eval()
+    model = build(tiny_model_config(hidden=8)).eval()
     with mlflow.start_run():
         uri = log_onnx(model, tmp_path)
         registry.register(uri, "m", 0.95)
@@ -75,3 +74,25 @@ def test_a_registration_interrupted_half_way_leaves_no_version(local_store, monk
     assert [int(v.version) for v in versions] == [1]  # version 2 was removed again
     monkeypatch.undo()
     assert int(MlflowClient().get_model_version_by_alias("m", "champion").version) == 1
+
+
+def test_a_candidate_that_reads_real_digits_worse_is_not_promoted(local_store, tmp_path):
+    """Better on MNIST's test set by a point, but its robust accuracy more than export.max_robust_drop below the
+    champion's: `champion` stays, and the registration's line says why."""
+    import io
+
+    model = build(tiny_model_config(hidden=8)).eval()
+    log = io.StringIO()
+    with mlflow.start_run():
+        uri = log_onnx(model, tmp_path)
+        champion = registry.register(uri, "m", 0.98, robust_accuracy=0.90, max_robust_drop=0.01, log=log)
+        brittle = registry.register(uri, "m", 0.99, robust_accuracy=0.85, max_robust_drop=0.01, log=log)
+        within = registry.register(uri, "m", 0.99, robust_accuracy=0.895, max_robust_drop=0.01, log=log)
+    assert champion.aliases == ("candidate", "champion")
+    assert brittle.aliases == ("candidate",)
+    assert brittle.champion_reason == ("kept champion v1: robust accuracy 0.8500 < its 0.9000 - 0.01 "
+                                       "(export.max_robust_drop), though test accuracy 0.9900 >= champion v1's "
+                                       "0.9800 + 0")  # fmt: skip
+    assert f"registered m version 2 (candidate): {brittle.champion_reason}" in log.getvalue()
+    assert within.aliases == ("candidate", "champion")  # 0.895 is within 0.01 of 0.90
+    assert MlflowClient().get_model_version("m", "2").tags["robust_accuracy"] == "0.850000"

@@ -78,6 +78,7 @@ FIELDS: dict[str, dict[str, tuple[st.SearchStrategy, st.SearchStrategy]]] = {
         ),
         "hidden": (st.integers(1, 8192), int_outside(1, 8192)),
         "dropout": (st.floats(0.0, 1.0, exclude_max=True), number_outside(0.0, 1.0, hi_open=True)),
+        "input_norm": (st.sampled_from(config.INPUT_NORMS), choice_outside(config.INPUT_NORMS)),
         "batch_norm": (st.booleans(), st.one_of(st.integers(), st.text(max_size=5), st.none())),
     },
     "train": {
@@ -97,6 +98,7 @@ FIELDS: dict[str, dict[str, tuple[st.SearchStrategy, st.SearchStrategy]]] = {
         "augment_shear": (st.floats(0.0, 45.0), number_outside(0.0, 45.0)),
         "augment_elastic": (st.floats(0.0, 8.0), number_outside(0.0, 8.0)),
         "augment_stroke": (st.floats(0.0, 1.0), number_outside(0.0, 1.0)),
+        "augment_noise": (st.floats(0.0, 1.0), number_outside(0.0, 1.0)),
         "precision": (st.sampled_from(config.PRECISIONS), choice_outside(config.PRECISIONS)),
         "threads": (st.integers(0, 1024), int_outside(0, 1024)),
         "log_every": (st.integers(1, 10_000), int_outside(1, None)),

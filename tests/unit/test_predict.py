@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -88,3 +90,19 @@ def test_the_default_model_is_the_champion_of_the_name_params_yaml_gives(tmp_pat
     (tmp_path / "params.yaml").unlink()
     with pytest.raises(PipelineError, match="no params.yaml in .*: run this in the project, or name a model"):
         loader.champion()
+
+
+def test_show_writes_what_the_model_saw_and_low_probabilities_are_flagged(files, tmp_path, model_file, capsys):
+    from PIL import Image
+
+    status = predict.main([files / "big.jpg", files / "batch.npy"], str(model_file),
+                          predict.Options(as_json=True, show=tmp_path / "seen", uncertain_below=1.01))  # fmt: skip
+    assert status == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 3 and all(line["uncertain"] for line in lines)  # no probability reaches 1.01
+    seen = sorted(p.name for p in (tmp_path / "seen").iterdir())
+    assert seen == ["batch.npy_0_.png", "batch.npy_1_.png", "big.jpg.png"]
+    image = np.asarray(Image.open(tmp_path / "seen" / "big.jpg.png"))
+    assert image.shape == (224, 224) and image.max() > 200 and image[0].max() == 0  # light digit, black border
+    predict.main([files / "big.jpg"], str(model_file), predict.Options(uncertain_below=0.0))
+    assert "uncertain" not in capsys.readouterr().out

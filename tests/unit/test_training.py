@@ -12,7 +12,7 @@ from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.ml import training
 from mnist_pipeline.ml.data import load_split
 
-MODEL = ModelConfig(conv_channels=(8,), kernel_size=3, hidden=32, dropout=0.0, batch_norm=False)
+MODEL = ModelConfig(conv_channels=(8,), kernel_size=3, hidden=32, dropout=0.0, batch_norm=False, input_norm="mnist")
 TRAIN = TrainConfig(
     seed=0,
     device="cpu",
@@ -29,6 +29,7 @@ TRAIN = TrainConfig(
     augment_shear=0.0,
     augment_elastic=0.0,
     augment_stroke=0.0,
+    augment_noise=0.0,
     validation=0,
     precision="auto",
     threads=0,

@@ -17,7 +17,8 @@ ELASTIC_SIGMA = 3.0  # pixels: the smoothness of the elastic warp's field
 
 def active(cfg: TrainConfig) -> bool:
     """Whether any augmentation but the pixel shift (`training.shift_images`) is on."""
-    return any((cfg.augment_rotation, cfg.augment_scale, cfg.augment_shear, cfg.augment_elastic, cfg.augment_stroke))
+    return any((cfg.augment_rotation, cfg.augment_scale, cfg.augment_shear, cfg.augment_elastic, cfg.augment_stroke,
+                cfg.augment_noise))
 
 
 @dataclass(frozen=True)
@@ -28,11 +29,13 @@ class Draw:
     scale: torch.Tensor
     shear: torch.Tensor
     field: torch.Tensor | None  # (N, 2, 28, 28) for the elastic warp
-    stroke: torch.Tensor  # -1, 0 or 1
+    stroke: torch.Tensor  # -2..2
+    noise: torch.Tensor | None  # (N, 1, 28, 28): sigma times a standard normal
 
     def __getitem__(self, index) -> Draw:
         return Draw(self.degrees[index], self.scale[index], self.shear[index],
-                    None if self.field is None else self.field[index], self.stroke[index])  # fmt: skip
+                    None if self.field is None else self.field[index], self.stroke[index],
+                    None if self.noise is None else self.noise[index])  # fmt: skip
 
 
 def draw(n: int, cfg: TrainConfig, generator: torch.Generator) -> Draw:
@@ -42,10 +45,16 @@ def draw(n: int, cfg: TrainConfig, generator: torch.Generator) -> Draw:
 
     field = uniform(0, 1, (n, 2, 28, 28)) if cfg.augment_elastic else None
     changed = uniform(0, 1) < cfg.augment_stroke
-    stroke = torch.where(changed, torch.where(uniform(0, 1) < 0.5, -1, 1), 0)
+    amount = torch.tensor([-2, -1, 1, 2], device=generator.device)  # thinner or thicker by one or two pixels
+    pick = torch.randint(0, 4, (n,), generator=generator, device=generator.device)
+    stroke = torch.where(changed, amount[pick], 0)
+    noise = None
+    if cfg.augment_noise:  # each digit its own level, up to the maximum
+        normal = torch.randn((n, 1, 28, 28), generator=generator, device=generator.device)
+        noise = normal * uniform(0, cfg.augment_noise).view(n, 1, 1, 1)
     return Draw(uniform(-cfg.augment_rotation, cfg.augment_rotation),
                 uniform(1 - cfg.augment_scale, 1 + cfg.augment_scale),
-                uniform(-cfg.augment_shear, cfg.augment_shear), field, stroke)  # fmt: skip
+                uniform(-cfg.augment_shear, cfg.augment_shear), field, stroke, noise)  # fmt: skip
 
 
 def apply(x: torch.Tensor, amounts: Draw, cfg: TrainConfig) -> torch.Tensor:
@@ -56,4 +65,6 @@ def apply(x: torch.Tensor, amounts: Draw, cfg: TrainConfig) -> torch.Tensor:
         x = distortions.affine(x, amounts.degrees, amounts.scale, shear=amounts.shear)
     if amounts.field is not None:
         x = distortions.warp(x, amounts.field, cfg.augment_elastic, ELASTIC_SIGMA)
+    if amounts.noise is not None:
+        x = (x + amounts.noise.to(x.device)).clamp(0, 1)
     return x

@@ -80,14 +80,19 @@ def _grow(x: torch.Tensor, size: int) -> torch.Tensor:
 
 def stroke(x: torch.Tensor, change: torch.Tensor | int) -> torch.Tensor:
     """Thicker (``change`` > 0, a grey dilation) or thinner (< 0, an erosion) strokes: 1 by a pixel, 2 by two;
-    one value for all digits or one per digit (-1, 0 or 1)."""
+    one value for all digits or one per digit (-2..2)."""
     if isinstance(change, int):
         if change == 0:
             return x
         size = abs(change) + 1
         return _grow(x, size) if change > 0 else -_grow(-x, size)
     change = change.to(x.device).view(-1, 1, 1, 1)
-    return torch.where(change > 0, _grow(x, 2), torch.where(change < 0, -_grow(-x, 2), x))
+    out = x
+    for amount in (-2, -1, 1, 2):
+        if bool((change == amount).any()):
+            changed = _grow(x, abs(amount) + 1) if amount > 0 else -_grow(-x, abs(amount) + 1)
+            out = torch.where(change == amount, changed, out)
+    return out
 
 
 def noise(x: torch.Tensor, sigma: float, generator: torch.Generator) -> torch.Tensor:

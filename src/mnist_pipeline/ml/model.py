@@ -22,11 +22,16 @@ MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
 
 
+# A checkpoint saved before model.input_norm existed normalised as "mnist" does.
+BEFORE_INPUT_NORM = {"input_norm": "mnist"}
+
+
 class ConvNet(nn.Module):
     """Input (B, 1, 28, 28) float pixels in [0, 1]; output (B, 10) logits."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.per_image = cfg.input_norm == "per_image"
         blocks: list[nn.Module] = []
         channels, size = 1, IMAGE_SIZE
         for out_channels in cfg.conv_channels:
@@ -46,6 +51,9 @@ class ConvNet(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.per_image:  # each digit stretched to [0, 1] first: faded ink and grey paper look like MNIST's
+            low, high = x.amin(dim=(1, 2, 3), keepdim=True), x.amax(dim=(1, 2, 3), keepdim=True)
+            x = (x - low) / (high - low).clamp_min(1e-3)
         x = (x - MNIST_MEAN) / MNIST_STD
         return self.classifier(self.features(x))
 
@@ -72,7 +80,7 @@ def load_checkpoint(path: Path) -> tuple[ConvNet, dict]:
     """Rebuild the model from a checkpoint (no pickle: weights_only=True); returns (model in eval mode, payload)."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-        model = build(ModelConfig.from_dict(payload["model_config"]))
+        model = build(ModelConfig.from_dict({**BEFORE_INPUT_NORM, **payload["model_config"]}))
         model.load_state_dict(payload["state_dict"])
     except FileNotFoundError:
         raise PipelineError(f"{path} is missing: run the train stage first (`dvc repro train`)") from None
