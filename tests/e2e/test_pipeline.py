@@ -461,8 +461,10 @@ PLOTS = {
     "Loss per epoch (train and test)": ("epoch", "cross-entropy loss"),
     "Test accuracy per epoch": ("epoch", "test accuracy"),
     "Confusion matrix of the test digits": ("predicted digit", "actual digit"),
+    "Robustness (test accuracy under distortions, by strength)": ("strength level", "test accuracy"),
     "reports/confusion_matrix.png": None,
     "reports/predictions.png": None,
+    "reports/robustness.png": None,
 }
 
 
@@ -607,7 +609,9 @@ def test_a_full_disk_names_the_file_and_keeps_the_earlier_outputs(pipeline):
            "--checkpoint", "models/model.pt", "--metrics", "reports/metrics.json",
            "--per-class", "reports/per_class.csv", "--per-class-md", "reports/per_class.md",
            "--confusion", "reports/confusion.csv", "--confusion-png", "reports/confusion_matrix.png",
-           "--predictions-png", "reports/predictions.png"]  # fmt: skip
+           "--predictions-png", "reports/predictions.png", "--robustness", "reports/robustness.csv",
+           "--robustness-plot", "reports/robustness_by_level.csv", "--robustness-metrics", "reports/robustness.json",
+           "--robustness-png", "reports/robustness.png"]  # fmt: skip
 
     def full_disk():
         resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, 16 * 1024))

@@ -97,11 +97,15 @@ def test_the_export_stage_records_the_whole_pipeline_in_one_run(params, paths, t
         data=paths.data, checkpoint=paths.checkpoint, metrics=reports / "metrics.json",
         per_class=reports / "per_class.csv", per_class_md=reports / "per_class.md", confusion=reports / "confusion.csv",
         confusion_png=reports / "confusion.png", predictions_png=reports / "predictions.png",
+        robustness=reports / "robustness.csv", robustness_plot=reports / "robustness_by_level.csv",
+        robustness_metrics=reports / "robustness.json", robustness_png=reports / "robustness.png",
     )  # fmt: skip
     evaluate.run(params, evaluated)
     exported = export.Paths(
-        data=paths.data, checkpoint=paths.checkpoint, record=paths.record, metrics=evaluated.metrics,
-        evaluation=[evaluated.confusion_png, evaluated.predictions_png, evaluated.per_class, paths.history],
+        data=paths.data, checkpoint=paths.checkpoint, record=paths.record,
+        metrics=[evaluated.metrics, evaluated.robustness_metrics],
+        evaluation=[evaluated.confusion_png, evaluated.predictions_png, evaluated.per_class, paths.history,
+                    evaluated.robustness],
         onnx=tmp_path / "model.onnx", report=reports / "export.json",
     )  # fmt: skip
     try:
@@ -131,6 +135,11 @@ def test_the_export_stage_records_the_whole_pipeline_in_one_run(params, paths, t
     assert by_key["final_test_accuracy"].value == run.data.metrics["final_test_accuracy"]
     assert by_key["final_test_errors"].value == json.loads(evaluated.metrics.read_text())["test_errors"]
     assert by_key["final_test_accuracy"].dataset_digest == inputs["testing"].digest
+    # the robustness report: every distortion and strength, their mean, its table and figure
+    robust = json.loads(evaluated.robustness_metrics.read_text())
+    assert len(robust) == 19 and all(by_key[f"final_{key}"].value == value for key, value in robust.items())
+    assert by_key["final_robust_accuracy"].value == pytest.approx(sum(robust.values()) / len(robust))
+    assert evaluated.robustness.read_text().splitlines()[0] == "distortion,strength,unit,accuracy"
     # registered through mlflow.register_model: the logged model knows its version
     assert report["registered"]["version"] == 1
     assert json.loads(model.tags["mlflow.modelVersions"])[0]["version"] == 1

@@ -114,6 +114,30 @@ def test_random_shift_moves_each_digit_within_bounds_and_keeps_it_whole():
     assert len({(int(r), int(c)) for r, c in zip(rows, cols, strict=True)}) > 10  # offsets differ per image
 
 
+AUGMENT = {"augment_rotation": 12.0, "augment_scale": 0.15, "augment_shear": 10.0, "augment_elastic": 2.0,
+           "augment_stroke": 0.3, "augment_noise": 0.3}
+
+
+def test_augmentation_draws_per_digit_for_a_whole_batch_and_the_seed_fixes_it(tensors):
+    from mnist_pipeline.ml import augment
+
+    cfg = TRAIN.replace(**AUGMENT)
+    x = tensors[0].x(slice(0, 64))
+    first = augment.draw(64, cfg, torch.Generator().manual_seed(5))
+    assert len(first.degrees.unique()) == 64 and first.degrees.abs().max() <= 12  # each digit its own amounts
+    assert set(first.stroke.tolist()) <= {-1, 0, 1} and (first.stroke == 0).float().mean() > 0.5
+    moved = augment.apply(x, first, cfg)
+    assert moved.shape == x.shape and (moved - x).abs().flatten(1).max(dim=1).values.min() > 0  # every one moved
+    again = augment.apply(x, augment.draw(64, cfg, torch.Generator().manual_seed(5)), cfg)
+    assert torch.equal(moved, again)
+    assert not augment.active(TRAIN) and augment.active(cfg)
+    # a whole training: the same seed, the same weights
+    runs = [training.train(MODEL, cfg.replace(epochs=1), *tensors, torch.device("cpu"), log=io.StringIO())
+            for _ in range(2)]  # fmt: skip
+    for a, b in zip(runs[0].model.state_dict().values(), runs[1].model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_augmentation_label_smoothing_batch_norm_and_bf16_train(tensors):
     cfg = TRAIN.replace(epochs=1, augment_shift=2, label_smoothing=0.1, precision="bf16")
     model_cfg = MODEL.replace(batch_norm=True)

@@ -29,7 +29,7 @@ class Draw:
     scale: torch.Tensor
     shear: torch.Tensor
     field: torch.Tensor | None  # (N, 2, 28, 28) for the elastic warp
-    stroke: torch.Tensor  # -2..2
+    stroke: torch.Tensor  # -1, 0 or 1
     noise: torch.Tensor | None  # (N, 1, 28, 28): sigma times a standard normal
 
     def __getitem__(self, index) -> Draw:
@@ -45,9 +45,7 @@ def draw(n: int, cfg: TrainConfig, generator: torch.Generator) -> Draw:
 
     field = uniform(0, 1, (n, 2, 28, 28)) if cfg.augment_elastic else None
     changed = uniform(0, 1) < cfg.augment_stroke
-    amount = torch.tensor([-2, -1, 1, 2], device=generator.device)  # thinner or thicker by one or two pixels
-    pick = torch.randint(0, 4, (n,), generator=generator, device=generator.device)
-    stroke = torch.where(changed, amount[pick], 0)
+    stroke = torch.where(changed, torch.where(uniform(0, 1) < 0.5, -1, 1), 0)  # a pixel thinner or thicker
     noise = None
     if cfg.augment_noise:  # each digit its own level, up to the maximum
         normal = torch.randn((n, 1, 28, 28), generator=generator, device=generator.device)

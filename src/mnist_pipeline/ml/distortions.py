@@ -73,9 +73,17 @@ def warp(x: torch.Tensor, field: torch.Tensor, alpha: torch.Tensor | float, sigm
 
 
 def _grow(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Grey dilation with a size x size window (2: strokes a pixel wider, 3: two pixels)."""
+    """Grey dilation with a size x size window (2: strokes a pixel wider, 3: two pixels), as the maximum of shifted
+    copies: a few element-wise maxima, much quicker on a CPU than a stride-1 max-pooling."""
     padded = F.pad(x, (0, 1, 0, 1)) if size == 2 else F.pad(x, (1, 1, 1, 1))
-    return F.max_pool2d(padded, size, 1)
+    w, h = x.shape[-1], x.shape[-2]
+    across = padded[..., :, 0:w]
+    for k in range(1, size):
+        across = torch.maximum(across, padded[..., :, k : k + w])
+    grown = across[..., 0:h, :]
+    for k in range(1, size):
+        grown = torch.maximum(grown, across[..., k : k + h, :])
+    return grown
 
 
 def stroke(x: torch.Tensor, change: torch.Tensor | int) -> torch.Tensor:
@@ -86,12 +94,12 @@ def stroke(x: torch.Tensor, change: torch.Tensor | int) -> torch.Tensor:
             return x
         size = abs(change) + 1
         return _grow(x, size) if change > 0 else -_grow(-x, size)
-    change = change.to(x.device).view(-1, 1, 1, 1)
-    out = x
-    for amount in (-2, -1, 1, 2):
-        if bool((change == amount).any()):
-            changed = _grow(x, abs(amount) + 1) if amount > 0 else -_grow(-x, abs(amount) + 1)
-            out = torch.where(change == amount, changed, out)
+    out = x.clone()
+    change = change.to(x.device)
+    for amount in (-2, -1, 1, 2):  # each amount on its own digits only
+        chosen = (change == amount).nonzero().squeeze(1)
+        if len(chosen):
+            out[chosen] = stroke(x[chosen], amount)
     return out
 
 
