@@ -28,8 +28,9 @@ def test_cli_predicts_good_inputs_reports_bad_ones_and_exits_non_zero(files, mod
     assert out.returncode == 1
     lines = out.stdout.splitlines()
     assert [line.split("\t")[0] for line in lines] == [str(files / "grey.png"), str(files / "big.jpg")]
-    digit_, probability = lines[0].split("\t")[1:]
+    digit_, probability, *flag = lines[0].split("\t")[1:]
     assert 0 <= int(digit_) <= 9 and 0 < float(probability) <= 1
+    assert flag == (["uncertain"] if float(probability) < 0.7 else [])  # --uncertain-below's default
     assert (
         out.stderr.strip() == f"error: {files / 'text.png'}: not a readable image (cannot identify image file "
         f"'{files / 'text.png'}')"

@@ -618,7 +618,7 @@ def test_a_full_disk_names_the_file_and_keeps_the_earlier_outputs(pipeline):
 
     out = subprocess.run(cmd, cwd=repo, env=user_env(), capture_output=True, text=True, preexec_fn=full_disk)
     assert out.returncode == 1 and "Traceback" not in out.stderr
-    assert out.stderr.startswith("error: cannot write reports/confusion_matrix.png: File too large;")
+    assert out.stderr.startswith("error: cannot write reports/robustness.png: File too large;")  # the first figure
     after = {p: p.read_bytes() for p in (repo / "reports").iterdir()}
     assert after == before  # every earlier output whole and as it was (rewritten files came out the same)
 

@@ -20,7 +20,7 @@ from mnist_pipeline.commands import predict
 from mnist_pipeline.config import TrainConfig
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.ml import data, training
-from tests.helpers import REPO_ROOT, digit, serving, tiny_model_config, trickle
+from tests.helpers import AUGMENTATION_OFF, REPO_ROOT, digit, serving, tiny_model_config, trickle
 
 BOMB_BYTES = 128 * 2**20  # what the bomb below inflates to
 
@@ -148,7 +148,7 @@ def test_a_diverging_training_stops_at_once_naming_the_step(raw_dir):
     train = training.Tensors.from_split(data.load_split(raw_dir, "train"), cpu)
     test = training.Tensors.from_split(data.load_split(raw_dir, "test"), cpu)
     params = config.read_params(REPO_ROOT / "params.yaml")["train"]
-    cfg = TrainConfig.from_dict({**params, "epochs": 2, "batch_size": 100})
+    cfg = TrainConfig.from_dict({**params, **AUGMENTATION_OFF, "epochs": 2, "batch_size": 100})
     epochs, checkpoints = [], []
     with pytest.raises(training.TrainingDiverged, match=r"the loss is nan at epoch 1, batch 1/10 .* lower train.lr"):
         training.train(tiny_model_config(), cfg, NonFinitePixels(train.images, train.y), test, cpu,

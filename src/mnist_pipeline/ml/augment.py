@@ -57,6 +57,8 @@ def draw(n: int, cfg: TrainConfig, generator: torch.Generator) -> Draw:
 
 def apply(x: torch.Tensor, amounts: Draw, cfg: TrainConfig) -> torch.Tensor:
     """``x``: (N, 1, 28, 28) pixels in [0, 1], moved by ``amounts``."""
+    if len(x) == 0:  # a rank's share of a batch smaller than the ranks
+        return x
     if cfg.augment_stroke:
         x = distortions.stroke(x, amounts.stroke)
     if cfg.augment_rotation or cfg.augment_scale or cfg.augment_shear:

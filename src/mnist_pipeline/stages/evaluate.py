@@ -26,7 +26,7 @@ class Paths:
     predictions_png: Path = path("random test digits and the most confident mistakes, titled with predictions")
     robustness: Path = path("the robustness report: distortion, strength, accuracy (CSV)")
     robustness_plot: Path = path("the same, a column per distortion by strength level (a DVC plot)")
-    robustness_metrics: Path = path("one metric per distortion and strength (JSON for `dvc metrics`)")
+    robustness_metrics: Path = path("one metric per distortion and strength (JSON, logged with the run)")
     robustness_png: Path = path("the robustness report as a figure")
 
 
