@@ -102,8 +102,8 @@ def test_the_export_stage_records_the_whole_pipeline_in_one_run(params, paths, t
     )  # fmt: skip
     evaluate.run(params, evaluated)
     exported = export.Paths(
-        data=paths.data, checkpoint=paths.checkpoint, record=paths.record,
-        metrics=[evaluated.metrics, evaluated.robustness_metrics],
+        data=paths.data, checkpoint=paths.checkpoint, record=paths.record, metrics=evaluated.metrics,
+        robustness=evaluated.robustness_metrics,
         evaluation=[evaluated.confusion_png, evaluated.predictions_png, evaluated.per_class, paths.history,
                     evaluated.robustness],
         onnx=tmp_path / "model.onnx", report=reports / "export.json",
@@ -137,7 +137,7 @@ def test_the_export_stage_records_the_whole_pipeline_in_one_run(params, paths, t
     assert by_key["final_test_accuracy"].dataset_digest == inputs["testing"].digest
     # the robustness report: every distortion and strength, their mean, its table and figure
     robust = json.loads(evaluated.robustness_metrics.read_text())
-    assert len(robust) == 19 and all(by_key[f"final_{key}"].value == value for key, value in robust.items())
+    assert len(robust) == 19 and all(run.data.metrics[key] == value for key, value in robust.items())
     assert by_key["final_robust_accuracy"].value == pytest.approx(sum(robust.values()) / len(robust))
     assert evaluated.robustness.read_text().splitlines()[0] == "distortion,strength,unit,accuracy"
     # registered through mlflow.register_model: the logged model knows its version

@@ -25,7 +25,8 @@ class Paths:
     data: Path = path("folder written by the download stage")
     checkpoint: Path = path("the trained model")
     record: Path = path("the train stage's record of the training (JSON)")
-    metrics: list[Path] = path("the evaluate stage's metrics JSON files (every key is logged)", many=True)
+    metrics: Path = path("the evaluate stage's metrics JSON (every key is logged as final_<key>)")
+    robustness: Path = path("the robustness report's metrics JSON (logged as they are: robust_<distortion>_<strength>)")
     evaluation: list[Path] = path("the evaluate stage's figures and tables, logged with the run", many=True)
     onnx: Path = path("the ONNX file to write (the model that is registered)")
     report: Path = path("parity figures, the MLflow run id and the registered version (JSON)")
@@ -44,7 +45,7 @@ def run(params: config.Params, paths: Paths) -> None:
     record = runs.read_record(paths.record)
     model, _ = load_checkpoint(paths.checkpoint)
     verify_folder(paths.data)
-    test_metrics = {key: value for file in paths.metrics for key, value in json.loads(file.read_text()).items()}
+    test_metrics = json.loads(paths.metrics.read_text())
     test = load_split(paths.data, "test")
     digits = to_pixels(torch.from_numpy(test.images[: export_cfg.parity_samples].copy()))  # (N, 1, 28, 28)
 
@@ -133,6 +134,7 @@ def _log_and_register(params, paths: Paths, record, test_metrics, digits, checks
         runs.log_artifacts([paths.onnx], "exported")
         info = registry.log_onnx_model(paths.onnx, digits[:4], name=runs.model_name())
         runs.log_test_metrics(test_metrics, info.model_id, test_data)
+        runs.log_metrics(json.loads(paths.robustness.read_text()))  # one per distortion: the run's, not in `compare`
         logged = np.asarray(registry.predict_with_logged_model(info.model_uri, digits))
         checks["mlflow_model"] = check(lambda _: logged, "MLflow model (ONNX, loaded through pyfunc)")
         runs.log_metrics({f"{name}_max_abs_logit_diff": c.max_abs_diff for name, c in checks.items()})
