@@ -548,22 +548,23 @@ def test_dvc_plots_show_and_diff_draw_in_a_browser_without_a_network(pipeline, l
     assert show.returncode == 0, show.stderr
     drawn = _draw_offline(sync_api, repo / "shown" / "index.html")
     assert drawn["refused"] == [] and drawn["errors"] == []
-    loss, accuracy, confusion = drawn["charts"]
+    loss, accuracy, confusion, robustness = drawn["charts"]
     assert "Loss per epoch" in loss["text"] and loss["lines"] >= 2  # train and test
     assert "Test accuracy per epoch" in accuracy["text"] and accuracy["lines"] >= 1
     assert "Confusion matrix" in confusion["text"] and confusion["cells"] >= 10
-    assert len(drawn["images"]) == 2 and all(image["width"] > 0 for image in drawn["images"])
+    assert "Robustness" in robustness["text"] and robustness["lines"] >= 10  # one per distortion
+    assert len(drawn["images"]) == 3 and all(image["width"] > 0 for image in drawn["images"])
 
     diff = run(repo, http_mirror, "dvc", "plots", "diff", "lower-lr", "higher-lr", "-o", "diffed")
     assert diff.returncode == 0, diff.stderr
     drawn = _draw_offline(sync_api, repo / "diffed" / "index.html")
     assert drawn["refused"] == [] and drawn["errors"] == []
-    loss, accuracy, confusion = drawn["charts"]
-    for chart in (loss, accuracy, confusion):
+    loss, accuracy, confusion, robustness = drawn["charts"]
+    for chart in (loss, accuracy, confusion, robustness):
         assert "lower-lr" in chart["text"] and "higher-lr" in chart["text"], chart["text"][:300]
-    assert loss["lines"] >= 4 and accuracy["lines"] >= 2  # each experiment's lines
+    assert loss["lines"] >= 4 and accuracy["lines"] >= 2 and robustness["lines"] >= 20  # each experiment's lines
     assert len(loss["strokes"]) >= 2, loss["strokes"]  # each experiment in a colour of its own
-    assert len(drawn["images"]) == 4 and all(image["width"] > 0 for image in drawn["images"])
+    assert len(drawn["images"]) == 6 and all(image["width"] > 0 for image in drawn["images"])
 
 
 @pytest.mark.slow  # a whole pipeline in a worktree
