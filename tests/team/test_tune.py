@@ -56,3 +56,39 @@ def test_two_machines_take_trials_from_one_study_under_one_parent_run(tmp_path, 
     assert {r.info.user_id for r in children} == {"alice", "bob"}
     assert parent.data.tags[names.TUNE_STORAGE] == storage.replace(postgres.password, "***")
     assert postgres.password not in json.dumps([[r.data.params, r.data.tags] for r in runs])
+
+
+def _finish_at_once(storage: str, barrier) -> None:
+    """One machine at the end of its search: finds the study's parent run, waits for the others, writes the summary."""
+    study = optuna.load_study(study_name="summary-race", storage=storage)
+    tracking = tune.Tracking("summary-race", storage)
+    barrier.wait()
+    tracking.finish(study, tune.Search(10, (tune.Dimension("train.lr", low=0.001, high=0.01),), 1, 0), "FINISHED")
+
+
+def test_machines_ending_one_study_at_the_same_moment_all_write_its_summary(tmp_path, as_user):
+    """The parent run's summary tags are new keys written by every machine as it ends; on a SQL server two inserts
+    of one key at once used to fail the later machine's whole search (UniqueViolation) after all its trials."""
+    import multiprocessing
+
+    client = as_user("alice")
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="summary-race", storage=storage, direction="maximize")
+    lr = optuna.distributions.FloatDistribution(0.001, 0.01)
+    study.add_trial(optuna.trial.create_trial(params={"train.lr": 0.002}, distributions={"train.lr": lr}, value=0.9))
+
+    machines = 6
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter each, as on another machine
+    barrier = context.Barrier(machines)
+    processes = [context.Process(target=_finish_at_once, args=(storage, barrier)) for _ in range(machines)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=300)
+    assert [p.exitcode for p in processes] == [0] * machines
+
+    experiment = client.get_experiment_by_name(tune.EXPERIMENT)
+    (parent,) = client.search_runs([experiment.experiment_id], f"tags.`{names.TUNE_STUDY}` = 'summary-race'")
+    assert parent.data.tags[names.TUNE_BEST_TRIAL] == "0"
+    assert parent.data.tags[names.TUNE_BEST + "train.lr"] == "0.002"
+    assert parent.data.metrics["best_val_accuracy"] == 0.9

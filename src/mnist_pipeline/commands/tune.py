@@ -401,7 +401,7 @@ class Tracking:
     def finish(self, study, search: Search, status: str) -> None:
         """The study's summary on the parent run: counts, best trial and its params, Optuna's figures. A trial run of
         this process still open (a Ctrl-C between two MLflow calls) is ended KILLED."""
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric, RunTag
 
         open_trials = self.client.search_runs(
             [self.experiment_id], f"tags.`{names.PARENT_RUN}` = '{self.parent}' and attributes.status = 'RUNNING'"
@@ -413,13 +413,15 @@ class Tracking:
         done = counts(study)
         now = int(time.time() * 1000)
         metrics = [Metric(f"trials_{k}", v, now, 0) for k, v in done.items() if k != "running"]
+        tags = []
         best = _best(study)
         if best is not None:
             metrics.append(Metric("best_val_accuracy", best.value, now, 0))
-            self.client.set_tag(self.parent, names.TUNE_BEST_TRIAL, str(best.number))
-            for d in search.space:
-                self.client.set_tag(self.parent, names.TUNE_BEST + d.key, _yaml_value(d.value(best.params)))
-        self.client.log_batch(self.parent, metrics=metrics)
+            tags.append(RunTag(names.TUNE_BEST_TRIAL, str(best.number)))
+            tags += [RunTag(names.TUNE_BEST + d.key, _yaml_value(d.value(best.params))) for d in search.space]
+        # One batch, not set_tag: machines of one study finish on the same parent run at once, and a SQL server
+        # retries a batch's tags when another writer inserted the same key first; set_tag fails on that race.
+        self.client.log_batch(self.parent, metrics=metrics, tags=tags)
         with tempfile.TemporaryDirectory() as folder:
             for figure in write_figures(study, Path(folder)):
                 self.client.log_artifact(self.parent, str(figure), "optuna")
