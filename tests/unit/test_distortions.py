@@ -88,3 +88,16 @@ def test_the_report_is_the_same_for_the_same_seed_and_keeps_the_labels():
     assert len(first) == sum(len(dist.strengths) for dist in robustness.DISTORTIONS)
     named = {robustness.metric_name(r.distortion, r.strength) for r in first.itertuples()}
     assert set(robustness.metrics(first)) == named
+
+
+def test_a_report_on_no_digits_is_empty_and_still_draws(tmp_path):
+    """evaluate.robustness_samples: 0 turns the report off: its table, chart data and figure are written empty."""
+    from mnist_pipeline.ml.model import build
+    from tests.helpers import tiny_model_config
+
+    table = robustness.report(build(tiny_model_config()), batch()[:0], torch.tensor([], dtype=torch.int64), seed=0)
+    assert table.empty and tuple(table.columns) == robustness.COLUMNS
+    assert robustness.metrics(table) == {}
+    assert list(robustness.by_level(table, 0.99).columns) == ["level"]
+    robustness.plot(table, tmp_path / "robustness.png")
+    assert (tmp_path / "robustness.png").read_bytes().startswith(b"\x89PNG")

@@ -77,7 +77,7 @@ def write_confusion_pairs(actual: np.ndarray, predicted: np.ndarray, path: Path)
     write_atomic(path, pd.DataFrame({"actual": actual, "predicted": predicted}).to_csv(index=False))
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never open a window
@@ -86,15 +86,16 @@ def _pyplot():
     return plt
 
 
-def _save_png(fig, path: Path) -> None:
+def save_png(fig, path: Path) -> None:
+    """The figure as a PNG at ``path``, written whole or not at all; the figure is closed."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     write_atomic(path, buffer.getvalue())
 
 
 def plot_confusion_matrix(confusion: np.ndarray, path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 5.5))
     # Log-scaled colour so the few off-diagonal errors are visible next to ~1,000 correct per class.
     image = ax.imshow(np.log1p(confusion), cmap="Blues")
@@ -107,7 +108,7 @@ def plot_confusion_matrix(confusion: np.ndarray, path: Path) -> None:
     ax.set_title(f"Confusion matrix: {confusion.sum()} test digits, accuracy {100 * accuracy:.2f}%")
     fig.colorbar(image, ax=ax, label="log(1 + count)")
     fig.subplots_adjust(left=0.1, right=0.98, bottom=0.1, top=0.93)
-    _save_png(fig, path)
+    save_png(fig, path)
 
 
 def plot_predictions(
@@ -127,7 +128,7 @@ def plot_predictions(
     Each row of digits is laid out in one image with a label above each (one Axes per section, not one per digit:
     a tenth of the drawing time).
     """
-    plt = _pyplot()
+    plt = pyplot()
     sample, worst = figure_digits(predicted, actual, confidence, count, mistakes, seed)
     cols = 8
     sections = [(f"{len(sample)} random test digits", sample, False)]
@@ -145,7 +146,7 @@ def plot_predictions(
     n_wrong, total = int((predicted != actual).sum()), len(images)
     fig.suptitle(f"predicted / actual: {n_wrong:,} of {total:,} test digits wrong "
                  f"({100 * n_wrong / max(total, 1):.2f}%), mistakes in red", fontsize=11)  # fmt: skip
-    _save_png(fig, path)
+    save_png(fig, path)
 
 
 def figure_digits(predicted: np.ndarray, actual: np.ndarray, confidence: np.ndarray, count: int, mistakes: int,

@@ -57,6 +57,9 @@ DISTORTIONS = (
 )
 
 
+COLUMNS = ("distortion", "strength", "level", "unit", "accuracy")  # a row of the report
+
+
 def metric_name(distortion: str, strength: float) -> str:
     """The MLflow metric of one distortion at one strength: ``robust_rotation_10``, ``robust_scale_0.7``."""
     return f"robust_{distortion}_{strength:g}"
@@ -68,6 +71,8 @@ def report(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, seed: int, b
     pixels in [0, 1]. Each distortion draws from a generator of its own seeded from ``seed``, so adding one changes
     none of the others."""
     model.eval()
+    if len(x) == 0:  # the report is off (evaluate.robustness_samples: 0)
+        return pd.DataFrame(columns=COLUMNS)
     rows = []
     for index, distortion in enumerate(DISTORTIONS):
         for level, strength in enumerate(distortion.strengths, start=1):
@@ -78,7 +83,7 @@ def report(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, seed: int, b
                 correct += int((model(batch).argmax(dim=1) == labels[start : start + batch_size]).sum())
             rows.append({"distortion": distortion.name, "strength": strength, "level": level,
                          "unit": distortion.unit, "accuracy": correct / len(x)})  # fmt: skip
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=COLUMNS)
 
 
 def metrics(table: pd.DataFrame) -> dict[str, float]:
@@ -103,14 +108,9 @@ def by_level(table: pd.DataFrame, clean_accuracy: float) -> pd.DataFrame:
 
 def plot(table: pd.DataFrame, path: Path) -> None:
     """Accuracy against strength level, one line per distortion (the PNG logged with the run)."""
-    import matplotlib
+    from mnist_pipeline.ml.evaluation import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from mnist_pipeline.files import write_atomic
-
-    figure, axes = plt.subplots(figsize=(7, 4.5), dpi=100)
+    figure, axes = pyplot().subplots(figsize=(7, 4.5), dpi=100)
     for name, rows in table.groupby("distortion", sort=False):
         levels = [0, *rows.level]
         clean = table.attrs.get("clean_accuracy", rows.accuracy.iloc[0])
@@ -119,11 +119,9 @@ def plot(table: pd.DataFrame, path: Path) -> None:
              xlabel="strength (0 = none, 1 = milder, 2 = stronger)",
              ylabel="accuracy", xticks=[0, 1, 2])  # fmt: skip
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=8, ncols=2)
+    if table.empty:
+        axes.text(0.5, 0.5, "no report: evaluate.robustness_samples is 0", ha="center", transform=axes.transAxes)
+    else:
+        axes.legend(fontsize=8, ncols=2)
     figure.tight_layout()
-    import io
-
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    plt.close(figure)
-    write_atomic(path, buffer.getvalue())
+    save_png(figure, path)

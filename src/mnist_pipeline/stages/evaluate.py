@@ -73,12 +73,9 @@ def _robustness(model, test, eval_cfg, clean_accuracy: float, paths: Paths) -> f
     from mnist_pipeline.ml.model import to_pixels
 
     n = eval_cfg.robustness_samples
-    if n == 0:
-        table = robustness.pd.DataFrame(columns=["distortion", "strength", "level", "unit", "accuracy"])
-    else:
-        x = to_pixels(torch.from_numpy(test.images[:n].copy()))
-        table = robustness.report(model, x, torch.from_numpy(test.labels[:n].astype("int64")),
-                                  eval_cfg.robustness_seed, eval_cfg.batch_size)  # fmt: skip
+    x = to_pixels(torch.from_numpy(test.images[:n].copy()))
+    table = robustness.report(model, x, torch.from_numpy(test.labels[:n].astype("int64")),
+                              eval_cfg.robustness_seed, eval_cfg.batch_size)  # fmt: skip
     table.attrs["clean_accuracy"] = clean_accuracy
     write_atomic(paths.robustness, table.drop(columns="level").to_csv(index=False))
     write_atomic(paths.robustness_plot, robustness.by_level(table, clean_accuracy).to_csv(index=False))
