@@ -271,3 +271,31 @@ def _wait_for_port(server: subprocess.Popen, port: int, limit_s: float = 60) -> 
             assert server.poll() is None, server.stderr.read().decode()[-2000:]
             assert time.monotonic() < deadline, f"port {port} did not open within {limit_s} s"
             time.sleep(0.2)
+
+
+MACHINES = 6  # processes meeting at once: enough that a race between two writers is lost in a few rounds
+ROUNDS = 4  # meetings one after another: a race is lost in one round of several, not in each
+
+
+def at_once(worker, *args, machines: int = MACHINES) -> None:
+    """``worker(*args, barrier)`` in ``machines`` fresh interpreters (spawned: as on other machines, with this
+    process's environment), each calling ``barrier.wait()`` just before what they all do at the same moment; returns
+    once all have ended, and asserts each ended well."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(machines)
+    processes = [context.Process(target=_machine, args=(worker, barrier, *args)) for _ in range(machines)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=300)
+    assert [p.exitcode for p in processes] == [0] * machines
+
+
+def _machine(worker, barrier, *args) -> None:
+    try:
+        worker(*args, barrier)
+    except BaseException:
+        barrier.abort()  # the others stop waiting for this one
+        raise

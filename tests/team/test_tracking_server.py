@@ -15,7 +15,7 @@ from mlflow.exceptions import MlflowException
 
 from mnist_pipeline import names
 from tests.helpers import make_repo, ran_stages, run, start
-from tests.team.conftest import READER
+from tests.team.conftest import MACHINES, READER, ROUNDS, at_once
 
 pytestmark = [pytest.mark.team, pytest.mark.e2e]
 
@@ -137,6 +137,37 @@ def test_a_wrong_password_stops_the_pipeline_in_one_line_before_it_trains(tmp_pa
 # --- two machines at once ----------------------------------------------------------------------------------------
 
 MODEL = "team-cnn"
+
+
+def _log_one_dataset_at_once(experiment_id: str, barrier) -> None:
+    """One machine's export stage at the moment it logs the data its run used: a dataset new to the experiment,
+    the same on every machine; then the next round's."""
+    import mlflow
+
+    from mnist_pipeline.tracking import runs
+
+    for number in range(ROUNDS):
+        with mlflow.start_run(experiment_id=experiment_id, tags={"round": str(number)}):
+            data = runs.dataset(f"data-{number}", f"digest-{number}", "https://example.org/mnist/")
+            barrier.wait()
+            runs.log_inputs({"testing": data})
+
+
+def test_machines_logging_one_new_dataset_at_the_same_moment_all_link_their_runs_to_it(as_user):
+    """A dataset is one row of the experiment for all the runs that used the same data; on a SQL server two inserts
+    of one new dataset at once used to fail the later machine's export stage (UniqueViolation on `dataset_pk`)."""
+    client = as_user("alice")
+    experiment_id = client.create_experiment("dataset-race")
+
+    at_once(_log_one_dataset_at_once, experiment_id)
+
+    for number in range(ROUNDS):
+        runs = client.search_runs([experiment_id], f"tags.round = '{number}'")
+        assert len(runs) == MACHINES
+        for logged in runs:
+            (used,) = logged.inputs.dataset_inputs
+            assert (used.dataset.name, used.dataset.digest) == (f"data-{number}", f"digest-{number}")
+            assert {tag.key: tag.value for tag in used.tags}["mlflow.data.context"] == "testing"
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from optuna.trial import TrialState
 from mnist_pipeline import names
 from mnist_pipeline.commands import tune
 from tests.helpers import make_repo, run, start
+from tests.team.conftest import ROUNDS, at_once
 
 pytestmark = [pytest.mark.team, pytest.mark.e2e]
 
@@ -58,30 +59,20 @@ def test_two_machines_take_trials_from_one_study_under_one_parent_run(tmp_path, 
     assert postgres.password not in json.dumps([[r.data.params, r.data.tags] for r in runs])
 
 
-
-ROUNDS = 4  # studies ended at once, one after another: the race is lost in one round of several, not in each
-
-
 def _finish_at_once(storage: str, barrier) -> None:
     """One machine at the end of each study's search: finds the study's parent run, waits for the others, writes the
     summary; then the next study."""
     search = tune.Search(10, (tune.Dimension("train.lr", low=0.001, high=0.01),), 1, 0)
-    try:
-        for number in range(ROUNDS):
-            study = optuna.load_study(study_name=f"summary-race-{number}", storage=storage)
-            tracking = tune.Tracking(study.study_name, storage)
-            barrier.wait()
-            tracking.finish(study, search, "FINISHED")
-    except BaseException:
-        barrier.abort()  # the others stop waiting for this one
-        raise
+    for number in range(ROUNDS):
+        study = optuna.load_study(study_name=f"summary-race-{number}", storage=storage)
+        tracking = tune.Tracking(study.study_name, storage)
+        barrier.wait()
+        tracking.finish(study, search, "FINISHED")
 
 
 def test_machines_ending_one_study_at_the_same_moment_all_write_its_summary(tmp_path, as_user):
     """The parent run's summary tags are new keys written by every machine as it ends; on a SQL server two inserts
     of one key at once used to fail the later machine's whole search (UniqueViolation) after all its trials."""
-    import multiprocessing
-
     client = as_user("alice")
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     lr = optuna.distributions.FloatDistribution(0.001, 0.01)
@@ -90,15 +81,7 @@ def test_machines_ending_one_study_at_the_same_moment_all_write_its_summary(tmp_
         study.add_trial(optuna.trial.create_trial(params={"train.lr": 0.002}, distributions={"train.lr": lr},
                                                   value=0.9))  # fmt: skip
 
-    machines = 6
-    context = multiprocessing.get_context("spawn")  # a fresh interpreter each, as on another machine
-    barrier = context.Barrier(machines)
-    processes = [context.Process(target=_finish_at_once, args=(storage, barrier)) for _ in range(machines)]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(timeout=300)
-    assert [p.exitcode for p in processes] == [0] * machines
+    at_once(_finish_at_once, storage)
 
     experiment = client.get_experiment_by_name(tune.EXPERIMENT)
     for number in range(ROUNDS):

@@ -323,6 +323,13 @@ def server_failure(uri: str, exc: Exception) -> PipelineError:
                          "nothing half-done stays: check the server, then rerun `dvc repro`")  # fmt: skip
 
 
+def lost_insert_race(exc: Exception) -> bool:
+    """Was a write refused because another writer inserted the same key a moment before? MLflow passes the SQL
+    driver's error on: psycopg's ``UniqueViolation``, the ``IntegrityError`` of sqlite3 and the MySQL drivers."""
+    message = str(exc)
+    return "UniqueViolation" in message or "IntegrityError" in message
+
+
 def server_deadline_s() -> float:
     """How long the exchange with a tracking server may take, all of a stage's requests together: MLflow's own
     ``MLFLOW_HTTP_REQUEST_TIMEOUT`` (default 120 s), which MLflow applies to each wait for data, not to a whole
