@@ -97,3 +97,34 @@ def test_a_writer_on_a_read_only_store_is_refused_before_touching_it(tmp_path, m
         store.configure(tmp_path)
     with pytest.raises(PipelineError, match=r"is read-only and holds no database"):
         store.configure(tmp_path, writes=False)
+
+
+def test_a_write_that_lost_an_insert_race_is_tried_again_and_any_other_error_is_not(monkeypatch):
+    """The rule of `despite_insert_races`, with the write stood in for: the real races are caught by the team layer
+    against PostgreSQL (tests/team)."""
+    from mlflow.exceptions import MlflowException
+
+    monkeypatch.setattr("time.sleep", lambda _: None)
+    raced = MlflowException('(psycopg.errors.UniqueViolation) duplicate key value violates unique constraint "x"')
+    calls = []
+
+    def write(*errors):
+        """A write that fails with ``errors``, one per try, then succeeds."""
+        pending = list(errors)
+        calls.clear()
+
+        def attempt():
+            calls.append(attempt)
+            if pending:
+                raise pending.pop(0)
+            return "written"
+
+        return attempt
+
+    assert store.despite_insert_races(write(raced)) == "written" and len(calls) == 2
+    with pytest.raises(MlflowException, match="UniqueViolation"):
+        store.despite_insert_races(write(*[raced] * store.RACE_ATTEMPTS))
+    assert len(calls) == store.RACE_ATTEMPTS
+    with pytest.raises(MlflowException, match="PERMISSION_DENIED"):
+        store.despite_insert_races(write(MlflowException("PERMISSION_DENIED: no")))
+    assert len(calls) == 1

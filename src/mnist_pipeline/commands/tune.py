@@ -419,9 +419,10 @@ class Tracking:
             metrics.append(Metric("best_val_accuracy", best.value, now, 0))
             tags.append(RunTag(names.TUNE_BEST_TRIAL, str(best.number)))
             tags += [RunTag(names.TUNE_BEST + d.key, _yaml_value(d.value(best.params))) for d in search.space]
-        # One batch, not set_tag: machines of one study finish on the same parent run at once, and a SQL server
-        # retries a batch's tags when another writer inserted the same key first; set_tag fails on that race.
-        self.client.log_batch(self.parent, metrics=metrics, tags=tags)
+        # Machines of one study may finish on its parent run at the same moment: one batch, not set_tag (a SQL
+        # store retries a batch's tags when another writer inserted the same key first; set_tag fails on that
+        # race), tried again when two machines logged one metric at the same millisecond.
+        store.despite_insert_races(lambda: self.client.log_batch(self.parent, metrics=metrics, tags=tags))
         with tempfile.TemporaryDirectory() as folder:
             for figure in write_figures(study, Path(folder)):
                 self.client.log_artifact(self.parent, str(figure), "optuna")

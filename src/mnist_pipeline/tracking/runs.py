@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -168,19 +169,10 @@ def log_test_metrics(metrics: Mapping[str, float], model_id: str, test_data) -> 
 def log_inputs(datasets: Mapping[str, Any]) -> None:
     """The data the run used, one input per context (``training``, ``testing``): the runs table's Dataset column.
 
-    A dataset is one row of the experiment, shared by every run that used the same data. MLflow's SQL store looks
-    for it, then inserts it: two machines logging one new dataset at once both insert, and the later is refused by
-    the table's key, having written nothing. `log_input` links a run to a dataset that exists (and links a run to
-    it once), so that machine tries once more and finds the other's."""
-    from mlflow.exceptions import MlflowException
-
+    A dataset is one row of the experiment, shared by every run that used the same data; two machines logging a new
+    one at once both insert it, and the later is refused (`store.despite_insert_races` logs it again)."""
     for context, data in datasets.items():
-        try:
-            mlflow.log_input(data, context=context)
-        except MlflowException as exc:
-            if not store.lost_insert_race(exc):
-                raise
-            mlflow.log_input(data, context=context)
+        store.despite_insert_races(partial(mlflow.log_input, data, context=context))
 
 
 def model_name() -> str:

@@ -15,13 +15,16 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 from mnist_pipeline import names
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.tracking import credentials
+
+T = TypeVar("T")
 
 STORE_DIR = "mlruns"
 
@@ -323,9 +326,33 @@ def server_failure(uri: str, exc: Exception) -> PipelineError:
                          "nothing half-done stays: check the server, then rerun `dvc repro`")  # fmt: skip
 
 
-def lost_insert_race(exc: Exception) -> bool:
-    """Was a write refused because another writer inserted the same key a moment before? MLflow passes the SQL
-    driver's error on: psycopg's ``UniqueViolation``, the ``IntegrityError`` of sqlite3 and the MySQL drivers."""
+RACE_ATTEMPTS = 3
+
+
+def despite_insert_races(write: Callable[[], T]) -> T:
+    """``write()``, tried again (up to RACE_ATTEMPTS times in all) when a SQL store refused it because another
+    writer had just inserted one of its keys: machines logging one new dataset into the experiment, or one study's
+    summary on its shared run (the same metric at the same millisecond), at the same moment.
+
+    MLflow's SQL store looks before it inserts, so the next try finds the other's row and links, updates or skips
+    it. MLflow retries some of these races itself (a run's tags, a model's version numbers), not these."""
+    import random
+    import time
+
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(1, RACE_ATTEMPTS + 1):
+        try:
+            return write()
+        except MlflowException as exc:
+            if attempt == RACE_ATTEMPTS or not _lost_insert_race(exc):
+                raise
+            time.sleep(random.uniform(0, 0.1 * attempt))  # let the other writers' transactions end
+
+
+def _lost_insert_race(exc: Exception) -> bool:
+    """MLflow passes the SQL driver's error on: psycopg's ``UniqueViolation``, the ``IntegrityError`` of sqlite3
+    and of the MySQL drivers."""
     message = str(exc)
     return "UniqueViolation" in message or "IntegrityError" in message
 
