@@ -30,6 +30,7 @@ def run_main(main) -> None:
     happens (torchrun relays a Ctrl-C as a second signal); kill -9 still stops everything, and the next run
     recovers from it.
     """
+    import _thread
     import gc
     import os
     import sys
@@ -46,8 +47,23 @@ def run_main(main) -> None:
             signal.signal(sig, signal.SIG_IGN)
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
+    def deliver_again_if_lost(unraisable) -> None:
+        # A signal that lands while Python runs a finalizer (a __del__, or a weakref callback such as SQLAlchemy's)
+        # raises its KeyboardInterrupt there, and Python prints and drops whatever a finalizer raises: the stop
+        # would be lost, and with the stop signals ignored from then on, a server command could no longer be
+        # stopped. The signal is sent to the main thread again (which wakes it from a blocking wait), from a thread
+        # of its own: sent from here, it would be raised in this hook, where it would be dropped too.
+        exc = unraisable.exc_value
+        if not isinstance(exc, KeyboardInterrupt):
+            previous_hook(unraisable)
+            return
+        sig = getattr(signal, exc.args[0]) if exc.args else signal.SIGINT
+        signal.signal(sig, interrupt)
+        _thread.start_new_thread(signal.pthread_kill, (threading.main_thread().ident, sig))
+
     for sig in STOP_SIGNALS:
         signal.signal(sig, interrupt)
+    previous_hook, sys.unraisablehook = sys.unraisablehook, deliver_again_if_lost
     try:
         main()
     except PipelineError as exc:
@@ -63,6 +79,7 @@ def run_main(main) -> None:
             print(f"interrupted ({name})", file=sys.stderr)
         sys.exit(128 + getattr(signal, name))
     finally:
+        sys.unraisablehook = previous_hook
         gc.freeze()
 
 

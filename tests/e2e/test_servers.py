@@ -82,5 +82,9 @@ def test_a_host_beyond_this_machine_gets_one_line_of_warning(tmp_path):
         first = ui.stderr.readline()
     finally:
         os.kill(ui.pid, signal.SIGTERM)
-        ui.communicate(timeout=60)
+        try:
+            ui.communicate(timeout=60)
+        finally:
+            for pid in alive(descendants(ui.pid) | {ui.pid}):  # a command that did not stop leaves nothing either
+                os.kill(pid, signal.SIGKILL)
     assert first.startswith("warning: --host 0.0.0.0 makes the MLflow UI") and "127.0.0.1" in first
