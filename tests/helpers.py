@@ -156,6 +156,22 @@ def run(repo: Path, mirror: str, *args: str, **env: str) -> subprocess.Completed
         return subprocess.CompletedProcess(done.args, done.returncode, out.read().decode(), err.read().decode())
 
 
+def queue_outcome(repo: Path, mirror: str, limit_s: float = 600) -> dict[str, str]:
+    """Name -> status (Success, Failed) of each experiment of DVC's queue, once none is queued or running.
+
+    `dvc exp run --run-all` exits 0 whatever happened, and reports an experiment as failed when it finds no result
+    for it among the tasks it reads back (DVC's `reproduce_celery`), which need not mean that the experiment failed
+    or has ended: the queue's own status is what a test waits for, and then asserts on."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        table = run(repo, mirror, "dvc", "queue", "status").stdout.splitlines()
+        rows = [line.split() for line in table[1:] if line.strip() and not line.startswith("Worker status")]
+        outcome = {row[1]: row[-1] for row in rows}  # Task, Name, Created (two words), Status
+        if not {"Queued", "Running"} & set(outcome.values()) or time.monotonic() > deadline:
+            return outcome
+        time.sleep(1)  # a poll, not a wait for time to pass
+
+
 def start(repo: Path, mirror: str, *args: str, **env: str) -> tuple[subprocess.Popen, Path]:
     """Start a command in ``repo`` as `run` does, without waiting; its output goes to a file."""
     log = Path(tempfile.mkdtemp()) / "out.txt"

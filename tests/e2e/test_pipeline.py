@@ -27,6 +27,7 @@ from tests.helpers import (
     free_port,
     git,
     make_repo,
+    queue_outcome,
     ran_stages,
     run,
     start_server,
@@ -637,7 +638,10 @@ def test_queued_experiments_each_log_and_register(tmp_path, http_mirror, mirror_
         assert queued.returncode == 0, queued.stderr
     ran = run(repo, http_mirror, "dvc", "exp", "run", "--run-all", "-j", str(jobs))
     assert ran.returncode == 0, ran.stdout + ran.stderr
-    assert "database is locked" not in ran.stdout + ran.stderr
+    outcome = queue_outcome(repo, http_mirror)
+    logs = "".join(run(repo, http_mirror, "dvc", "queue", "logs", name).stdout for name in outcome)
+    assert outcome == {"q1": "Success", "q2": "Success"}, ran.stdout + ran.stderr + logs
+    assert "database is locked" not in ran.stdout + ran.stderr + logs
     logged = runs(repo)
     assert sorted(r.data.tags["dvc_exp_name"] for r in logged) == ["q1", "q2"]
     assert all("final_test_accuracy" in r.data.metrics for r in logged)
