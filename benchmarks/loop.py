@@ -171,7 +171,7 @@ def _logged_train_seconds(project: Path) -> float:
 
 
 def machine() -> str:
-    from mnist_pipeline.tracking.environment import cpu_model
+    from mnist_pipeline.ml.environment import cpu_model
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return f"{cpu_model()}, {cores} cores, Python {platform.python_version()}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mnist_pipeline.tracking import environment
+from mnist_pipeline.ml import environment
 
 
 def test_a_training_records_every_environment_tag(tmp_path):

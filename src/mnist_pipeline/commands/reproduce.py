@@ -26,8 +26,9 @@ from pathlib import Path
 from mnist_pipeline import names
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.files import check_dvc_lock
+from mnist_pipeline.ml import environment
 from mnist_pipeline.ml.data import MIRROR_ENV
-from mnist_pipeline.tracking import environment, store
+from mnist_pipeline.tracking import store
 
 
 def _git(*args: str, cwd: Path) -> subprocess.CompletedProcess:

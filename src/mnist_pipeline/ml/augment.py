@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from mnist_pipeline.config import TrainConfig
 from mnist_pipeline.ml import distortions
@@ -16,7 +17,7 @@ ELASTIC_SIGMA = 3.0  # pixels: the smoothness of the elastic warp's field
 
 
 def active(cfg: TrainConfig) -> bool:
-    """Whether any augmentation but the pixel shift (`training.shift_images`) is on."""
+    """Whether any augmentation but the pixel shift (`shift_images`) is on."""
     return any((cfg.augment_rotation, cfg.augment_scale, cfg.augment_shear, cfg.augment_elastic, cfg.augment_stroke,
                 cfg.augment_noise))
 
@@ -68,3 +69,22 @@ def apply(x: torch.Tensor, amounts: Draw, cfg: TrainConfig) -> torch.Tensor:
     if amounts.noise is not None:
         x = (x + amounts.noise.to(x.device)).clamp(0, 1)
     return x
+
+
+def random_offsets(n: int, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """(2, n, 1) random offsets in 0..2*max_shift for `shift_images`, drawn for a whole global batch, so that
+    every rank consumes the generator alike and slices out its own images' offsets."""
+    return torch.randint(0, 2 * max_shift + 1, (2, n, 1), generator=generator, device=generator.device)
+
+
+def shift_images(images: torch.Tensor, max_shift: int, offsets: torch.Tensor) -> torch.Tensor:
+    """Translate each image by its own offset (from `random_offsets`) of up to ``max_shift`` pixels, zero-filled.
+
+    Runs on the images' device as one gather, so augmentation costs no trip through Python per sample.
+    """
+    b, _, h, w = images.shape  # (B, 1, 28, 28)
+    padded = F.pad(images, (max_shift,) * 4)  # (B, 1, 28 + 2s, 28 + 2s)
+    rows = torch.arange(h, device=images.device) + offsets[0]  # (B, 28)
+    cols = torch.arange(w, device=images.device) + offsets[1]  # (B, 28)
+    batch = torch.arange(b, device=images.device)[:, None, None]
+    return padded[batch, 0, rows[:, :, None], cols[:, None, :]].unsqueeze(1)  # (B, 1, 28, 28)

@@ -72,8 +72,8 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def launch(nproc: int, module: str, args: list[str]) -> int:
-    """Run ``python -m module`` with ``args`` in ``nproc`` processes on this machine under torchrun's launcher (as
+def launch(nproc: int, script: str, args: list[str]) -> int:
+    """Run ``python script`` with ``args`` in ``nproc`` processes on this machine under torchrun's launcher (as
     ``torchrun --standalone --nproc-per-node nproc``); return the exit status to leave with.
 
     A failing rank has printed its own one-line error; torchrun would add its report as a traceback, so the
@@ -90,7 +90,7 @@ def launch(nproc: int, module: str, args: list[str]) -> int:
         if name.startswith("torch.distributed.elastic"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
-        run(get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "--module", module, *args]))
+        run(get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", script, *args]))
         return 0
     except ChildFailedError as exc:
         code = exc.get_first_failure()[1].exitcode

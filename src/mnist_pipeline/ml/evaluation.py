@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,18 +11,15 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from mnist_pipeline import names
 from mnist_pipeline.files import write_atomic
 from mnist_pipeline.ml.model import NUM_CLASSES
 
 
-@torch.inference_mode()
-def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """(N, 1, 28, 28) pixels -> (N, 10) logits, in batches."""
-    model.eval().to(memory_format=torch.channels_last)  # the layout the convolutions are fastest in
-    return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+def predict_logits(model: Callable[[np.ndarray], np.ndarray], x: np.ndarray, batch_size: int) -> torch.Tensor:
+    """(N, 1, 28, 28) pixels -> (N, 10) logits, in batches; ``model``: the exported model (`runtime.onnx_runner`)."""
+    return torch.from_numpy(np.concatenate([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]))
 
 
 @dataclass(frozen=True)
@@ -37,6 +35,13 @@ class Evaluation:
         where a view rounds (MLflow's compare view shows 0.9912, 0.9909 and 0.9908 all as 0.991)."""
         errors = int(self.confusion.sum() - np.trace(self.confusion))
         return {names.TEST_LOSS: self.loss, names.TEST_ACCURACY: self.accuracy, names.TEST_ERRORS: errors}
+
+
+def summary(result: Evaluation) -> str:
+    """The evaluation in one line, as the stage prints it."""
+    wrong = int(result.confusion.sum() - np.trace(result.confusion))
+    return (f"test accuracy {100 * result.accuracy:.2f}%  test loss {result.loss:.4f}  "
+            f"({wrong:,} of {int(result.confusion.sum()):,} test digits wrong)")  # fmt: skip
 
 
 def confusion_matrix(actual: np.ndarray, predicted: np.ndarray, num_classes: int = NUM_CLASSES) -> np.ndarray:

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
 
 from mnist_pipeline.ml import distortions as d
 
@@ -66,11 +65,11 @@ def metric_name(distortion: str, strength: float) -> str:
 
 
 @torch.inference_mode()
-def report(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, seed: int, batch_size: int = 2000) -> pd.DataFrame:
-    """One row per distortion and strength: (distortion, strength, level, unit, accuracy). ``x``: (N, 1, 28, 28)
-    pixels in [0, 1]. Each distortion draws from a generator of its own seeded from ``seed``, so adding one changes
-    none of the others."""
-    model.eval()
+def report(model: Callable[[np.ndarray], np.ndarray], x: torch.Tensor, labels: torch.Tensor, seed: int,
+           batch_size: int = 2000) -> pd.DataFrame:  # fmt: skip
+    """One row per distortion and strength: (distortion, strength, level, unit, accuracy). ``model``: NumPy pixels
+    to logits (the exported model, `runtime.onnx_runner`); ``x``: (N, 1, 28, 28) pixels in [0, 1]. Each distortion
+    draws from a generator of its own seeded from ``seed``, so adding one changes none of the others."""
     if len(x) == 0:  # the report is off (evaluate.robustness_samples: 0)
         return pd.DataFrame(columns=COLUMNS)
     rows = []
@@ -80,7 +79,8 @@ def report(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, seed: int, b
             correct = 0
             for start in range(0, len(x), batch_size):
                 batch = distortion.apply(x[start : start + batch_size], strength, generator).float()
-                correct += int((model(batch).argmax(dim=1) == labels[start : start + batch_size]).sum())
+                predicted = model(batch.numpy()).argmax(axis=1)
+                correct += int((predicted == labels[start : start + batch_size].numpy()).sum())
             rows.append({"distortion": distortion.name, "strength": strength, "level": level,
                          "unit": distortion.unit, "accuracy": correct / len(x)})  # fmt: skip
     return pd.DataFrame(rows, columns=COLUMNS)
@@ -125,3 +125,18 @@ def plot(table: pd.DataFrame, path: Path) -> None:
         axes.legend(fontsize=8, ncols=2)
     figure.tight_layout()
     save_png(figure, path)
+
+
+def write(table: pd.DataFrame, clean_accuracy: float, csv: Path, plot_csv: Path, metrics_json: Path,
+          png: Path) -> None:  # fmt: skip
+    """The report's files: its table, a column per distortion by strength level (DVC's plot), one metric per
+    distortion and strength (JSON), and its figure. An empty report writes them empty."""
+    import json
+
+    from mnist_pipeline.files import write_atomic
+
+    table.attrs["clean_accuracy"] = clean_accuracy  # the figure's level 0
+    write_atomic(csv, table.drop(columns="level").to_csv(index=False))
+    write_atomic(plot_csv, by_level(table, clean_accuracy).to_csv(index=False))
+    write_atomic(metrics_json, json.dumps(metrics(table), indent=2) + "\n")
+    plot(table, png)

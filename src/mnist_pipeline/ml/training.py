@@ -1,43 +1,33 @@
-"""The training loop: whole data set as one tensor on the device, batched by a seeded permutation.
-
-A per-sample DataLoader spends most of an MNIST epoch in Python; slicing one preloaded tensor with a seeded
-``randperm`` keeps the cores on arithmetic and makes a run repeatable from its seed alone.
+"""The training loop: the data set resident on the device (`tensors`), batched by a seeded permutation.
 
 Data parallel (see ``distributed``): every rank draws the same permutation and takes its own slice of each global
 batch of ``batch_size`` digits, so N processes take the same optimisation steps as one process with that batch.
 
 Resume: after each epoch the loop hands out its whole state (weights, optimizer, schedule, random generators,
-history); ``train(resume=state)`` continues from it and, on the CPU, ends with the very same weights as a run that
-was never interrupted.
+history; saved by `resume`); ``train(resume=state)`` continues from it and, on the CPU, ends with the very same
+weights as a run that was never interrupted.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import io
-import json
 import os
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TextIO
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mnist_pipeline import names
 from mnist_pipeline.config import ModelConfig, TrainConfig
 from mnist_pipeline.errors import PipelineError, interrupts_held
-from mnist_pipeline.files import write_atomic
 from mnist_pipeline.ml import augment, distributed
-from mnist_pipeline.ml.data import Split
 from mnist_pipeline.ml.distributed import SINGLE, Cluster
+from mnist_pipeline.ml.history import EpochMetrics
 from mnist_pipeline.ml.model import ConvNet, build
+from mnist_pipeline.ml.tensors import Tensors
 
 EVAL_BATCH_SIZE = 1000  # inference needs no gradients, so large batches are cheap
 
@@ -67,57 +57,6 @@ def configure_threads(threads: int, cluster: Cluster = SINGLE) -> int:
     n = threads or max(1, cores // cluster.local_world_size)
     torch.set_num_threads(n)
     return n
-
-
-@dataclass(frozen=True)
-class Tensors:
-    """One split resident on the training device, kept as uint8 (a quarter of the memory of float32)."""
-
-    images: torch.Tensor  # (N, 1, 28, 28) uint8
-    y: torch.Tensor  # (N,) int64 labels
-
-    @classmethod
-    def from_split(cls, split: Split, device: torch.device) -> Tensors:
-        images = torch.from_numpy(split.images).unsqueeze(1)
-        return cls(images.to(device), torch.from_numpy(split.labels.astype(np.int64)).to(device))
-
-    def x(self, index: torch.Tensor | slice, shift: int = 0, offsets: torch.Tensor | None = None):
-        """Float pixels in [0, 1] of the selected images (shifted by ``offsets`` when ``shift``), the model's input."""
-        images = self.images[index]
-        if shift:
-            images = shift_images(images, shift, offsets)
-        return images.float().div_(255.0)
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def hold_out(self, count: int, seed: int) -> tuple[Tensors, Tensors]:
-        """(the rest, ``count`` digits drawn with ``seed``): a validation split that is the same on every machine."""
-        if not 0 < count < len(self):
-            raise PipelineError(f"train.validation {count} must leave digits to train on (the training set has "
-                                f"{len(self)})")  # fmt: skip
-        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed)).to(self.y.device)
-        held, kept = order[:count].sort().values, order[count:].sort().values
-        return Tensors(self.images[kept], self.y[kept]), Tensors(self.images[held], self.y[held])
-
-
-def random_offsets(n: int, max_shift: int, generator: torch.Generator) -> torch.Tensor:
-    """(2, n, 1) random offsets in 0..2*max_shift for `shift_images`, drawn for a whole global batch, so that
-    every rank consumes the generator alike and slices out its own images' offsets."""
-    return torch.randint(0, 2 * max_shift + 1, (2, n, 1), generator=generator, device=generator.device)
-
-
-def shift_images(images: torch.Tensor, max_shift: int, offsets: torch.Tensor) -> torch.Tensor:
-    """Translate each image by its own offset (from `random_offsets`) of up to ``max_shift`` pixels, zero-filled.
-
-    Runs on the images' device as one gather, so augmentation costs no trip through Python per sample.
-    """
-    b, _, h, w = images.shape  # (B, 1, 28, 28)
-    padded = F.pad(images, (max_shift,) * 4)  # (B, 1, 28 + 2s, 28 + 2s)
-    rows = torch.arange(h, device=images.device) + offsets[0]  # (B, 28)
-    cols = torch.arange(w, device=images.device) + offsets[1]  # (B, 28)
-    batch = torch.arange(b, device=images.device)[:, None, None]
-    return padded[batch, 0, rows[:, :, None], cols[:, None, :]].unsqueeze(1)  # (B, 1, 28, 28)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -161,34 +100,6 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per
 
 class TrainingDiverged(PipelineError):
     """The loss became NaN or infinite: the training is stopped and its saved state is worthless."""
-
-
-@dataclass(frozen=True)
-class EpochMetrics:
-    epoch: int
-    train_loss: float
-    test_loss: float | None  # None when training without the test split (the tuner)
-    test_accuracy: float | None
-    seconds: float  # wall time since training started, at the end of this epoch (time before a resume included)
-    val_loss: float | None = None  # on the held-out training digits, when train.validation > 0
-    val_accuracy: float | None = None
-    measured_at: float | None = None  # when the epoch ended (Unix time, s): MLflow's timestamp of its metrics
-
-    def metrics(self) -> dict[str, float]:
-        """What each epoch logs to MLflow: the figures it has."""
-        named = {names.TRAIN_LOSS: self.train_loss, names.TEST_LOSS: self.test_loss,
-                 names.TEST_ACCURACY: self.test_accuracy, names.VAL_LOSS: self.val_loss,
-                 names.VAL_ACCURACY: self.val_accuracy}  # fmt: skip
-        return {name: value for name, value in named.items() if value is not None}
-
-    def summary(self) -> str:
-        """The epoch's figures as the console shows them."""
-        parts = [f"train loss (epoch mean) {self.train_loss:.4f}"]
-        if self.val_loss is not None:
-            parts.append(f"validation loss {self.val_loss:.4f}  validation accuracy {100 * self.val_accuracy:.2f}%")
-        if self.test_loss is not None:
-            parts.append(f"test loss {self.test_loss:.4f}  test accuracy {100 * self.test_accuracy:.2f}%")
-        return "  ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -269,7 +180,7 @@ def _one_epoch(net, optimizer, scheduler, generator: torch.Generator, train_data
     order = torch.randperm(len(train_data), generator=generator, device=device)
     for step, first in enumerate(range(0, len(train_data), cfg.batch_size), start=1):
         batch = order[first : first + cfg.batch_size]  # the global batch, the same on every rank
-        offsets = random_offsets(len(batch), cfg.augment_shift, generator) if cfg.augment_shift else None
+        offsets = augment.random_offsets(len(batch), cfg.augment_shift, generator) if cfg.augment_shift else None
         amounts = augment.draw(len(batch), cfg, generator) if augment.active(cfg) else None
         mine = cluster.shard(len(batch))
         idx = batch[mine]
@@ -319,9 +230,6 @@ def _say(log: TextIO | None, line: str) -> None:
         print(line, file=log, flush=True)
 
 
-# --- resumable state ---------------------------------------------------------------------------------------
-
-
 def _state(model, optimizer, scheduler, generator: torch.Generator, history: list[EpochMetrics]) -> dict:
     """Everything the loop needs to go on exactly where it is (tensors and plain values: loads without pickle)."""
     return {
@@ -348,43 +256,3 @@ def _restore(state: dict, model, optimizer, scheduler, generator: torch.Generato
         if state["cuda_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
     return [EpochMetrics(**m) for m in state["history"]]
-
-
-def state_fingerprint(model_cfg: ModelConfig, cfg: TrainConfig, data_md5: str, code: list[Path]) -> str:
-    """What a saved state must match to be resumed: the params that shape training, the data and the ``code``
-    files (the train stage's code deps: whatever would rerun the stage makes a saved state useless)."""
-    settings = {k: v for k, v in cfg.to_dict().items() if k not in TrainConfig.NO_EFFECT_ON_MODEL}
-    digest = hashlib.sha256(json.dumps([model_cfg.to_dict(), settings, data_md5], sort_keys=True).encode())
-    for path in sorted(code, key=str):
-        digest.update(Path(path).name.encode() + b"\0" + Path(path).read_bytes())
-    return digest.hexdigest()
-
-
-def save_state(path, state: dict) -> None:
-    """Write a resumable state atomically: a crash while writing leaves the previous one intact."""
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    write_atomic(path, buffer.getvalue())
-
-
-def load_state(path) -> dict | None:
-    """The state saved at ``path`` (weights_only: no pickle), or None when there is none or it is unreadable."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        return None
-    except Exception:  # a torn or foreign file: starting over is the safe answer
-        return None
-
-
-def _csv_number(value) -> str:
-    return "" if value is None else str(value) if isinstance(value, int) else f"{value:.6g}"
-
-
-def write_history(path, history: list[EpochMetrics]) -> None:
-    """Per-epoch metrics as CSV, the file DVC plots as the training curves (six significant digits); the
-    validation columns only when there was a validation split."""
-    columns = [f.name for f in dataclasses.fields(EpochMetrics)
-               if f.name != "measured_at" and any(getattr(m, f.name) is not None for m in history)]  # fmt: skip
-    rows = [",".join(_csv_number(getattr(m, name)) for name in columns) for m in history]
-    write_atomic(path, "\n".join([",".join(columns), *rows]) + "\n")

@@ -18,6 +18,7 @@ import numpy as np
 
 from mnist_pipeline import names
 from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.ml import runtime
 
 Model = Callable[[np.ndarray], np.ndarray]  # (N, 1, 28, 28) float32 pixels in [0, 1] -> (N, 10) logits
 
@@ -54,7 +55,7 @@ def load_file(path: Path) -> Model:
     if not path.is_file():
         raise PipelineError(f"model {path}: no such file")
     if path.suffix != ".pt2":
-        return _onnx(path)
+        return runtime.onnx_runner(path)
     import torch
 
     try:
@@ -65,21 +66,6 @@ def load_file(path: Path) -> Model:
     def run(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             return module(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
-
-    return run
-
-
-def _onnx(path: Path) -> Model:
-    import onnxruntime
-
-    try:
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime's own errors have no common base
-        raise PipelineError(f"model {path}: not an ONNX model ({str(exc).splitlines()[0][:200]})") from None
-    (model_input,) = session.get_inputs()
-
-    def run(x: np.ndarray) -> np.ndarray:
-        return session.run(None, {model_input.name: np.ascontiguousarray(x, dtype=np.float32)})[0]
 
     return run
 

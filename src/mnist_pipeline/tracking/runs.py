@@ -128,7 +128,7 @@ def _end(client: MlflowClient, run_id: str, status: str) -> None:
 def log_training(record: Mapping[str, Any]) -> None:
     """The training's epochs (step = epoch, at the time each was measured), its timing and the system metrics
     sampled while it ran (``system/...``, per rank under torchrun)."""
-    from mnist_pipeline.ml.training import EpochMetrics
+    from mnist_pipeline.ml.history import EpochMetrics
 
     run_id = mlflow.active_run().info.run_id
     metrics = []

@@ -1,0 +1,41 @@
+"""Stage train: train the CNN on the training digits; write the model, its per-epoch history and the training's
+record (when and where it ran, every epoch's metrics, the CPU and memory it used) for the export stage to log.
+
+It does not talk to MLflow; it only checks, before training, that a tracking server it would log to answers.
+With train.nproc > 1 it runs in that many processes under torchrun (see ``mnist_pipeline.ml.trainer``); an
+interrupted training continues from its last completed epoch (``--resume-state``, removed once it succeeds).
+"""
+
+import json
+from pathlib import Path
+
+from mnist_pipeline import stage
+from mnist_pipeline.code_deps import closure
+from mnist_pipeline.files import write_atomic
+
+
+@stage.command
+@stage.path("--data", "folder written by the download stage")
+@stage.path("--checkpoint", "the trained model (weights and the model params)")
+@stage.path("--history", "per-epoch metrics CSV (a DVC plot)")
+@stage.path("--record", "the training's record for the export stage to log (JSON)")
+@stage.path("--resume-state", "the last completed epoch's state, while a training is unfinished")
+def main(params, data, checkpoint, history, record, resume_state):
+    from mnist_pipeline.ml import trainer
+    from mnist_pipeline.ml.history import write_history
+    from mnist_pipeline.ml.model import save_checkpoint
+    from mnist_pipeline.tracking import store
+
+    store.check_server(store.tracking_uri())  # an unreachable server fails now, in seconds, not after training
+    code = sorted(closure(Path(__file__), Path(stage.__file__).parents[1]))  # what makes a saved state stale
+    trained = trainer.train(params.model, params.train, data, resume_state, code)
+    if trained is None:  # a rank of several other than rank 0, which writes the outputs
+        return
+    save_checkpoint(checkpoint, trained.result.model, params.model, {"train_config": params.train.to_dict()})
+    write_history(history, trained.result.history)
+    write_atomic(record, json.dumps(trained.record, indent=1) + "\n")
+    resume_state.unlink(missing_ok=True)  # finished: nothing left to resume
+
+
+if __name__ == "__main__":
+    main()
