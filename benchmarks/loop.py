@@ -121,7 +121,7 @@ def _stage_of(cmdline: list[bytes]) -> str | None:
     if not cmdline or b"python" not in Path(cmdline[0].decode(errors="replace")).name.encode():
         return None  # the shell DVC starts the command in is not the stage's process
     for stage in STAGES:
-        if f"mnist_pipeline.stages.{stage}".encode() in cmdline:
+        if any(arg.endswith(f"stages/{stage}.py".encode()) for arg in cmdline):
             return stage
     return None
 

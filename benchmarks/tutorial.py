@@ -23,6 +23,7 @@ import click
 
 from mnist_pipeline.errors import PipelineError, run_main
 from mnist_pipeline.ml import data
+from mnist_pipeline.ml.tensors import Tensors
 
 TARGET_ACCURACY = 0.99
 
@@ -80,8 +81,8 @@ def run_pipeline(data_dir: Path, seed: int, params: Path) -> list[dict]:
     training.configure_threads(train_cfg.threads)
     device = training.resolve_device(train_cfg.device)
     raw = data_dir / "MNIST" / "raw"
-    train_data = training.Tensors.from_split(data.load_split(raw, "train"), device)
-    test_data = training.Tensors.from_split(data.load_split(raw, "test"), device)
+    train_data = Tensors.from_split(data.load_split(raw, "train"), device)
+    test_data = Tensors.from_split(data.load_split(raw, "test"), device)
     result = training.train(model_cfg, train_cfg, train_data, test_data, device, log=io.StringIO())
     return [{"epoch": m.epoch, "test_accuracy": m.test_accuracy, "seconds": m.seconds} for m in result.history]
 

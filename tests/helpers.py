@@ -24,6 +24,22 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+def stage_script(name: str):
+    """``stages/<name>.py`` loaded as a module (its ``main`` is the stage's click command), as DVC runs it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"stages.{name}", REPO_ROOT / "stages" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_stage(name: str, params, **paths) -> None:
+    """The function of ``stages/<name>.py`` called in this process with ``params`` (a ``config.Params``) and its
+    paths, as its command line calls it, without the exit on error."""
+    stage_script(name).main.callback.__wrapped__(params, **paths)
+
+
 def tiny_model_config(**changes):
     """The smallest CNN of the classic shape: one 4-channel conv, 16 hidden units."""
     from mnist_pipeline.config import ModelConfig
@@ -87,6 +103,7 @@ PROJECT_FILES = [
     ".dvc/.gitignore",
     "mlruns/.gitignore",
     "src",
+    "stages",
     "requirements",
     "plots",
     "tune.yaml",

@@ -20,7 +20,7 @@ from mnist_pipeline.errors import run_main
 
 
 def command(stage: Callable[..., None]) -> click.Command:
-    """The stage function ``stage(params, **paths)`` as its script's command line."""
+    """The stage function ``stage(params, **paths)`` as its script's command line, its help the script's docstring."""
 
     @functools.wraps(stage)
     def run(params: Path, **paths: Any) -> None:
@@ -30,7 +30,7 @@ def command(stage: Callable[..., None]) -> click.Command:
     name = Path(stage.__code__.co_filename).stem  # the script's name: stages/train.py -> train
     params = click.option("--params", type=click.Path(path_type=Path), default="params.yaml", show_default=True,
                           help="The params file.")  # fmt: skip
-    return click.command(name, help=stage.__doc__)(params(run))
+    return click.command(name, help=stage.__globals__["__doc__"])(params(run))  # the script's docstring
 
 
 def path(flag: str, help: str, many: bool = False) -> Callable:

@@ -18,7 +18,7 @@ import pytest
 from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 
-from mnist_pipeline.ml import training
+from mnist_pipeline.ml import resume
 from tests.helpers import free_port, make_repo, ran_stages, run, serving, trickle, user_env
 
 pytestmark = pytest.mark.e2e
@@ -37,7 +37,7 @@ def wait_for_epochs(repo: Path, proc: subprocess.Popen, epochs: int, limit_s: fl
     """Until the train stage has saved the state of at least ``epochs`` epochs."""
     deadline = time.monotonic() + limit_s
     while True:
-        state = training.load_state(repo / STATE)
+        state = resume.load(repo / STATE)
         if state is not None and len(state["history"]) >= epochs:
             return
         assert proc.poll() is None, proc.communicate()
@@ -69,7 +69,7 @@ def logged_steps(client: MlflowClient, run_id: str) -> list[int]:
 def interrupt(repo: Path, mirror: str, sig: signal.Signals, after_epochs: int) -> str:
     """Start `dvc repro`, let the train stage save ``after_epochs`` more epochs, send ``sig`` to the whole
     process group (as Ctrl-C or a job scheduler does); return its stderr."""
-    before = len((training.load_state(repo / STATE) or {"history": []})["history"])
+    before = len((resume.load(repo / STATE) or {"history": []})["history"])
     proc = start_repro(repo, mirror)
     wait_for_epochs(repo, proc, before + after_epochs)
     os.killpg(proc.pid, sig)
@@ -93,7 +93,7 @@ def test_interrupted_three_ways_the_pipeline_still_finishes_with_every_epoch_log
         assert "Traceback" not in err
         if saved:
             assert f"resuming after epoch {saved}/{LONG['epochs']}" in err
-        saved_now = len(training.load_state(repo / STATE)["history"])  # the last good checkpoint
+        saved_now = len(resume.load(repo / STATE)["history"])  # the last good checkpoint
         assert saved + 2 <= saved_now < LONG["epochs"]
         assert pipeline_runs(client) == [] and client.search_registered_models() == []  # nothing recorded yet
         saved = saved_now

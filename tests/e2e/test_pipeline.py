@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import resource
+import shlex
 import shutil
 import subprocess
 import sys
@@ -607,13 +608,7 @@ def test_a_full_disk_names_the_file_and_keeps_the_earlier_outputs(pipeline):
     """The evaluate stage on a disk that takes no file over 16 KiB (RLIMIT_FSIZE): its first big figure fails."""
     repo, _ = pipeline
     before = {p: p.read_bytes() for p in (repo / "reports").iterdir()}
-    cmd = [sys.executable, "-m", "mnist_pipeline.stages.evaluate", "--data", "data/raw",
-           "--checkpoint", "models/model.pt", "--metrics", "reports/metrics.json",
-           "--per-class", "reports/per_class.csv", "--per-class-md", "reports/per_class.md",
-           "--confusion", "reports/confusion.csv", "--confusion-png", "reports/confusion_matrix.png",
-           "--predictions-png", "reports/predictions.png", "--robustness", "reports/robustness.csv",
-           "--robustness-plot", "reports/robustness_by_level.csv", "--robustness-metrics", "reports/robustness.json",
-           "--robustness-png", "reports/robustness.png"]  # fmt: skip
+    cmd = shlex.split(yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]["evaluate"]["cmd"])  # as DVC runs it
 
     def full_disk():
         resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, 16 * 1024))

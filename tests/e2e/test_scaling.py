@@ -19,6 +19,7 @@ from mnist_pipeline import config
 from mnist_pipeline.ml import training
 from mnist_pipeline.ml.data import load_split
 from mnist_pipeline.ml.model import load_checkpoint
+from mnist_pipeline.ml.tensors import Tensors
 from tests.helpers import make_repo, ran_stages, run
 
 pytestmark = pytest.mark.e2e
@@ -62,7 +63,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, http_
     params = config.load(repo / "params.yaml")
     cpu = torch.device("cpu")
     train_data, test_data = (
-        training.Tensors.from_split(load_split(repo / "data/raw", s), cpu) for s in ("train", "test")
+        Tensors.from_split(load_split(repo / "data/raw", s), cpu) for s in ("train", "test")
     )
     single = training.train(params.model, params.train, train_data, test_data, cpu, log=io.StringIO())
     two_ranks, _ = load_checkpoint(repo / "models/model.pt")

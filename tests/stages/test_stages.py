@@ -1,19 +1,19 @@
-"""The stage layer (``mnist_pipeline.stages``) called directly, in this process, on the synthetic data: the train
+"""The stage scripts (``stages/``) called directly, in this process, on the synthetic data: the train
 stage's resume and what rank 0 does that other ranks do not, without any MLflow store; then what the export stage
 records in a real one (the one stage that talks to MLflow)."""
 
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
 from mnist_pipeline import config, names
-from mnist_pipeline.ml import training
-from mnist_pipeline.stages import evaluate, export, train
-from tests.helpers import REPO_ROOT
+from mnist_pipeline.ml import resume
+from tests.helpers import REPO_ROOT, run_stage
 
 
 @pytest.fixture
@@ -28,37 +28,37 @@ def params() -> config.Params:
 
 
 @pytest.fixture
-def paths(tmp_path, raw_dir, monkeypatch) -> train.Paths:
+def paths(tmp_path, raw_dir, monkeypatch) -> SimpleNamespace:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("DVC_ROOT", raising=False)
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
-    return train.Paths(data=raw_dir, checkpoint=tmp_path / "model.pt", history=tmp_path / "history.csv",
-                       record=tmp_path / "training.json", resume_state=tmp_path / "resume" / "state.pt")  # fmt: skip
+    return SimpleNamespace(data=raw_dir, checkpoint=tmp_path / "model.pt", history=tmp_path / "history.csv",
+                           record=tmp_path / "training.json", resume_state=tmp_path / "resume" / "state.pt")
 
 
 def interrupted_at_epoch(epoch: int, monkeypatch) -> None:
     """Ctrl-C right after the state of ``epoch`` is saved (where a real one waits: see training.train)."""
-    save = training.save_state
+    save = resume.save
 
     def save_then_interrupt(path, state):
         save(path, state)
         if len(state["history"]) >= epoch:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(training, "save_state", save_then_interrupt)
+    monkeypatch.setattr(resume, "save", save_then_interrupt)
 
 
 def test_an_interrupted_training_continues_where_it_stopped_without_any_store(params, paths, capsys, monkeypatch):
     with monkeypatch.context() as patch:
         interrupted_at_epoch(1, patch)
         with pytest.raises(KeyboardInterrupt):
-            train.run(params, paths)
+            run_stage("train", params, **vars(paths))
     assert "the last completed epoch is saved in" in capsys.readouterr().err
     assert paths.resume_state.exists() and not paths.checkpoint.exists() and not paths.record.exists()
 
-    train.run(params, paths)
+    run_stage("train", params, **vars(paths))
     assert "resuming after epoch 1/2" in capsys.readouterr().err
     record = json.loads(paths.record.read_text())
     assert [m["epoch"] for m in record["history"]] == [1, 2]
@@ -73,8 +73,8 @@ def test_a_changed_param_starts_over_instead_of_resuming(params, paths, capsys, 
     with monkeypatch.context() as patch:
         interrupted_at_epoch(1, patch)
         with pytest.raises(KeyboardInterrupt):
-            train.run(params, paths)
-    train.run(params.model_copy(update={"train": params.train.replace(lr=0.02)}), paths)
+            run_stage("train", params, **vars(paths))
+    run_stage("train", params.model_copy(update={"train": params.train.replace(lr=0.02)}), **vars(paths))
     assert "from another training (params, data or code changed): starting over" in capsys.readouterr().err
     assert [m["epoch"] for m in json.loads(paths.record.read_text())["history"]] == [1, 2]
 
@@ -85,31 +85,32 @@ def test_only_rank_0_writes_the_outputs(params, paths, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setenv("LOCAL_RANK", "0")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    train.run(params, paths)
+    run_stage("train", params, **vars(paths))
     assert not any(p.exists() for p in (paths.checkpoint, paths.history, paths.record, paths.resume_state))
 
 
 @pytest.mark.e2e  # the three stages in turn, and the store
 def test_the_export_stage_records_the_whole_pipeline_in_one_run(params, paths, tmp_path):
-    train.run(params, paths)
+    run_stage("train", params, **vars(paths))
     reports = tmp_path / "reports"
-    evaluated = evaluate.Paths(
-        data=paths.data, checkpoint=paths.checkpoint, metrics=reports / "metrics.json",
+    evaluated = SimpleNamespace(
+        data=paths.data, checkpoint=paths.checkpoint, onnx=tmp_path / "model.onnx", parity=reports / "parity.json",
+        metrics=reports / "metrics.json",
         per_class=reports / "per_class.csv", per_class_md=reports / "per_class.md", confusion=reports / "confusion.csv",
         confusion_png=reports / "confusion.png", predictions_png=reports / "predictions.png",
         robustness=reports / "robustness.csv", robustness_plot=reports / "robustness_by_level.csv",
         robustness_metrics=reports / "robustness.json", robustness_png=reports / "robustness.png",
     )  # fmt: skip
-    evaluate.run(params, evaluated)
-    exported = export.Paths(
-        data=paths.data, checkpoint=paths.checkpoint, record=paths.record, metrics=evaluated.metrics,
-        robustness=evaluated.robustness_metrics,
+    run_stage("evaluate", params, **vars(evaluated))
+    exported = SimpleNamespace(
+        data=paths.data, onnx=evaluated.onnx, record=paths.record, metrics=evaluated.metrics,
+        robustness=evaluated.robustness_metrics, parity=evaluated.parity,
         evaluation=[evaluated.confusion_png, evaluated.predictions_png, evaluated.per_class, paths.history,
                     evaluated.robustness],
-        onnx=tmp_path / "model.onnx", report=reports / "export.json",
+        report=reports / "export.json",
     )  # fmt: skip
     try:
-        export.run(params, exported)
+        run_stage("export", params, **vars(exported))
     finally:
         mlflow.set_tracking_uri(None)
     report = json.loads(exported.report.read_text())

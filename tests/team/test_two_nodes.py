@@ -16,6 +16,7 @@ from mnist_pipeline import config, names
 from mnist_pipeline.ml import training
 from mnist_pipeline.ml.data import load_split
 from mnist_pipeline.ml.model import load_checkpoint
+from mnist_pipeline.ml.tensors import Tensors
 from tests.helpers import free_port, make_repo, ran_stages, run, start
 
 pytestmark = [pytest.mark.team, pytest.mark.e2e]
@@ -49,7 +50,7 @@ def test_two_nodes_train_like_one_and_one_run_records_both(tmp_path, team_server
     # The same training in one process, with the same global batch: the same digits.
     params = config.load(main / "params.yaml")
     cpu = torch.device("cpu")
-    data = [training.Tensors.from_split(load_split(main / "data/raw", split), cpu) for split in ("train", "test")]
+    data = [Tensors.from_split(load_split(main / "data/raw", split), cpu) for split in ("train", "test")]
     single = training.train(params.model, params.train, *data, cpu, log=io.StringIO())
     two_nodes, _ = load_checkpoint(main / "models/model.pt")
     pairs = zip(single.model.state_dict().values(), two_nodes.state_dict().values(), strict=True)

@@ -22,7 +22,7 @@ STAGE = (
 
 
 def test_stage_processes_are_found_timed_and_their_peak_memory_read():
-    shell = subprocess.Popen(["sh", "-c", f'"{sys.executable}" -c "$0" -m mnist_pipeline.stages.evaluate', STAGE])
+    shell = subprocess.Popen(["sh", "-c", f'"{sys.executable}" -c "$0" stages/evaluate.py', STAGE])
     watch, stop = bench_loop.StageWatch(), threading.Event()
     poller = threading.Thread(target=watch.poll, args=(shell.pid, stop))
     poller.start()

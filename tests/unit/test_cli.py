@@ -8,15 +8,14 @@ import pytest
 
 from benchmarks import tutorial
 from mnist_pipeline import cli
-from mnist_pipeline.stages import command as stage_command
-from mnist_pipeline.stages import download, evaluate, export, params, train
+from tests.helpers import stage_script
 
 
 def commands() -> dict[str, click.Command]:
     found = {"mnist-pipeline": cli.main, **{f"mnist-pipeline {name}": c for name, c in cli.main.commands.items()}}
     found["python -m benchmarks"] = tutorial.main
-    for stage in (params, download, train, evaluate, export):
-        found[f"python -m {stage.__name__}"] = stage_command(stage)
+    for stage in ("params", "download", "train", "evaluate", "export"):
+        found[f"python stages/{stage}.py"] = stage_script(stage).main
     return found
 
 

@@ -79,7 +79,12 @@ def test_the_report_is_the_same_for_the_same_seed_and_keeps_the_labels():
     from tests.helpers import tiny_model_config
 
     torch.manual_seed(0)
-    model = build(tiny_model_config()).eval()
+    net = build(tiny_model_config()).eval()
+
+    def model(pixels):  # the report runs the exported model: NumPy in, NumPy out
+        with torch.no_grad():
+            return net(torch.from_numpy(pixels)).numpy()
+
     x, labels = batch(6), torch.tensor([7, 7, 7, 7, 7, 7])
     first = robustness.report(model, x, labels, seed=3)
     again = robustness.report(model, x.clone(), labels.clone(), seed=3)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mnist_pipeline.errors import PipelineError
-from mnist_pipeline.ml import export
+from mnist_pipeline.ml import export, runtime
 from mnist_pipeline.ml.model import build
 from mnist_pipeline.tracking import loader
 from tests.helpers import tiny_model_config
@@ -38,4 +38,4 @@ def test_onnx_matches_eager_model_and_a_broken_one_is_refused(tmp_path, model):
         model.features[0].weight.mul_(1.01)  # the model moved on; the file did not
     broken = export.check_parity(model, onnx_model, x, 1e-4, "ONNX")
     with pytest.raises(PipelineError, match=r"^ONNX export differs from the trained model on 300 test digits"):
-        export.require_parity(broken)
+        runtime.require_parity(broken)

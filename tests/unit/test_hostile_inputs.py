@@ -20,6 +20,7 @@ from mnist_pipeline.commands import predict
 from mnist_pipeline.config import TrainConfig
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.ml import data, training
+from mnist_pipeline.ml.tensors import Tensors
 from tests.helpers import AUGMENTATION_OFF, REPO_ROOT, digit, serving, tiny_model_config, trickle
 
 BOMB_BYTES = 128 * 2**20  # what the bomb below inflates to
@@ -134,7 +135,7 @@ def test_params_that_cannot_work_on_mnist_are_refused_in_one_line(key, value, me
     assert message in str(exc.value) and "\n" not in str(exc.value)
 
 
-class NonFinitePixels(training.Tensors):
+class NonFinitePixels(Tensors):
     """Training data whose batches carry one NaN pixel: the loss is NaN from the first step, on any CPU."""
 
     def x(self, index, shift=0, offsets=None):
@@ -145,8 +146,8 @@ class NonFinitePixels(training.Tensors):
 
 def test_a_diverging_training_stops_at_once_naming_the_step(raw_dir):
     cpu = torch.device("cpu")
-    train = training.Tensors.from_split(data.load_split(raw_dir, "train"), cpu)
-    test = training.Tensors.from_split(data.load_split(raw_dir, "test"), cpu)
+    train = Tensors.from_split(data.load_split(raw_dir, "train"), cpu)
+    test = Tensors.from_split(data.load_split(raw_dir, "test"), cpu)
     params = config.read_params(REPO_ROOT / "params.yaml")["train"]
     cfg = TrainConfig.from_dict({**params, **AUGMENTATION_OFF, "epochs": 2, "batch_size": 100})
     epochs, checkpoints = [], []

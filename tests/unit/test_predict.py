@@ -12,6 +12,7 @@ import yaml
 from mnist_pipeline.commands import predict
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.ml.model import build
+from mnist_pipeline.ml.tensors import Tensors
 from mnist_pipeline.tracking import loader
 from tests.helpers import REPO_ROOT, digit, tiny_model_config
 
@@ -132,19 +133,20 @@ def test_photos_of_200_test_digits_are_read_through_predict_as_well_as_the_digit
     a grey paper survived the inversion and the digit arrived as a small mark inside a grey box."""
     from PIL import Image
 
-    from mnist_pipeline.ml import export, training
+    from mnist_pipeline.ml import export, runtime, training
     from mnist_pipeline.ml.distortions import render_photos
     from mnist_pipeline.ml.evaluation import predict_logits
     from tests.unit.test_training import TRAIN
 
     cpu = torch.device("cpu")
     split = [glyphs(n, seed) for n, seed in ((2000, 1), (200, 2))]
-    train, test = (training.Tensors((x * 255).round().to(torch.uint8), y) for x, y in split)
+    train, test = (Tensors((x * 255).round().to(torch.uint8), y) for x, y in split)
     model = training.train(tiny_model_config(input_norm="per_image"), TRAIN.replace(epochs=3), train, test, cpu,
                            log=None).model.eval()  # fmt: skip
     export.save_onnx(model, torch.rand(2, 1, 28, 28), tmp_path / "model.onnx")
     x, labels = test.x(slice(0, 200)), test.y[:200]
-    clean = float((predict_logits(model, x, 200).argmax(1) == labels).float().mean())
+    shipped = runtime.onnx_runner(tmp_path / "model.onnx")
+    clean = float((predict_logits(shipped, x.numpy(), 200).argmax(1) == labels).float().mean())
     files = []
     for i, photo in enumerate(render_photos(x, torch.Generator().manual_seed(0))):
         Image.fromarray(photo).save(tmp_path / f"{i:03}.jpg", quality=90)

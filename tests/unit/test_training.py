@@ -9,8 +9,10 @@ import torch
 
 from mnist_pipeline.config import ModelConfig, TrainConfig
 from mnist_pipeline.errors import PipelineError
-from mnist_pipeline.ml import training
+from mnist_pipeline.ml import augment, resume, training
 from mnist_pipeline.ml.data import load_split
+from mnist_pipeline.ml.history import write_history
+from mnist_pipeline.ml.tensors import Tensors
 
 MODEL = ModelConfig(conv_channels=(8,), kernel_size=3, hidden=32, dropout=0.0, batch_norm=False, input_norm="mnist")
 TRAIN = TrainConfig(
@@ -43,8 +45,8 @@ TRAIN = TrainConfig(
 def tensors(raw_dir):
     cpu = torch.device("cpu")
     return (
-        training.Tensors.from_split(load_split(raw_dir, "train"), cpu),
-        training.Tensors.from_split(load_split(raw_dir, "test"), cpu),
+        Tensors.from_split(load_split(raw_dir, "train"), cpu),
+        Tensors.from_split(load_split(raw_dir, "test"), cpu),
     )
 
 
@@ -97,7 +99,7 @@ def test_history_file(tmp_path, tensors):
     result = training.train(
         MODEL, TRAIN.replace(epochs=1), *tensors, torch.device("cpu"), log=io.StringIO()
     )
-    training.write_history(tmp_path / "h.csv", result.history)
+    write_history(tmp_path / "h.csv", result.history)
     lines = (tmp_path / "h.csv").read_text().splitlines()
     assert lines[0] == "epoch,train_loss,test_loss,test_accuracy,seconds" and len(lines) == 2
 
@@ -105,8 +107,8 @@ def test_history_file(tmp_path, tensors):
 def test_random_shift_moves_each_digit_within_bounds_and_keeps_it_whole():
     images = torch.zeros(64, 1, 28, 28, dtype=torch.uint8)
     images[:, 0, 14, 14] = 255  # one lit pixel in the middle of each image
-    offsets = training.random_offsets(64, 2, torch.Generator().manual_seed(0))
-    shifted = training.shift_images(images, 2, offsets)
+    offsets = augment.random_offsets(64, 2, torch.Generator().manual_seed(0))
+    shifted = augment.shift_images(images, 2, offsets)
     assert shifted.shape == images.shape and shifted.dtype == torch.uint8
     assert torch.equal(shifted.sum(dim=(1, 2, 3)), images.sum(dim=(1, 2, 3)).to(shifted.dtype))
     rows, cols = (shifted[:, 0] == 255).nonzero()[:, 1:].T
@@ -185,25 +187,25 @@ def test_state_round_trips_through_a_file_without_pickle(tmp_path, tensors):
     training.train(MODEL, TRAIN.replace(epochs=1), *tensors, torch.device("cpu"), log=io.StringIO(),
                    on_checkpoint=saved.append)  # fmt: skip
     path = tmp_path / "resume" / "state.pt"
-    training.save_state(path, {**saved[0], "run_id": "abc"})
-    loaded = training.load_state(path)  # weights_only=True inside
+    resume.save(path, {**saved[0], "run_id": "abc"})
+    loaded = resume.load(path)  # weights_only=True inside
     assert loaded["run_id"] == "abc" and loaded["history"] == saved[0]["history"]
     path.write_bytes(path.read_bytes()[:100])  # torn
-    assert training.load_state(path) is None
-    assert training.load_state(tmp_path / "missing.pt") is None
+    assert resume.load(path) is None
+    assert resume.load(tmp_path / "missing.pt") is None
 
 
 def test_state_fingerprint_changes_with_what_shapes_training_only(tmp_path):
     code = [tmp_path / "training.py", tmp_path / "distributed.py"]
     for path in code:
         path.write_text("x = 1\n")
-    base = training.state_fingerprint(MODEL, TRAIN, "md5", code)
-    assert training.state_fingerprint(MODEL, TRAIN.replace(log_every=1, resume=False), "md5", code) == base
-    assert training.state_fingerprint(MODEL, TRAIN.replace(lr=0.1), "md5", code) != base
-    assert training.state_fingerprint(MODEL, TRAIN, "other data", code) != base
-    assert training.state_fingerprint(MODEL.replace(hidden=8), TRAIN, "md5", code) != base
+    base = resume.fingerprint(MODEL, TRAIN, "md5", code)
+    assert resume.fingerprint(MODEL, TRAIN.replace(log_every=1, resume=False), "md5", code) == base
+    assert resume.fingerprint(MODEL, TRAIN.replace(lr=0.1), "md5", code) != base
+    assert resume.fingerprint(MODEL, TRAIN, "other data", code) != base
+    assert resume.fingerprint(MODEL.replace(hidden=8), TRAIN, "md5", code) != base
     code[1].write_text("x = 2\n")  # an edit in any of the stage's code
-    assert training.state_fingerprint(MODEL, TRAIN, "md5", code) != base
+    assert resume.fingerprint(MODEL, TRAIN, "md5", code) != base
 
 
 def test_a_validation_split_is_drawn_by_the_seed_and_measured_each_epoch_without_the_test_split(tensors, tmp_path):
@@ -220,7 +222,7 @@ def test_a_validation_split_is_drawn_by_the_seed_and_measured_each_epoch_without
     assert last.test_loss is None and last.val_accuracy > 0.8
     assert set(last.metrics()) == {"train_loss", "val_loss", "val_accuracy"}
     assert "validation accuracy" in log.getvalue() and "test" not in log.getvalue()
-    training.write_history(tmp_path / "h.csv", result.history)
+    write_history(tmp_path / "h.csv", result.history)
     assert (tmp_path / "h.csv").read_text().splitlines()[0] == "epoch,train_loss,seconds,val_loss,val_accuracy"
     with pytest.raises(PipelineError, match="train.validation 1000 must leave digits"):
         train.hold_out(len(train), seed=0)
