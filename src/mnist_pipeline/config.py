@@ -208,6 +208,22 @@ def with_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, 
     return raw
 
 
+def one_line(exc: ValidationError) -> str:
+    """Pydantic's errors as one line: each one's place and message (``pruner.warmup_epochs: input should be greater
+    than or equal to 0``; a check of ours words its own message)."""
+
+    def problem(error) -> str:
+        where = ".".join(str(part) for part in error["loc"])
+        message = str(error["msg"]).removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif error["type"] in ("model_type", "dict_type"):
+            message = f"expected a mapping, got {type(error['input']).__name__}"
+        return f"{where}: {message[0].lower()}{message[1:]}" if where else message
+
+    return "; ".join(problem(error) for error in exc.errors())
+
+
 def _validated(model: type[BaseModel], raw: Any, source: str, prefix: tuple = ()):
     try:
         return model.model_validate(raw)

@@ -14,8 +14,8 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from mnist_pipeline import config, names
-from mnist_pipeline.commands import tune
 from mnist_pipeline.ml.data import FILE_NAMES, TRAIN_FILE_NAMES
+from mnist_pipeline.tracking import studies
 from tests.helpers import REPO_ROOT, make_repo, run, user_env
 
 ROOT = REPO_ROOT
@@ -53,7 +53,7 @@ def in_study(run, name: str = "mnist-tune") -> bool:
 
 def tuner_runs(repo: Path):
     client = mlflow(repo)
-    experiment = client.get_experiment_by_name(tune.EXPERIMENT)
+    experiment = client.get_experiment_by_name(studies.EXPERIMENT)
     return client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
 
 

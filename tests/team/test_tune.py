@@ -11,7 +11,8 @@ import yaml
 from optuna.trial import TrialState
 
 from mnist_pipeline import names
-from mnist_pipeline.commands import tune
+from mnist_pipeline.commands import search_space
+from mnist_pipeline.tracking import studies
 from tests.helpers import make_repo, run, start
 from tests.team.conftest import ROUNDS, at_once
 
@@ -48,7 +49,7 @@ def test_two_machines_take_trials_from_one_study_under_one_parent_run(tmp_path, 
     assert len({t.user_attrs["worker"] for t in trials}) == 2  # both machines took trials
 
     client = as_user("carol")  # anyone on the team can read the search
-    experiment = client.get_experiment_by_name(tune.EXPERIMENT)
+    experiment = client.get_experiment_by_name(studies.EXPERIMENT)
     runs = client.search_runs([experiment.experiment_id], f"tags.`{names.TUNE_STUDY}` = 'team-search'")
     (parent,) = [r for r in runs if r.data.tags[names.TUNE_ROLE] == "study"]
     children = [r for r in runs if r.data.tags[names.TUNE_ROLE] == "trial"]
@@ -62,10 +63,10 @@ def test_two_machines_take_trials_from_one_study_under_one_parent_run(tmp_path, 
 def _finish_at_once(storage: str, barrier) -> None:
     """One machine at the end of each study's search: finds the study's parent run, waits for the others, writes the
     summary; then the next study."""
-    search = tune.Search(10, (tune.Dimension("train.lr", low=0.001, high=0.01),), 1, 0)
+    search = search_space.Search(10, (search_space.Dimension("train.lr", low=0.001, high=0.01),), 1, 0)
     for number in range(ROUNDS):
         study = optuna.load_study(study_name=f"summary-race-{number}", storage=storage)
-        tracking = tune.Tracking(study.study_name, storage)
+        tracking = studies.Tracking(study.study_name, storage)
         barrier.wait()
         tracking.finish(study, search, "FINISHED")
 
@@ -83,7 +84,7 @@ def test_machines_ending_one_study_at_the_same_moment_all_write_its_summary(tmp_
 
     at_once(_finish_at_once, storage)
 
-    experiment = client.get_experiment_by_name(tune.EXPERIMENT)
+    experiment = client.get_experiment_by_name(studies.EXPERIMENT)
     for number in range(ROUNDS):
         query = f"tags.`{names.TUNE_STUDY}` = 'summary-race-{number}'"
         (parent,) = client.search_runs([experiment.experiment_id], query)  # one parent, though all began at once

@@ -22,7 +22,7 @@ from tests.helpers import free_port, make_repo, ran_stages, run, start
 pytestmark = [pytest.mark.team, pytest.mark.e2e]
 
 TRAIN = {"nproc": 1, "batch_size": 64, "epochs": 2, "log_every": 5, "device": "cpu"}
-STAGE = ["-m", "mnist_pipeline.stages.train", "--data", "data/raw", "--checkpoint", "models/model.pt",
+STAGE = ["stages/train.py", "--data", "data/raw", "--checkpoint", "models/model.pt",
          "--history", "reports/history.csv", "--record", "models/training.json",
          "--resume-state", "models/resume/train_state.pt"]  # fmt: skip  (dvc.yaml's train command)
 

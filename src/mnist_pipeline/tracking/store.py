@@ -15,8 +15,7 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -211,29 +210,19 @@ def _hint(uri: str, chosen: bool) -> str:
             "aside to start a new one (its runs are then no longer listed)")  # fmt: skip
 
 
-@contextmanager
-def lock(uri: str) -> Iterator[None]:
+def lock(uri: str):
     """Serialise a read-then-write on a local SQLite store between processes.
 
     Two pipelines starting at once (queued experiments with ``-j 2``, two ``dvc exp run --temp``) would both run
     MLflow's schema migrations on a new store, and one would fail ("duplicate column name"); both would register a
     version, and the one that got the older version could move ``candidate`` last. A file lock beside the database
-    makes the second wait until the first is done.
+    makes the second wait until the first is done (a server needs none).
     """
-    if not uri.startswith("sqlite:///"):
-        yield
-        return
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no inter-process lock, as before
-        yield
-        return
-    with open(uri.removeprefix("sqlite:///") + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    from contextlib import nullcontext
+
+    from filelock import FileLock
+
+    return FileLock(uri.removeprefix("sqlite:///") + ".lock") if uri.startswith("sqlite:///") else nullcontext()
 
 
 def _check_sqlite_path(uri: str) -> None:
