@@ -89,7 +89,7 @@ def test_another_machine_pulls_data_models_and_experiments_and_has_nothing_to_re
 
     b("dvc", "remote", "modify", "--local", "team", "keyfile", str(ssh_server.key))
     b("dvc", "pull")
-    locked = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["export"]["outs"]
+    locked = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["evaluate"]["outs"]
     (onnx,) = [out for out in locked if out["path"] == "models/model.onnx"]
     assert hashlib.md5((repo / "models/model.onnx").read_bytes()).hexdigest() == onnx["md5"]
     assert ran_stages(b("dvc", "repro")) == []  # every output matches dvc.lock: nothing to rerun

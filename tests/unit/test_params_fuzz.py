@@ -1,14 +1,16 @@
 """Property-based: any params.yaml is either accepted or refused with one line and exit status 1, never a
 traceback; every valid one is accepted and every invalid one refused.
 
-Each key has a strategy for valid values and one for invalid values (wrong type or out of range); hypothesis
-combines them, adds unknown and missing keys, and shrinks any failure to the smallest params.yaml that shows it.
+Each key has a strategy for valid values and one for invalid values (wrong type or out of range), read from its
+pydantic field in config.py (a new section is fuzzed as it is declared); hypothesis combines them, adds unknown and
+missing keys, and shrinks any failure to the smallest params.yaml that shows it.
 """
 
 from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Literal, get_args, get_origin
 
 import yaml
 from hypothesis import HealthCheck, given, settings
@@ -16,7 +18,7 @@ from hypothesis import strategies as st
 
 from mnist_pipeline import config
 from mnist_pipeline.errors import run_main
-from mnist_pipeline.ml.data import DATASETS, FILE_NAMES
+from mnist_pipeline.ml.data import FILE_NAMES
 
 # Values of the wrong YAML type for every kind of key; ranges are covered per key below.
 ANYTHING = st.one_of(
@@ -47,85 +49,56 @@ def choice_outside(options) -> st.SearchStrategy:
     return st.one_of(st.text(max_size=10).filter(lambda s: s not in options), st.integers(), st.none())
 
 
-# key -> (valid values, invalid values). Cross-key rule: train.batch_size >= train.nproc (valid sets keep it).
+def from_field(field) -> tuple[st.SearchStrategy, st.SearchStrategy]:
+    """(valid values, invalid values) of a key, read from its pydantic field: its type and bounds."""
+    annotation = field.annotation
+    bounds = {name: getattr(m, name) for m in field.metadata for name in ("ge", "gt", "le", "lt") if hasattr(m, name)}
+    if get_origin(annotation) is Literal:
+        options = get_args(annotation)
+        return st.sampled_from(options), choice_outside(options)
+    if annotation is bool:
+        return st.booleans(), st.one_of(st.integers(), st.text(max_size=5), st.none())
+    if annotation is int:
+        low, high = bounds.get("ge", bounds.get("gt", -1) + 1), bounds.get("le")
+        return st.integers(low, min(high, low + 10_000) if high is not None else low + 10_000), int_outside(low, high)
+    low, high = bounds.get("ge", bounds.get("gt")), bounds.get("le", bounds.get("lt"))
+    valid = st.floats(low, high, exclude_min="gt" in bounds, exclude_max="lt" in bounds)
+    return valid, number_outside(low, high, "gt" in bounds, "lt" in bounds)
+
+
+# What a field's type and bounds do not tell: its own check, or a shape of its own.
+SPECIAL = {
+    ("data", "expected_md5"): (
+        st.dictionaries(st.sampled_from(FILE_NAMES), st.text("0123456789abcdef", min_size=32, max_size=32)),
+        st.one_of(
+            st.dictionaries(st.text(max_size=5), st.just("0" * 32), min_size=1),
+            st.dictionaries(st.sampled_from(FILE_NAMES), st.text(max_size=31), min_size=1),
+            st.lists(st.integers(), min_size=1),
+            st.integers(),
+        ),
+    ),
+    ("model", "conv_channels"): (
+        st.lists(st.integers(1, 1024), min_size=1, max_size=2),
+        st.one_of(st.lists(st.integers(1, 64), min_size=3, max_size=4), st.just([]),
+                  st.lists(st.integers(max_value=0), min_size=1, max_size=2), st.integers(), st.text(max_size=3)),
+    ),
+    ("model", "kernel_size"): (
+        st.sampled_from([3, 5]),
+        st.one_of(st.integers().filter(lambda k: k not in (3, 5)), st.text(max_size=2)),
+    ),
+    ("export", "model_name"): (
+        st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,20}\Z"),
+        st.one_of(st.from_regex(r"\A[^A-Za-z0-9].*\Z"), st.just(""), st.just("a b"), st.integers()),
+    ),
+    # Cross-key rule train.batch_size >= train.nproc: the valid values keep it (a rule broken below).
+    ("train", "batch_size"): (st.integers(8, 4096), int_outside(1, config.MAX_BATCH)),
+    ("train", "nproc"): (st.integers(1, 8), int_outside(1, 1024)),
+}  # fmt: skip
+
+# key -> (valid values, invalid values) of every section of params.yaml, as config.py declares them.
 FIELDS: dict[str, dict[str, tuple[st.SearchStrategy, st.SearchStrategy]]] = {
-    "data": {
-        "dataset": (st.sampled_from(sorted(DATASETS)), choice_outside(DATASETS)),
-        "expected_md5": (
-            st.dictionaries(st.sampled_from(FILE_NAMES), st.text("0123456789abcdef", min_size=32, max_size=32)),
-            st.one_of(
-                st.dictionaries(st.text(max_size=5), st.just("0" * 32), min_size=1),
-                st.dictionaries(st.sampled_from(FILE_NAMES), st.text(max_size=31), min_size=1),
-                st.lists(st.integers(), min_size=1),
-                st.integers(),
-            ),
-        ),  # fmt: skip
-    },
-    "model": {
-        "conv_channels": (
-            st.lists(st.integers(1, 1024), min_size=1, max_size=2),
-            st.one_of(
-                st.lists(st.integers(1, 64), min_size=3, max_size=4),
-                st.just([]),
-                st.lists(st.integers(max_value=0), min_size=1, max_size=2),
-                st.integers(),
-                st.text(max_size=3),
-            ),
-        ),  # fmt: skip
-        "kernel_size": (
-            st.sampled_from([3, 5]),
-            st.one_of(st.integers().filter(lambda k: k not in (3, 5)), st.text(max_size=2)),
-        ),
-        "hidden": (st.integers(1, 8192), int_outside(1, 8192)),
-        "dropout": (st.floats(0.0, 1.0, exclude_max=True), number_outside(0.0, 1.0, hi_open=True)),
-        "input_norm": (st.sampled_from(config.INPUT_NORMS), choice_outside(config.INPUT_NORMS)),
-        "batch_norm": (st.booleans(), st.one_of(st.integers(), st.text(max_size=5), st.none())),
-    },
-    "train": {
-        "seed": (st.integers(0, 2**32 - 1), int_outside(0, 2**32 - 1)),
-        "device": (st.sampled_from(config.DEVICES), choice_outside(config.DEVICES)),
-        "epochs": (st.integers(1, config.MAX_EPOCHS), int_outside(1, config.MAX_EPOCHS)),
-        "batch_size": (st.integers(8, 4096), int_outside(1, config.MAX_BATCH)),
-        "optimizer": (st.sampled_from(config.OPTIMIZERS), choice_outside(config.OPTIMIZERS)),
-        "lr": (st.floats(0.0, 10.0, exclude_min=True), number_outside(0.0, 10.0, hi_open=True)),
-        "weight_decay": (st.floats(0.0, 1.0), number_outside(0.0, 1.0)),
-        "lr_schedule": (st.sampled_from(config.LR_SCHEDULES), choice_outside(config.LR_SCHEDULES)),
-        "label_smoothing": (st.floats(0.0, 1.0, exclude_max=True), number_outside(0.0, 1.0, hi_open=True)),
-        "validation": (st.integers(0, 59_999), int_outside(0, 59_999)),
-        "augment_shift": (st.integers(0, 8), int_outside(0, 8)),
-        "augment_rotation": (st.floats(0.0, 180.0), number_outside(0.0, 180.0)),
-        "augment_scale": (st.floats(0.0, 0.5), number_outside(0.0, 0.5)),
-        "augment_shear": (st.floats(0.0, 45.0), number_outside(0.0, 45.0)),
-        "augment_elastic": (st.floats(0.0, 8.0), number_outside(0.0, 8.0)),
-        "augment_stroke": (st.floats(0.0, 1.0), number_outside(0.0, 1.0)),
-        "augment_noise": (st.floats(0.0, 1.0), number_outside(0.0, 1.0)),
-        "precision": (st.sampled_from(config.PRECISIONS), choice_outside(config.PRECISIONS)),
-        "threads": (st.integers(0, 1024), int_outside(0, 1024)),
-        "log_every": (st.integers(1, 10_000), int_outside(1, None)),
-        "nproc": (st.integers(1, 8), int_outside(1, 1024)),
-        "resume": (st.booleans(), st.one_of(st.integers(), st.text(max_size=5), st.none())),
-    },
-    "evaluate": {
-        "batch_size": (st.integers(1, 10_000), int_outside(1, None)),
-        "examples": (st.integers(1, 100), int_outside(1, 100)),
-        "mistakes": (st.integers(0, 100), int_outside(0, 100)),
-        "robustness_samples": (st.integers(0, 10_000), int_outside(0, 10_000)),
-        "robustness_seed": (st.integers(0, 2**32 - 1), int_outside(0, 2**32 - 1)),
-    },
-    "export": {
-        "model_name": (
-            st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,20}\Z"),
-            st.one_of(st.from_regex(r"\A[^A-Za-z0-9].*\Z"), st.just(""), st.just("a b"), st.integers()),
-        ),  # fmt: skip
-        "parity_samples": (st.integers(1, 10_000), int_outside(1, None)),
-        "parity_tolerance": (
-            st.floats(0.0, 1.0, exclude_min=True, exclude_max=True),
-            number_outside(0.0, 1.0, True, True),
-        ),
-        "promote_min_delta": (st.floats(0.0, 1.0, exclude_max=True), number_outside(0.0, 1.0, hi_open=True)),
-        "max_robust_drop": (st.floats(0.0, 1.0), number_outside(0.0, 1.0)),
-        "register": (st.booleans(), st.one_of(st.integers(), st.just("yes"))),
-    },
+    section: {key: SPECIAL.get((section, key)) or from_field(field) for key, field in model.model_fields.items()}
+    for section, model in config.SECTIONS.items()
 }
 
 
