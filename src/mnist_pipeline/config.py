@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -33,20 +33,15 @@ MAX_BATCH = 60_000
 MAX_EPOCHS = 1_000
 
 
-def rule(*constraints: Any, allowed: str | None = None, **bounds: Any) -> Any:
-    """A field's bounds (pydantic's ``ge``, ``lt``, ...) and, optionally, what it allows in words."""
-    return Field(*constraints, **bounds, json_schema_extra={"allowed": allowed} if allowed else None)
-
-
 class Section(BaseModel):
     """Base of the sections: unknown keys refused, frozen, strict types."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
     SECTION: ClassVar[str]
 
     @classmethod
     def from_dict(cls, raw: Any):
-        return _validated(cls, raw, f"params.yaml section {cls.SECTION}", prefix=(cls.SECTION,))
+        return _validated(cls, raw, "params.yaml", prefix=(cls.SECTION,))
 
     def replace(self, **changes: Any):
         """A copy with ``changes``, validated."""
@@ -57,7 +52,7 @@ class Section(BaseModel):
         return self.model_dump(mode="json")
 
 
-MD5 = Annotated[str, rule(pattern=r"^[0-9a-f]{32}$", allowed="32 lowercase hex digits")]
+MD5 = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
 
 
 class DataConfig(Section):
@@ -69,40 +64,39 @@ class DataConfig(Section):
 class ModelConfig(Section):
     SECTION = "model"
     conv_channels: Annotated[
-        tuple[Annotated[int, rule(ge=1, le=1024)], ...],
-        rule(min_length=1, max_length=2, strict=False,
-            allowed="a list of 1 or 2 channel counts in 1..1024 (28x28 digits allow two 2x2 poolings)"),
+        tuple[Annotated[int, Field(ge=1, le=1024)], ...],
+        Field(min_length=1, max_length=2, strict=False),  # 28x28 digits allow two 2x2 poolings
     ]  # fmt: skip
-    kernel_size: Annotated[int, rule(allowed="3 or 5"), AfterValidator(lambda size: _one_of(size, (3, 5)))]
-    hidden: Annotated[int, rule(ge=1, le=8192)]
-    dropout: Annotated[float, rule(ge=0, lt=1)]
+    kernel_size: Annotated[int, AfterValidator(lambda size: _one_of(size, (3, 5)))]
+    hidden: Annotated[int, Field(ge=1, le=8192)]
+    dropout: Annotated[float, Field(ge=0, lt=1)]
     batch_norm: bool
     input_norm: Literal[INPUT_NORMS]
 
 
 class TrainConfig(Section):
     SECTION = "train"
-    seed: Annotated[int, rule(ge=0, le=2**32 - 1, allowed="an integer in 0..2**32-1")]
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)]
     device: Literal[DEVICES]
-    epochs: Annotated[int, rule(ge=1, le=MAX_EPOCHS)]
-    batch_size: Annotated[int, rule(ge=1, le=MAX_BATCH, allowed=f"an integer in 1..{MAX_BATCH} (the training set)")]
+    epochs: Annotated[int, Field(ge=1, le=MAX_EPOCHS)]
+    batch_size: Annotated[int, Field(ge=1, le=MAX_BATCH)]
     optimizer: Literal[OPTIMIZERS]
-    lr: Annotated[float, rule(gt=0, le=10)]
-    weight_decay: Annotated[float, rule(ge=0, le=1)]
+    lr: Annotated[float, Field(gt=0, le=10)]
+    weight_decay: Annotated[float, Field(ge=0, le=1)]
     lr_schedule: Literal[LR_SCHEDULES]
-    label_smoothing: Annotated[float, rule(ge=0, lt=1)]
-    augment_shift: Annotated[int, rule(ge=0, le=8)]
-    augment_rotation: Annotated[float, rule(ge=0, le=180)]
-    augment_scale: Annotated[float, rule(ge=0, le=0.5)]
-    augment_shear: Annotated[float, rule(ge=0, le=45)]
-    augment_elastic: Annotated[float, rule(ge=0, le=8)]
-    augment_stroke: Annotated[float, rule(ge=0, le=1)]
-    augment_noise: Annotated[float, rule(ge=0, le=1)]
-    validation: Annotated[int, rule(ge=0, lt=MAX_BATCH, allowed=f"an integer in 0..{MAX_BATCH - 1} (digits held out)")]
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)]
+    augment_shift: Annotated[int, Field(ge=0, le=8)]
+    augment_rotation: Annotated[float, Field(ge=0, le=180)]
+    augment_scale: Annotated[float, Field(ge=0, le=0.5)]
+    augment_shear: Annotated[float, Field(ge=0, le=45)]
+    augment_elastic: Annotated[float, Field(ge=0, le=8)]
+    augment_stroke: Annotated[float, Field(ge=0, le=1)]
+    augment_noise: Annotated[float, Field(ge=0, le=1)]
+    validation: Annotated[int, Field(ge=0, lt=MAX_BATCH)]
     precision: Literal[PRECISIONS]
-    threads: Annotated[int, rule(ge=0, le=1024, allowed="an integer in 0..1024 (0 = one per core)")]
-    log_every: Annotated[int, rule(ge=1)]
-    nproc: Annotated[int, rule(ge=1, le=1024)]
+    threads: Annotated[int, Field(ge=0, le=1024)]
+    log_every: Annotated[int, Field(ge=1)]
+    nproc: Annotated[int, Field(ge=1, le=1024)]
     resume: bool
 
     # Keys that change what is printed or whether an interrupted training continues, never the trained model:
@@ -118,16 +112,16 @@ class TrainConfig(Section):
 
 class EvaluateConfig(Section):
     SECTION = "evaluate"
-    batch_size: Annotated[int, rule(ge=1)]
-    examples: Annotated[int, rule(ge=1, le=100)]
-    mistakes: Annotated[int, rule(ge=0, le=100)]
-    robustness_samples: Annotated[int, rule(ge=0, le=10_000, allowed="an integer in 0..10000 (0 = no report)")]
-    robustness_seed: Annotated[int, rule(ge=0, le=2**32 - 1, allowed="an integer in 0..2**32-1")]
+    batch_size: Annotated[int, Field(ge=1)]
+    examples: Annotated[int, Field(ge=1, le=100)]
+    mistakes: Annotated[int, Field(ge=0, le=100)]
+    robustness_samples: Annotated[int, Field(ge=0, le=10_000)]
+    robustness_seed: Annotated[int, Field(ge=0, le=2**32 - 1)]
 
 
 def _one_of(value: Any, allowed: tuple) -> Any:
     if value not in allowed:
-        raise ValueError  # worded by `_mistake`, from the field's ``allowed``
+        raise ValueError(f"expected {' or '.join(map(str, allowed))}")
     return value
 
 
@@ -137,12 +131,11 @@ warnings.filterwarnings("ignore", 'Field name "register" in "ExportConfig" shado
 
 class ExportConfig(Section):
     SECTION = "export"
-    model_name: Annotated[str, rule(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
-                                    allowed="letters, digits, '_', '.', '-' (starting with a letter or digit)")]
-    parity_samples: Annotated[int, rule(ge=1)]
-    parity_tolerance: Annotated[float, rule(gt=0, lt=1)]
-    promote_min_delta: Annotated[float, rule(ge=0, lt=1)]
-    max_robust_drop: Annotated[float, rule(ge=0, le=1)]
+    model_name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+    parity_samples: Annotated[int, Field(ge=1)]
+    parity_tolerance: Annotated[float, Field(gt=0, lt=1)]
+    promote_min_delta: Annotated[float, Field(ge=0, lt=1)]
+    max_robust_drop: Annotated[float, Field(ge=0, le=1)]
     register: bool = Field(...)  # required: without Field(...) pydantic takes ABCMeta's `register` as its default
 
 
@@ -208,75 +201,41 @@ def with_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, 
     return raw
 
 
-def one_line(exc: ValidationError) -> str:
-    """Pydantic's errors as one line: each one's place and message (``pruner.warmup_epochs: input should be greater
-    than or equal to 0``; a check of ours words its own message)."""
+def one_line(exc: ValidationError, model: type[BaseModel] | None = None, prefix: tuple[str, ...] = ()) -> str:  # noqa: E501
+    """Pydantic's errors as one line: each one's key, the value as written and pydantic's own message
+    (``train.lr = 0 is not allowed: input should be greater than 0``); an unknown key lists the keys its section
+    takes when ``model`` is given. ``prefix``: where the validated part sits in its file (a section's name)."""
 
     def problem(error) -> str:
-        where = ".".join(str(part) for part in error["loc"])
+        loc = [*prefix, *(str(part) for part in error["loc"] if part != "[key]")]
+        where, kind = ".".join(loc), error["type"]
         message = str(error["msg"]).removeprefix("Value error, ")
-        if error["type"] == "extra_forbidden":
-            message = "unknown key"
-        elif error["type"] in ("model_type", "dict_type"):
+        message = message[0].lower() + message[1:]
+        what = f"section {where!r}" if model is Params and len(loc) == 1 else f"key {where}"
+        if kind == "missing":
+            return f"missing {what}"
+        if kind == "extra_forbidden":
+            fields = _fields(model, loc[len(prefix) : -1])
+            return f"unknown {what}" + (
+                f"; {'.'.join(loc[:-1]) or 'params.yaml'} takes {', '.join(fields)}" if fields else "")
+        if kind in ("model_type", "dict_type"):
             message = f"expected a mapping, got {type(error['input']).__name__}"
-        return f"{where}: {message[0].lower()}{message[1:]}" if where else message
+        if not where or (kind == "value_error" and isinstance(error["input"], dict)):
+            return message  # a check across keys words its own line
+        return f"{where} = {error['input']!r} is not allowed: {message}"
 
     return "; ".join(problem(error) for error in exc.errors())
 
 
-def _validated(model: type[BaseModel], raw: Any, source: str, prefix: tuple = ()):
+def _fields(model: type[BaseModel] | None, loc: list[str]) -> list[str]:
+    for part in loc:
+        model = model.model_fields[part].annotation if model and part in model.model_fields else None
+    return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+
+
+def _validated(model: type[BaseModel], raw: Any, source: str, prefix: tuple[str, ...] = ()):
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
-        mistakes = [_mistake(model, prefix + tuple(error["loc"]), error, raw, prefix) for error in exc.errors()]
-    if len(mistakes) == 1:
-        raise ConfigError(f"{source}: {mistakes[0]}") from None
-    raise ConfigError(f"{source}: {len(mistakes)} mistakes: " + "; ".join(mistakes)) from None
-
-
-def _mistake(model: type[BaseModel], loc: tuple, error: dict, raw: Any, prefix: tuple) -> str:
-    """One line for one of pydantic's errors: the key, the value as written and what is allowed."""
-    loc = tuple(part for part in loc if part != "[key]")
-    kind = error["type"]
-    if kind == "value_error" and len(loc) <= 1:  # a check across keys, which words its own line
-        return str(error["msg"]).removeprefix("Value error, ")
-    if len(loc) == 1 and kind == "missing":
-        return f"missing section {loc[0]!r}"
-    if len(loc) == 1 and kind == "extra_forbidden":
-        return f"unknown section {loc[0]!r}; sections are {', '.join(SECTIONS)}"
-    if len(loc) == 1:
-        return f"section {loc[0]!r} must be a mapping of keys to values, got {error['input']!r}"
-    section, name = loc[0], loc[1]
-    fields = SECTIONS[section].model_fields
-    if kind == "extra_forbidden":
-        return f"unknown key {section}.{name}; {section} takes {', '.join(fields)}"
-    if kind == "missing":
-        return f"missing key {section}.{name}"
-    values = raw if prefix else raw.get(section, {})
-    value = values[name]
-    where = f"{section}.{name}"
-    annotation, allowed = fields[name].annotation, _allowed(fields[name])
-    if get_origin(annotation) is dict and len(loc) > 2:  # one entry of a mapping: named by its key
-        where, value = f"{where}.{loc[2]}", value[loc[2]]
-        allowed = f"a key among {' | '.join(FILE_NAMES)}" if error["input"] == loc[2] else "32 lowercase hex digits"
-    return f"{where} = {value!r} is not allowed; expected {allowed}"
-
-
-def _allowed(field) -> str:
-    """What a field allows, in words: its own ``allowed``, or read from its type and bounds."""
-    if field.json_schema_extra:
-        return field.json_schema_extra["allowed"]
-    annotation = field.annotation
-    if get_origin(annotation) is Literal:
-        return " | ".join(map(str, get_args(annotation)))
-    if annotation is bool:
-        return "true or false"
-    if annotation is str:
-        return "a string"
-    bounds = {type(m).__name__.lower(): getattr(m, type(m).__name__.lower(), None) for m in field.metadata}
-    if annotation is int:
-        low, high = bounds.get("ge"), bounds.get("le")
-        return f"an integer in {low}..{high}" if high is not None else f"an integer >= {low}"
-    low = "(" if "gt" in bounds else "["
-    high = ")" if "lt" in bounds else "]"
-    return f"a number in {low}{bounds.get('gt', bounds.get('ge'))}, {bounds.get('lt', bounds.get('le'))}{high}"
+        count = len(exc.errors())
+        raise ConfigError(f"{source}: " + (f"{count} mistakes: " if count > 1 else "") + one_line(exc, model, prefix)) from None

@@ -27,12 +27,12 @@ BASE = config.read_params(ROOT / "params.yaml")
         ("data.dataset", ["mnist"], "'data.dataset': not a param a trial can set"),
         ("train.lr", {"low": 0.01, "high": 0.01}, "'train.lr': the range [0.01, 0.01] is empty or inverted"),
         ("train.lr", {"low": 0.1, "high": 0.01}, "'train.lr': the range [0.1, 0.01] is empty or inverted"),
-        ("train.lr", {"low": "tiny", "high": 0.01}, "'train.lr': low: 'tiny' is not a number"),
-        ("train.lr", {"low": 0.001, "high": ".1"}, "'train.lr': high: '.1' is not a number"),
+        ("train.lr", {"low": "tiny", "high": 0.01}, "'train.lr': low = 'tiny' is not allowed: not a number"),
+        ("train.lr", {"low": 0.001, "high": ".1"}, "'train.lr': high = '.1' is not allowed: not a number"),
         ("train.lr", {"low": 0.0, "high": 0.1, "log": True}, "'train.lr': a log scale needs low > 0"),
         ("train.lr", {"low": 0.001, "high": 20}, "'train.lr': params.yaml: train.lr = 20"),
         ("model.hidden", [], "'model.hidden': expected a non-empty list of choices"),
-        ("model.hidden", {"low": 16}, "'model.hidden': high: field required"),
+        ("model.hidden", {"low": 16}, "'model.hidden': missing key high"),
         ("model.hidden", "big", "'model.hidden': expected a non-empty list of choices or {low, high}"),
         # bounds that pass while a value drawn between them does not: found by drawing before any study exists
         ("model.kernel_size", {"low": 3, "high": 5}, "'model.kernel_size': params.yaml: model.kernel_size = 4"),
@@ -49,11 +49,11 @@ def test_a_space_entry_that_cannot_be_searched_is_named(key, spec, message):
     [
         ("3\n", "expected a mapping, got int"),
         ("- train.lr\n", "expected a mapping, got list"),
-        ("space: {train.lr: [0.001]}\npruner: [1]\n", "pruner: expected a mapping, got list"),
-        ("space: [train.lr]\n", "space: expected a mapping, got list"),
+        ("space: {train.lr: [0.001]}\npruner: [1]\n", "pruner = [1] is not allowed: expected a mapping, got list"),
+        ("space: [train.lr]\n", "space = ['train.lr'] is not allowed: expected a mapping, got list"),
         (
             "space: {train.lr: [0.001]}\npruner: {patience: 3}\n",
-            "pruner.patience: unknown key",
+            "unknown key pruner.patience; pruner takes startup_trials, warmup_epochs",
         ),
     ],
 )

@@ -28,7 +28,7 @@ class SpaceError(PipelineError):
 
 def _a_number(value: Any) -> Any:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{value!r} is not a number")
+        raise ValueError("not a number")
     return value
 
 
@@ -146,7 +146,7 @@ def load_search(path: Path, base: Mapping[str, Any], sets: list[str]) -> Search:
     try:
         tune = TuneFile.model_validate(raw or {})
     except ValidationError as exc:
-        raise SpaceError(f"{path}: {config.one_line(exc)}") from None
+        raise SpaceError(f"{path}: {config.one_line(exc, TuneFile)}") from None
     space = dict(tune.space)
     for item in sets:
         key, value = config.assignment(item, "--set")
@@ -171,7 +171,7 @@ def parse_dimension(key: str, spec: Any, base: Mapping[str, Any], where: str) ->
         try:
             dimension = Dimension(key, **Range.model_validate(spec).model_dump())
         except ValidationError as exc:
-            raise SpaceError(f"{entry}: {config.one_line(exc)}") from None
+            raise SpaceError(f"{entry}: {config.one_line(exc, Range)}") from None
         candidates = dimension.draws()
     else:
         raise SpaceError(f"{entry}: expected a non-empty list of choices or {{low, high}}, got {spec!r}")
