@@ -201,7 +201,7 @@ def with_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, 
     return raw
 
 
-def one_line(exc: ValidationError, model: type[BaseModel] | None = None, prefix: tuple[str, ...] = ()) -> str:  # noqa: E501
+def one_line(exc: ValidationError, model: type[BaseModel] | None = None, prefix: tuple = ()) -> str:
     """Pydantic's errors as one line: each one's key, the value as written and pydantic's own message
     (``train.lr = 0 is not allowed: input should be greater than 0``); an unknown key lists the keys its section
     takes when ``model`` is given. ``prefix``: where the validated part sits in its file (a section's name)."""
