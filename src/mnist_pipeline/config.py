@@ -238,4 +238,5 @@ def _validated(model: type[BaseModel], raw: Any, source: str, prefix: tuple[str,
         return model.model_validate(raw)
     except ValidationError as exc:
         count = len(exc.errors())
-        raise ConfigError(f"{source}: " + (f"{count} mistakes: " if count > 1 else "") + one_line(exc, model, prefix)) from None
+        mistakes = f"{count} mistakes: " if count > 1 else ""
+        raise ConfigError(f"{source}: {mistakes}{one_line(exc, model, prefix)}") from None
