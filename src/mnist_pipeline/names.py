@@ -8,7 +8,6 @@ TEST_LOSS = "test_loss"
 TEST_ACCURACY = "test_accuracy"
 VAL_LOSS = "val_loss"  # on the training digits held out by train.validation (and by the tuner)
 VAL_ACCURACY = "val_accuracy"
-EPOCH_METRICS = (TRAIN_LOSS, TEST_LOSS, TEST_ACCURACY, VAL_LOSS, VAL_ACCURACY)
 TRAIN_SECONDS = "train_seconds"
 TEST_ERRORS = "test_errors"  # test digits the model gets wrong: reads apart where an accuracy rounds alike
 ROBUST_ACCURACY = "robust_accuracy"  # mean accuracy of the robustness report (`ml.robustness`)

@@ -38,13 +38,6 @@ def project_root(cwd: Path | None = None) -> Path:
     return root
 
 
-def warm_up(root: Path | None = None) -> None:
-    """Import what `configure` will need for this store (the SQLite store's modules take a second)."""
-    if tracking_uri(root).startswith("sqlite:"):
-        import mlflow.store.model_registry.sqlalchemy_store  # noqa: F401
-        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
-
-
 def configure(root: Path | None = None, writes: bool = True) -> str:
     """Point MLflow at the store (see the module docstring), make sure the experiment exists, return the URI.
 
