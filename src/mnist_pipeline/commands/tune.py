@@ -206,12 +206,13 @@ def _data(root: Path, params: config.Params, search: Search, jobs: int):
     import torch
 
     from mnist_pipeline.ml import data, training
+    from mnist_pipeline.ml.tensors import Tensors
 
     data_dir = root / "data" / "raw"
     data.verify_folder(data_dir, only=data.TRAIN_FILE_NAMES)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // jobs))
     device = training.resolve_device(params.train.device)
-    everything = training.Tensors.from_split(data.load_split(data_dir, "train"), device)
+    everything = Tensors.from_split(data.load_split(data_dir, "train"), device)
     return (device, *everything.hold_out(search.validation, params.train.seed))
 
 

@@ -191,7 +191,7 @@ def log_artifacts(paths: list[str | Path], artifact_path: str | None = None) -> 
 
 
 def read_record(path: Path) -> dict[str, Any]:
-    """The train stage's record of its training (see `mnist_pipeline.stages.train`)."""
+    """The train stage's record of its training (see `mnist_pipeline.ml.trainer.record`)."""
     import json
 
     try:
