@@ -222,6 +222,7 @@ def _objective(search: Search, base, tracking: studies.Tracking, train_data, val
     import optuna
 
     from mnist_pipeline.ml import training
+    from mnist_pipeline.ml.history import EpochMetrics
 
     def objective(trial) -> float:
         values = {dimension.key: dimension.suggest(trial) for dimension in search.space}
@@ -230,7 +231,7 @@ def _objective(search: Search, base, tracking: studies.Tracking, train_data, val
         trial.set_user_attr("mlflow_run_id", run_id)
         trial.set_user_attr("worker", tracking.owner)  # which process ran it (several may share a study)
 
-        def on_epoch(metrics: training.EpochMetrics) -> None:
+        def on_epoch(metrics: EpochMetrics) -> None:
             tracking.log_epoch(run_id, metrics.epoch, metrics.metrics())
             trial.report(metrics.val_accuracy, metrics.epoch)
             if trial.should_prune():
