@@ -141,3 +141,36 @@ def test_the_recorded_checksums_catch_a_flipped_byte_a_truncation_and_a_missing_
     (folder / "MD5SUMS").unlink()
     with pytest.raises(PipelineError, match="MD5SUMS is missing"):
         data.verify_folder(folder)
+
+
+def test_many_tiny_gzip_members_are_inflated_in_time_linear_in_the_file(monkeypatch):
+    """A .gz of 20,000 members of one byte each: every member is read whole, and the decompressors are handed a
+    number of bytes proportional to the file, not to the square of its members (before: the rest of the file after
+    every member, 20,000 times)."""
+    members = [gzip.compress(bytes([i % 256]), mtime=0) for i in range(20_000)]
+    gz = b"".join(members)
+    fed = []
+    real = data.zlib.decompressobj
+
+    class Counting:
+        def __init__(self, **kwargs):
+            self.inner = real(**kwargs)
+
+        def decompress(self, chunk, max_length=0):
+            fed.append(len(chunk))
+            return self.inner.decompress(chunk, max_length)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    monkeypatch.setattr(data.zlib, "decompressobj", Counting)
+    assert data.inflate(gz, 10**6, "many.gz") == bytes(i % 256 for i in range(20_000))
+    assert sum(fed) <= 4 * len(gz), (sum(fed), len(gz))
+
+
+def test_idx_dimensions_are_checked_in_exact_arithmetic(tmp_path):
+    """2**31 x 2**31 x 4 images: the product wraps to 0 in int64, which a header alone would match."""
+    path = tmp_path / "absurd-idx3-ubyte"
+    path.write_bytes(b"\x00\x00\x08\x03" + (2**31).to_bytes(4, "big") * 2 + (4).to_bytes(4, "big"))
+    with pytest.raises(PipelineError, match=r"holds 16 bytes but its header \(2147483648, 2147483648, 4\) implies"):
+        data.read_idx(path, 3)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import math
 import os
 import sys
 import time
@@ -57,19 +58,27 @@ MAX_IDX_BYTES = 256 * 2**20
 
 
 def inflate(gz_bytes: bytes, limit: int, name: str) -> bytes:
-    """The content of a gzip file, refused with PipelineError as soon as it would exceed ``limit`` bytes."""
-    out, rest = [], gz_bytes
-    size = 0
+    """The content of a gzip file, refused with PipelineError as soon as it would exceed ``limit`` bytes.
+
+    A gzip file may hold many members, one after another. Each is fed to its decompressor in pieces that start
+    small and double, read through a view of the file: what a member leaves unread is at most twice its own size,
+    so time and memory stay linear in the file's size however many members it holds (handing each member the
+    whole rest of the file, as ``unused_data`` does, is quadratic)."""
+    view, out, size, pos = memoryview(gz_bytes), [], 0, 0
     try:
-        while rest:  # a gzip file may hold several members, one after another
-            member = zlib.decompressobj(wbits=31)
-            out.append(member.decompress(rest, limit - size + 1))
-            size += len(out[-1])
-            if size > limit:
-                raise PipelineError(f"{name} inflates to more than {limit:,} bytes, more than the file can be: refused")
+        while pos < len(view):  # a new member starts here
+            member, piece = zlib.decompressobj(wbits=31), 64
+            while not member.eof and pos < len(view):
+                chunk = view[pos : pos + piece]
+                out.append(member.decompress(chunk, limit - size + 1))
+                size += len(out[-1])
+                if size > limit:
+                    raise PipelineError(f"{name} inflates to more than {limit:,} bytes, more than the file can be: "
+                                        "refused")  # fmt: skip
+                pos += len(chunk) - len(member.unused_data)
+                piece = min(2 * piece, 2**20)
             if not member.eof:
                 raise PipelineError(f"{name} is not a complete gzip file (it ends inside compressed data)")
-            rest = member.unused_data
     except zlib.error as exc:
         raise PipelineError(f"{name} is not a complete gzip file ({exc})") from None
     return b"".join(out)
@@ -201,7 +210,7 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
     if len(raw) < header or raw[0] != 0 or raw[1] != 0 or raw[2] != _IDX_UBYTE or raw[3] != ndim:
         raise PipelineError(f"{path} is not an IDX file of {ndim}-D unsigned bytes (bad header)")
     shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i].tobytes(), "big") for i in range(ndim))
-    expected = header + int(np.prod(shape))
+    expected = header + math.prod(shape)  # exact: np.prod wraps around past 2**63
     if len(raw) != expected:
         raise PipelineError(f"{path} holds {len(raw)} bytes but its header {shape} implies {expected}")
     return raw[header:].reshape(shape)
