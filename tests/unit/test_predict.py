@@ -156,3 +156,65 @@ def test_photos_of_200_test_digits_are_read_through_predict_as_well_as_the_digit
     photos = float((torch.tensor(digits) == labels).float().mean())
     print(f"\n200 test digits: {100 * clean:.1f}% right as they are, {100 * photos:.1f}% as photos through predict")
     assert clean > 0.9 and photos >= clean - 0.05
+
+
+def test_a_portrait_photo_is_read_the_right_way_up(tmp_path):
+    """A phone stores a portrait photo's pixels sideways and says so in EXIF (orientation 6: turn 90 degrees
+    clockwise to view): the digit is read as it is seen, not as it is stored."""
+    from PIL import Image
+
+    upright = (255 - digit(size=96)).astype(np.uint8)  # dark ink on light paper, as photographed
+    Image.fromarray(upright).save(tmp_path / "upright.jpg", quality=95)
+    stored = Image.fromarray(np.rot90(upright).copy())  # the pixels as the phone writes them
+    exif = stored.getexif()
+    exif[0x0112] = 6  # Orientation
+    stored.save(tmp_path / "portrait.jpg", quality=95, exif=exif)
+    (_, seen), = predict.read_inputs(tmp_path / "portrait.jpg")
+    (_, reference), = predict.read_inputs(tmp_path / "upright.jpg")
+    assert seen.shape == reference.shape and np.abs(seen.astype(float) - reference).mean() < 2
+
+
+def test_an_input_the_arithmetic_overflows_on_is_refused_in_one_line_and_json_stays_json(tmp_path, model_file,
+                                                                                           capsys):  # fmt: skip
+    """A float64 .npy with one image scaled by 1e300 (beyond float32), and one of 3e38 (within float32, but its
+    arithmetic overflows): each is refused in one line, no NumPy warning, every --json line is valid JSON."""
+    import warnings
+
+    good = digit().astype(np.float64) / 255
+    np.save(tmp_path / "huge.npy", np.stack([good, good * 1e300]))
+    np.save(tmp_path / "large.npy", (good * 3e38).astype(np.float32))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        status = predict.main([tmp_path / "huge.npy", tmp_path / "large.npy", tmp_path / "huge.npy"],
+                              str(model_file), predict.Options(as_json=True))  # fmt: skip
+    out, err = capsys.readouterr()
+    assert status == 1 and not caught, [str(w.message) for w in caught]
+    lines = err.splitlines()
+    assert all(line.startswith("error: ") for line in lines) and len(lines) == 2, err  # huge.npy, twice
+    assert "huge.npy[1]: holds values beyond float32's range" in err
+
+    def no_constant(name):
+        raise ValueError(f"{name} is not JSON")
+
+    for line in out.splitlines():
+        answer = json.loads(line, parse_constant=no_constant)
+        assert 0 <= answer["probability"] <= 1
+
+
+def test_a_folder_and_a_name_with_a_newline_get_their_own_lines(tmp_path, model_file, capsys):
+    with pytest.raises(PipelineError, match=r"is a folder; give the files in it"):
+        list(predict.read_inputs(tmp_path))
+    odd = tmp_path / "two\nlines.npy"
+    np.save(odd, digit().astype(np.float32) / 255)
+    assert predict.main([odd], str(model_file)) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    assert line.split("\t")[0] == f"{tmp_path}/two\\nlines.npy"  # the name on one line, its newline shown as \n
+
+
+def test_an_answer_that_is_not_a_number_is_refused_not_printed(tmp_path, capsys, monkeypatch):
+    """Whatever makes a model's logits NaN (here a model that answers NaN), no NaN reaches the output."""
+    np.save(tmp_path / "one.npy", digit().astype(np.float32) / 255)
+    monkeypatch.setattr(loader, "load_model", lambda *args: lambda x: np.full((len(x), 10), np.nan, np.float32))
+    assert predict.main([tmp_path / "one.npy"], "any", predict.Options(as_json=True)) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "one.npy: the model's answer is not a number" in err

@@ -27,6 +27,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 MAX_PIXELS = 25_000_000  # an image larger than 5000x5000 is no handwritten digit; decoding it could take GBs
 CHUNK = 1000  # images read, checked and predicted at a time: memory stays flat however large the input
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # pixels are float32 from here on
 
 
 def _idx_images(stream, name: str) -> Iterator[np.ndarray]:
@@ -66,6 +67,11 @@ def _npy_images(path: Path, name: str) -> Iterator[tuple[str, np.ndarray]]:
             if not finite.all():
                 where = name if single else f"{name}[{start + int(np.argmin(finite))}]"
                 raise PipelineError(f"{where}: holds NaN or infinite values; refused (nothing of {name} is predicted)")
+            largest = np.abs(chunk).reshape(len(chunk), -1).max(axis=1, initial=0)
+            if (largest > FLOAT32_MAX).any():
+                where = name if single else f"{name}[{start + int(np.argmax(largest > FLOAT32_MAX))}]"
+                raise PipelineError(f"{where}: holds values beyond float32's range (|x| > {FLOAT32_MAX:.3g}); refused "
+                                    f"(nothing of {name} is predicted)")  # fmt: skip
             peak = max(peak, float(chunk.max()))
         scale = 255.0 if peak <= 1.0 else 1.0
     for start, chunk in chunks():
@@ -100,6 +106,8 @@ def _npy_header(path: Path, name: str):
 def read_inputs(path: Path) -> Iterator[tuple[str, np.ndarray]]:
     """Yield (label, 2-D greyscale array) for each image in ``path``; PipelineError names the file on failure."""
     name = str(path)
+    if path.is_dir():
+        raise PipelineError(f"{name}: is a folder; give the files in it (e.g. {path / '*.png'})")
     if not path.is_file():
         raise PipelineError(f"{name}: no such file")
     if path.stat().st_size == 0:
@@ -118,7 +126,7 @@ def read_inputs(path: Path) -> Iterator[tuple[str, np.ndarray]]:
         except (OSError, EOFError, zlib.error) as exc:
             raise PipelineError(f"{name}: not a complete gzip file ({exc})") from None
         return
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     Image.MAX_IMAGE_PIXELS = None  # PIL's own guard raises past 179 M pixels; the lower limit below is checked first
     try:
@@ -126,7 +134,8 @@ def read_inputs(path: Path) -> Iterator[tuple[str, np.ndarray]]:
             if image.width * image.height > MAX_PIXELS:
                 raise PipelineError(f"{name}: an image of {image.width}x{image.height} pixels; refused "
                                     f"(at most {MAX_PIXELS:,})")  # fmt: skip
-            yield name, _greyscale(image, name)
+            # A phone writes a portrait photo's pixels sideways with an EXIF orientation tag: upright first.
+            yield name, _greyscale(ImageOps.exif_transpose(image), name)
     except (UnidentifiedImageError, OSError) as exc:
         kind = "image" if suffix in IMAGE_SUFFIXES else "image, .npy or IDX file"
         raise PipelineError(f"{name}: not a readable {kind} ({exc})") from None
@@ -177,14 +186,15 @@ class Prediction:
 
     def line(self, show_top_k: bool) -> str:
         flag = "\tuncertain" if self.uncertain else ""
+        name = self.input.encode("unicode_escape").decode()  # a newline or tab in a file name stays on its line
         if show_top_k:
-            return f"{self.input}\t" + "  ".join(f"{d} ({p:.4f})" for d, p in self.top_k) + flag
-        return f"{self.input}\t{self.digit}\t{self.probability:.4f}{flag}"
+            return f"{name}\t" + "  ".join(f"{d} ({p:.4f})" for d, p in self.top_k) + flag
+        return f"{name}\t{self.digit}\t{self.probability:.4f}{flag}"
 
     def json(self) -> str:
         top = [{"digit": d, "probability": round(p, 6)} for d, p in self.top_k]
         return json.dumps({"input": self.input, "digit": self.digit, "probability": round(self.probability, 6),
-                           "uncertain": self.uncertain, "top_k": top})  # fmt: skip
+                           "uncertain": self.uncertain, "top_k": top}, allow_nan=False)  # fmt: skip
 
 
 def predict(model: loader.Model, labels: list[str], images: np.ndarray, top_k: int,
@@ -239,25 +249,37 @@ def main(inputs: list[Path], model_ref: str | None, options: Options = Options()
     labels, images, failed, model = [], [], 0, None
 
     def flush() -> None:  # predict and print what has been read so far
-        nonlocal model
+        nonlocal model, failed
         if labels:
             model = model or loader.load_model(model_ref, options.allow_pickle)
             for prediction in predict(model, labels, np.stack(images), options.top_k, options.uncertain_below):
+                if not np.isfinite(prediction.probability):  # no answer: an input the arithmetic overflowed on
+                    print(f"error: {prediction.input}: the model's answer is not a number (its pixels overflow the "
+                          "arithmetic); refused", file=sys.stderr)  # fmt: skip
+                    failed += 1
+                    continue
                 print(prediction.json() if options.as_json else prediction.line(options.top_k > 1), flush=True)
             labels.clear()
             images.clear()
 
-    for path in inputs:
-        try:
-            for label, image in read_inputs(path):
-                images.append(preprocess(image, label))
-                labels.append(label)
-                if options.show is not None:
-                    write_seen(options.show, label, images[-1])
-                if len(labels) == CHUNK:
-                    flush()
-        except PipelineError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            failed += 1
-    flush()
+    with np.errstate(all="ignore"):  # what overflows is refused above, in one line, not as NumPy's warning
+        for path in inputs:
+            failed += _read(path, options, labels, images, flush)
+        flush()
     return 1 if failed else 0
+
+
+def _read(path: Path, options: Options, labels: list[str], images: list[np.ndarray], flush) -> int:
+    """Read ``path``'s images into ``labels`` and ``images`` (predicting every CHUNK); 1 when it failed."""
+    try:
+        for label, image in read_inputs(path):
+            images.append(preprocess(image, label))
+            labels.append(label)
+            if options.show is not None:
+                write_seen(options.show, label, images[-1])
+            if len(labels) == CHUNK:
+                flush()
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
