@@ -210,3 +210,4 @@ def test_serve_ended_by_sighup_frees_its_port(onnx_model_dir, tmp_path):
 def test_the_exported_model_passes_both_loaders_checks(onnx_model_dir):
     assert loader.fetch_model(str(onnx_model_dir), loader="python_function") == onnx_model_dir
     assert loader.fetch_model(str(onnx_model_dir)) == onnx_model_dir
+

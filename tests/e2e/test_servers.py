@@ -88,3 +88,16 @@ def test_a_host_beyond_this_machine_gets_one_line_of_warning(tmp_path):
             for pid in alive(descendants(ui.pid) | {ui.pid}):  # a command that did not stop leaves nothing either
                 os.kill(pid, signal.SIGKILL)
     assert first.startswith("warning: --host 0.0.0.0 makes the MLflow UI") and "127.0.0.1" in first
+
+
+@pytest.mark.parametrize("command", [["ui"], ["serve", "--model", "models/model.onnx"]])
+def test_a_port_another_program_holds_ends_the_command_in_one_line_before_any_address(tmp_path, command):
+    (tmp_path / "mlruns").mkdir()
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        done = subprocess.run(["mnist-pipeline", *command, "--port", str(port)], cwd=tmp_path, env=user_env(),
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 1 and done.stdout == "", done.stderr
+    assert done.stderr.startswith(f"error: cannot listen on 127.0.0.1:{port}:") and done.stderr.count("\n") == 1

@@ -129,18 +129,27 @@ def allowed_hosts(host: str, extra: list[str]) -> list[str]:
     return list(dict.fromkeys([*LOOPBACK_HOSTS, *listened, *extra]))
 
 
+# A connection that sends nothing for this long after a response is closed (uvicorn's keep-alive timeout), and at
+# most this many connections and requests are handled at once (more are answered 503 at once). uvicorn has no
+# setting for a connection that never completes its first request.
+IDLE_TIMEOUT_S = 5
+MAX_CONNECTIONS = 64
+
+
 def serve(model_uri: str, host: str, port: int, allow_pickle: bool, extra_hosts: list[str]) -> None:
     """Download and check the model, then serve it until interrupted."""
     import uvicorn
 
+    from mnist_pipeline.commands.ui import bind
     from mnist_pipeline.tracking import loader
 
+    sock = bind(host, port)  # held from here on: the port cannot be taken between this check and the server
     model_dir = loader.fetch_model(model_uri, allow_pickle, loader="python_function")
     app = build_app(model_dir, allowed_hosts(host, extra_hosts))
     print(f"serving {model_uri} on http://{host}:{port}/invocations (bodies up to {MAX_BODY_BYTES // 2**20} MiB)",
           file=sys.stderr)  # fmt: skip
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                           timeout_graceful_shutdown=5))  # fmt: skip
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5,
+                                           timeout_keep_alive=IDLE_TIMEOUT_S, limit_concurrency=MAX_CONNECTIONS))
     # uvicorn stops gracefully on SIGINT and SIGTERM; a closed terminal (SIGHUP) must stop it the same way, and
     # then end the command as run_main ends it for any stop signal.
     hung_up = []
@@ -151,7 +160,7 @@ def serve(model_uri: str, host: str, port: int, allow_pickle: bool, extra_hosts:
 
     previous = signal.signal(signal.SIGHUP, hang_up)
     try:
-        server.run()
+        server.run(sockets=[sock])
     finally:
         signal.signal(signal.SIGHUP, previous)
     if hung_up:

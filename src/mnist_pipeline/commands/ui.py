@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 
 from mnist_pipeline import names
-from mnist_pipeline.errors import interrupts_held
+from mnist_pipeline.errors import PipelineError, interrupts_held
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 STOP_GRACE_S = 10
@@ -19,6 +20,7 @@ def main(host: str, port: int) -> None:
 
     from mnist_pipeline.tracking import store
 
+    bind(host, port).close()  # a port another program holds: one line now, before any address is printed
     uri = store.configure(writes=False)  # a moved store is pointed at its folder; a read-only one read via a copy
     warn_if_exposed(host, port, "the MLflow UI (every run, metric, artifact and model, readable and changeable)")
     experiment = mlflow.get_experiment_by_name(names.EXPERIMENT)
@@ -31,6 +33,20 @@ def main(host: str, port: int) -> None:
     # MLflow's server imports a module Starlette deprecates, and each worker says so: nothing for users to act on.
     quiet = {**os.environ, "PYTHONWARNINGS": "ignore:starlette.middleware.wsgi is deprecated"}
     sys.exit(run_server(cmd, quiet))
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` as a server binds it (SO_REUSEADDR), or one line saying why it cannot be."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise PipelineError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; another program may hold it: "
+                            "choose another --port") from None  # fmt: skip
+    return sock
 
 
 def warn_if_exposed(host: str, port: int, what: str) -> None:
