@@ -156,16 +156,39 @@ class Params(BaseModel):
 SECTIONS = {name: field.annotation for name, field in Params.model_fields.items()}
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML as ``yaml.safe_load`` reads it, but a key given twice in one mapping is a mistake, not "the last wins"
+    (DVC refuses such a file later, in many lines)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice (lines {seen[key]} and "
+                    f"{key_node.start_mark.line + 1}); keep one", key_node.start_mark)  # fmt: skip
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load``, refusing a key given twice in a mapping."""
+    return yaml.load(text, Loader=_UniqueKeys)  # noqa: S506 - a SafeLoader
+
+
 def read_params(path: Path) -> dict[str, Any]:
     """Parse params.yaml into a dict; a missing or malformed file is a ConfigError."""
     try:
-        raw = yaml.safe_load(Path(path).read_text())
+        raw = load_yaml(Path(path).read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path} does not exist") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         problem = str(getattr(exc, "problem", None) or exc).splitlines()[0]
+        if problem.startswith("the key "):
+            raise ConfigError(f"{path}: {problem}") from None
         raise ConfigError(f"{path} is not valid YAML{where}: {problem}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must be a mapping of sections, got {type(raw).__name__}")

@@ -108,3 +108,11 @@ def test_the_train_stage_reruns_for_every_train_key_but_the_two_that_cannot_chan
     assert unlisted == {f"train.{key}" for key in config.TrainConfig.NO_EFFECT_ON_MODEL}
     assert unlisted == {"train.log_every", "train.resume"}
     assert listed - {"model"} <= {f"train.{key}" for key in params["train"]}  # no key that does not exist
+
+
+def test_a_key_given_twice_is_a_mistake_of_its_own(tmp_path):
+    text = (REPO_ROOT / "params.yaml").read_text().replace("  lr: 0.01 ", "  lr: 0.01\n  lr: 0.02 ", 1)
+    (tmp_path / "params.yaml").write_text(text)
+    with pytest.raises(ConfigError) as exc:
+        config.load(tmp_path / "params.yaml")
+    assert str(exc.value) == f"{tmp_path / 'params.yaml'}: the key 'lr' is given twice (lines 25 and 26); keep one"

@@ -138,7 +138,7 @@ def _label(choice: Any) -> Any:
 def load_search(path: Path, base: Mapping[str, Any], sets: list[str]) -> Search:
     """tune.yaml with the --set entries on top, every entry checked: a SpaceError before anything is created."""
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = config.load_yaml(path.read_text())
     except FileNotFoundError:
         raise SpaceError(f"{path} is missing: it holds the search space (see the project's tune.yaml)") from None
     except yaml.YAMLError as exc:
