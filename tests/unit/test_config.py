@@ -115,4 +115,6 @@ def test_a_key_given_twice_is_a_mistake_of_its_own(tmp_path):
     (tmp_path / "params.yaml").write_text(text)
     with pytest.raises(ConfigError) as exc:
         config.load(tmp_path / "params.yaml")
-    assert str(exc.value) == f"{tmp_path / 'params.yaml'}: the key 'lr' is given twice (lines 25 and 26); keep one"
+    line = next(n for n, text in enumerate(text.splitlines(), 1) if text.startswith("  lr: "))
+    twice = f"the key 'lr' is given twice (lines {line} and {line + 1}); keep one"
+    assert str(exc.value) == f"{tmp_path / 'params.yaml'}: {twice}"
