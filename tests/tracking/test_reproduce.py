@@ -25,3 +25,15 @@ def test_reproduce_finds_a_run_by_a_unique_prefix_or_its_experiment_name(local_s
         find_run(client, "", local_store)
     with pytest.raises(PipelineError, match=r"no run in .* has an id starting with 'zz' or that name; .*compare"):
         find_run(client, "zz", local_store)
+
+
+def test_a_deleted_run_is_named_deleted(local_store, tmp_path):
+    from mnist_pipeline.commands.reproduce import _original, find_run
+
+    client = MlflowClient()
+    with mlflow.start_run(run_name="gone") as run:
+        run_id = run.info.run_id
+    client.delete_run(run_id)
+    assert find_run(client, run_id[:8], local_store) == run_id
+    with pytest.raises(PipelineError, match=rf"^run {run_id} is deleted; restore it to reproduce it"):
+        _original(client, run_id, local_store, tmp_path, None)

@@ -68,8 +68,11 @@ def find_run(client, reference: str, uri: str) -> str:
     them), or the name of a DVC experiment (a run's name). Ambiguous or unknown: one line saying which runs match."""
     if re.fullmatch(r"[0-9a-f]{32}", reference):
         return reference
+    from mlflow.entities import ViewType
+
     experiment = client.get_experiment_by_name(names.EXPERIMENT)
-    runs = client.search_runs([experiment.experiment_id], max_results=50_000) if experiment else []
+    runs = client.search_runs([experiment.experiment_id], max_results=50_000, run_view_type=ViewType.ALL) \
+        if experiment else []  # fmt: skip  (a deleted run too: `_original` says it is deleted)
     matches = {
         r.info.run_id: r.info.run_name
         for r in runs
@@ -128,6 +131,11 @@ def _original(client, run_id: str, uri: str, root: Path, log):
         raise PipelineError(
             f"run {run_id} is not in the store {uri}; `mnist-pipeline compare` lists the runs"
         ) from None
+    if original.info.lifecycle_stage == "deleted":
+        raise PipelineError(
+            f"run {run_id} is deleted; restore it to reproduce it (`mlflow.MlflowClient().restore_run('{run_id}')`, "
+            "or the UI's deleted runs), unless `mlflow gc` has removed it for good"
+        )
     commit = original.data.tags.get(names.GIT_COMMIT, "unknown")
     if _git("cat-file", "-e", f"{commit}^{{commit}}", cwd=root).returncode != 0:
         raise PipelineError(
