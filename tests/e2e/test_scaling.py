@@ -134,7 +134,7 @@ def test_the_server_holds_the_run_its_metrics_and_the_registered_version(served_
 def test_compare_reads_the_runs_from_the_server(served_pipeline, http_mirror, mlflow_server):
     out = run(served_pipeline, http_mirror, "mnist-pipeline", "compare", "--csv", MLFLOW_TRACKING_URI=mlflow_server)
     assert out.returncode == 0, out.stderr
-    table = pd.read_csv(io.StringIO(out.stdout), dtype={"commit": str})
+    table = pd.read_csv(io.StringIO(out.stdout), dtype={"commit": str, "run_id": str})  # "82946536" is an id
     run_id = json.loads((served_pipeline / "reports/export.json").read_text())["run_id"]
     (row,) = table[table["run_id"] == run_id[:8]].itertuples()
     assert row.registered.startswith("served-test v1")
