@@ -55,3 +55,16 @@ def test_servers_listen_on_127_0_0_1_unless_told_otherwise():
         assert context.params["host"] == "127.0.0.1"
     assert cli.main.commands["serve"].make_context("serve", []).params["allow_pickle"] is False
     assert cli.main.commands["predict"].make_context("predict", ["x"]).params["allow_pickle"] is False
+
+
+def test_the_ui_address_asks_for_the_model_training_view_in_the_route_itself():
+    """MLflow 3's UI reads ``workflowType`` from the query of the ``#`` route; before the ``#`` it opened the GenAI
+    overview in a fresh browser."""
+    from types import SimpleNamespace
+
+    from mnist_pipeline.commands import ui
+
+    assert ui.address("127.0.0.1", 5000, SimpleNamespace(experiment_id="1")) == (
+        "http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning"
+    )
+    assert ui.address("127.0.0.1", 5000, None) == "http://127.0.0.1:5000/#/?workflowType=machine_learning"

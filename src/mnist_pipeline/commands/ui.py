@@ -23,16 +23,21 @@ def main(host: str, port: int) -> None:
     bind(host, port).close()  # a port another program holds: one line now, before any address is printed
     uri = store.configure(writes=False)  # a moved store is pointed at its folder; a read-only one read via a copy
     warn_if_exposed(host, port, "the MLflow UI (every run, metric, artifact and model, readable and changeable)")
-    experiment = mlflow.get_experiment_by_name(names.EXPERIMENT)
-    where = f"#/experiments/{experiment.experiment_id}" if experiment else ""
-    # MLflow's UI opens in its GenAI view unless the address asks for the model-training one (the browser then
-    # remembers the choice).
-    print(f"MLflow UI on http://{host}:{port}/?workflowType=machine_learning{where} for {uri}", file=sys.stderr)
+    print(f"MLflow UI on {address(host, port, mlflow.get_experiment_by_name(names.EXPERIMENT))} for {uri}",
+          file=sys.stderr)  # fmt: skip
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port),
            "--workers", "1"]  # fmt: skip
     # MLflow's server imports a module Starlette deprecates, and each worker says so: nothing for users to act on.
     quiet = {**os.environ, "PYTHONWARNINGS": "ignore:starlette.middleware.wsgi is deprecated"}
     sys.exit(run_server(cmd, quiet))
+
+
+def address(host: str, port: int, experiment) -> str:
+    """The page of the experiment's runs in the model-training view. MLflow's UI opens in its GenAI view unless the
+    route's own query asks for the other (``#/...?workflowType=machine_learning``; a query before the ``#`` is not
+    read), and the browser then remembers the choice."""
+    route = f"/experiments/{experiment.experiment_id}/runs" if experiment else "/"
+    return f"http://{host}:{port}/#{route}?workflowType=machine_learning"
 
 
 def bind(host: str, port: int) -> socket.socket:
