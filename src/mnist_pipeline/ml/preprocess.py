@@ -1,15 +1,23 @@
 """A digit from the real world made to look like an MNIST digit: what `mnist-pipeline predict` feeds the model, and
 what the robustness report's "photo" distortion goes through.
 
-1. the background is estimated and removed, whatever its level or gradient: a grey closing (opening, for a light
-   digit on dark) with a window wider than a stroke erases the strokes and leaves the background, which is
-   subtracted; what stands out from it is ink, dark on light or light on dark;
-2. the ink is thresholded (Otsu's threshold, never below a noise floor) and the digit is the largest connected
-   piece of ink with the pieces close to it (a 5's bar, a 4's stem); specks elsewhere are dropped;
-3. MNIST's own normalisation: the digit's box scaled so that its longer side is 20 pixels (aspect kept), placed
-   in a 28x28 frame with its centre of mass at the centre.
-
 A 28x28 image is taken as already MNIST-normalised and kept as it is (inverted when its background is light).
+Any other image takes one of two paths, chosen by measuring its paper (`_flat_paper`):
+
+- **flat paper** (a scan, a drawing, a digit on a plain canvas): the ink is what differs from the paper's level;
+  the digit's box is where the ink exceeds a fifth of its maximum. This is the path every input took before
+  photos were read (less the paper's level, when the paper is grey): it reads small scans enlarged, thin strokes
+  and mouse drawings as well as it did (`benchmarks.inputs`), where the photo path drops pieces of a thin stroke
+  and breaks strokes wider than its window;
+- **a photo's paper** (noise, uneven light, texture):
+  1. the background is estimated and removed, whatever its level or gradient: a grey closing (opening, for a
+     light digit on dark) with a window wider than a stroke erases the strokes and leaves the background, which
+     is subtracted; what stands out from it is ink, dark on light or light on dark;
+  2. the ink is thresholded (Otsu's threshold, never below a noise floor) and the digit is the largest connected
+     piece of ink with the pieces close to it (a 5's bar, a 4's stem); specks elsewhere are dropped.
+
+Both end in MNIST's own normalisation: the digit's box scaled so that its longer side is 20 pixels (aspect kept),
+placed in a 28x28 frame with its centre of mass at the centre.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from mnist_pipeline.errors import PipelineError
 IMAGE_SIZE, DIGIT_BOX = 28, 20
 WORK_SIZE = 160  # a larger image is reduced to about this before the background is estimated: plenty for a digit
 NOISE_FLOOR = 0.12  # of the ink's range: weaker contrast is background texture or noise, not a stroke
+PAPER, FLAT = 0.15, 0.01  # of the image's range: see _flat_paper
 NEAR = 0.25  # a piece of ink within this fraction of the digit's size from the largest piece belongs to the digit
 
 
@@ -34,6 +43,10 @@ def preprocess(image: np.ndarray, name: str) -> np.ndarray:
     light_background = _light_background(image)
     if image.shape == (IMAGE_SIZE, IMAGE_SIZE):
         return (255.0 - image if light_background else image) / 255.0
+    paper = _flat_paper(image, light_background)
+    if paper is not None:  # a scan, a drawing: the ink is what differs from the paper
+        ink = (paper - image if light_background else image - paper).clip(0, None)
+        return _normalise_size(_box(ink, ink > 0.2 * ink.max())) / 255.0
     ink = ink_of(_reduced(image), light_background)
     if ink.max() <= 0:
         raise PipelineError(f"{name}: no digit stands out from the background")
@@ -45,6 +58,26 @@ def _light_background(image: np.ndarray) -> bool:
     pixels than the darkest (a grey paper at 85 with black ink is light; MNIST's black is not)."""
     border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
     return bool(np.median(border) > (float(image.min()) + float(image.max())) / 2)
+
+
+def _flat_paper(image: np.ndarray, light_background: bool) -> float | None:
+    """The paper's level when it is flat, else None. The paper's level is the border's commonest value; flat: the
+    border's pixels near that level (within PAPER of the image's range: not the strokes' soft edges where the
+    digit touches the border) stray from it by less than FLAT of the range, as a scan's or a drawing's do. A
+    photo's paper strays further, with sensor noise, uneven light and texture, and takes the background removal."""
+    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
+    contrast = float(image.max()) - float(image.min())
+    level = float(np.bincount(border.round().astype(np.int64).clip(0, 255)).argmax())
+    if (level > float(image.min()) + contrast / 2) != light_background:
+        return None  # the commonest value is ink's, not paper's
+    paper = border[np.abs(border - level) <= PAPER * contrast]
+    return level if float(np.median(np.abs(paper - level))) < FLAT * contrast else None
+
+
+def _box(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``image`` cropped to the box of ``mask``."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    return image[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
 
 
 def _reduced(image: np.ndarray) -> np.ndarray:
@@ -95,23 +128,23 @@ def _digit(ink: np.ndarray) -> np.ndarray:
     masses = ndimage.sum_labels(ink, labels, index=np.arange(1, count + 1))
     boxes = ndimage.find_objects(labels)
     main = int(np.argmax(masses))
-    top, bottom, left, right = _box(boxes[main])
+    top, bottom, left, right = _edges(boxes[main])
     reach = NEAR * max(bottom - top, right - left)
     keep = np.zeros(count + 1, dtype=bool)
     keep[main + 1] = True
     for i, box in enumerate(boxes):
-        t, b, lft, r = _box(box)
+        t, b, lft, r = _edges(box)
         gap = max(t - bottom, top - b, lft - right, left - r, 0)
         if gap <= reach and masses[i] >= 0.02 * masses[main]:
             keep[i + 1] = True
     chosen = keep[labels]
     near = ndimage.binary_dilation(chosen, iterations=2)  # the strokes' soft edges, below the threshold
-    digit = np.where(near, ink, 0.0)
-    rows, cols = np.flatnonzero(chosen.any(axis=1)), np.flatnonzero(chosen.any(axis=0))
-    return digit[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].astype(np.float32)
+    digit = np.where(near, ink, 0.0) * (255.0 / np.percentile(ink[chosen], 90))
+    digit = digit.clip(0, 255)  # the stroke cores full, as in a scan: not a noise peak
+    return _box(digit, digit > 0.2 * digit.max()).astype(np.float32)  # the box as the flat path crops it
 
 
-def _box(box: tuple[slice, slice]) -> tuple[int, int, int, int]:
+def _edges(box: tuple[slice, slice]) -> tuple[int, int, int, int]:
     return box[0].start, box[0].stop, box[1].start, box[1].stop
 
 
