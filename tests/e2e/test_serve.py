@@ -3,11 +3,15 @@ model that would run code it carries is never loaded, whatever its flavor list s
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import pickle
 import signal
+import socket
 import subprocess
+import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -19,6 +23,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
+from mnist_pipeline.commands import serve
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.ml import export
 from mnist_pipeline.ml.model import build
@@ -163,6 +168,63 @@ def test_good_digits_are_predicted(server):
     status, body = post(url, json.dumps({"inputs": digits(3)}).encode())
     assert status == 200
     assert np.array(strict_json(body)["predictions"]["logits"]).shape == (3, 10)
+
+
+def closed_by_server(connections: list[socket.socket], within_s: float = 60) -> list[bool]:
+    """For each connection, whether the server closed it (its stream ended) before ``within_s``, far beyond any
+    stated timeout: each read returns as soon as the server closes."""
+    deadline, closed = time.monotonic() + within_s, []
+    for connection in connections:
+        try:
+            while True:
+                connection.settimeout(max(0.1, deadline - time.monotonic()))
+                if not connection.recv(4096):
+                    break
+            closed.append(True)
+        except ConnectionResetError:
+            closed.append(True)
+        except TimeoutError:
+            closed.append(False)
+    return closed
+
+
+def test_connections_without_a_whole_request_are_closed_and_their_number_is_bounded(server):
+    """A connection that sends nothing, one that sends its head a byte at a time, and one kept alive after its
+    answer are each closed after serve.IDLE_TIMEOUT_S; while MAX_CONNECTIONS are open, a request is answered 503
+    at once; once they are closed, it is answered. Before, the first two held their sockets for ever."""
+    _, url = server
+    port = int(url.rsplit(":", 1)[1])
+    kept = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    kept.request("GET", "/ping")
+    answer = kept.getresponse()
+    assert answer.status == 200 and answer.read() is not None
+    trickler, stop = socket.create_connection(("127.0.0.1", port)), threading.Event()
+
+    def trickle():
+        for byte in b"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Long: " + b"a" * 10_000:
+            try:
+                trickler.send(bytes([byte]))
+            except OSError:
+                return
+            if stop.wait(0.2):
+                return
+
+    sender = threading.Thread(target=trickle)
+    sender.start()
+    silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(serve.MAX_CONNECTIONS - 2)]
+    try:
+        assert post(url, json.dumps({"inputs": digits(1)}).encode())[0] == 503
+        closed = closed_by_server([kept.sock, trickler, *silent])
+        assert closed[0], "the kept-alive connection was not closed"
+        assert closed[1], "the connection sending its head a byte at a time was not closed"
+        assert all(closed[2:]), f"{closed[2:].count(False)} silent connections were not closed"
+        assert post(url, json.dumps({"inputs": digits(1)}).encode())[0] == 200
+    finally:
+        stop.set()
+        sender.join()
+        for connection in (trickler, *silent):
+            connection.close()
+        kept.close()
 
 
 @pytest.mark.parametrize(

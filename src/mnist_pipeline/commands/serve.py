@@ -129,11 +129,41 @@ def allowed_hosts(host: str, extra: list[str]) -> list[str]:
     return list(dict.fromkeys([*LOOPBACK_HOSTS, *listened, *extra]))
 
 
-# A connection that sends nothing for this long after a response is closed (uvicorn's keep-alive timeout), and at
-# most this many connections and requests are handled at once (more are answered 503 at once). uvicorn has no
-# setting for a connection that never completes its first request.
+# A connection that has not sent a whole request head this long after it opened or after its last response is
+# closed (uvicorn's keep-alive timeout, and HeadDeadline below for what it does not cover), and at most this many
+# connections and requests are handled at once (more are answered 503 at once: uvicorn's limit_concurrency).
 IDLE_TIMEOUT_S = 5
 MAX_CONNECTIONS = 64
+
+
+def head_deadline_protocol():
+    """uvicorn's HTTP/1.1 protocol, with a deadline for each request's head. uvicorn's keep-alive timeout starts
+    only after a response and stops at the first byte received, so a connection that sends nothing, or sends a
+    head a byte at a time, would hold its socket for ever."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeadDeadline(H11Protocol):
+        deadline = None
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            self._arm()
+
+        def _arm(self):
+            if self.deadline is not None:
+                self.deadline.cancel()
+            self.deadline = self.loop.call_later(IDLE_TIMEOUT_S, self._close_without_head)
+
+        def _close_without_head(self):
+            if self.conn.their_state is h11.IDLE:  # no request head complete since the connection or last answer
+                self.timeout_keep_alive_handler()
+
+    return HeadDeadline
 
 
 def serve(model_uri: str, host: str, port: int, allow_pickle: bool, extra_hosts: list[str]) -> None:
@@ -149,7 +179,8 @@ def serve(model_uri: str, host: str, port: int, allow_pickle: bool, extra_hosts:
     print(f"serving {model_uri} on http://{host}:{port}/invocations (bodies up to {MAX_BODY_BYTES // 2**20} MiB)",
           file=sys.stderr)  # fmt: skip
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5,
-                                           timeout_keep_alive=IDLE_TIMEOUT_S, limit_concurrency=MAX_CONNECTIONS))
+                                           timeout_keep_alive=IDLE_TIMEOUT_S, limit_concurrency=MAX_CONNECTIONS,
+                                           http=head_deadline_protocol()))
     # uvicorn stops gracefully on SIGINT and SIGTERM; a closed terminal (SIGHUP) must stop it the same way, and
     # then end the command as run_main ends it for any stop signal.
     hung_up = []
