@@ -17,7 +17,7 @@ from mnist_pipeline.files import write_atomic
 @stage.path("--onnx", "the model the evaluate stage exported and measured: logged and registered")
 @stage.path("--record", "the train stage's record of the training (JSON)")
 @stage.path("--metrics", "the evaluate stage's metrics JSON (every key is logged as final_<key>)")
-@stage.path("--robustness", "the robustness report's metrics JSON (logged as they are: robust_<distortion>_<strength>)")
+@stage.path("--robustness", "the robustness report's accuracy per distortion (JSON; its weakest go in the model card)")
 @stage.path("--parity", "the evaluate stage's check of the ONNX file against the trained model (JSON)")
 @stage.path("--evaluation", "the evaluate stage's figures and tables, logged with the run", many=True)
 @stage.path("--report", "parity figures, the MLflow run id and the registered version (JSON)")

@@ -13,6 +13,7 @@ TEST_ERRORS = "test_errors"  # test digits the model gets wrong: reads apart whe
 ROBUST_ACCURACY = "robust_accuracy"  # mean accuracy of the robustness report (`ml.robustness`)
 # The evaluate stage's metrics (reports/metrics.json) are logged into the run under this prefix.
 FINAL = "final_"
+PERCENT = "_percent"  # each final accuracy is logged again in percent (final_test_accuracy_percent)
 
 # Run tags.
 GIT_COMMIT = "git_commit"

@@ -169,7 +169,10 @@ def test_the_registered_model_loads_through_pyfunc_without_torch_or_the_project(
         "import json, numpy as np, mlflow.pyfunc\n"
         "x = np.fromfile(sys.argv[1], np.uint8, offset=16).reshape(-1, 1, 28, 28)[:16].astype(np.float32) / 255\n"
         "model = mlflow.pyfunc.load_model('models:/mnist-cnn@champion')\n"
-        "print(json.dumps(model.predict(x)['logits'].argmax(1).tolist()))\n"
+        "answer = model.predict(x)\n"
+        "assert np.allclose(answer['probabilities'].sum(1), 1, atol=1e-5), 'probabilities'\n"
+        "assert (answer['probabilities'].argmax(1) == answer['digit']).all(), 'digit'\n"
+        "print(json.dumps(answer['digit'].tolist()))\n"
     )
     env = user_env(MLFLOW_TRACKING_URI=f"sqlite:///{repo}/mlruns/mlflow.db")
     out = subprocess.run([sys.executable, "-c", script, str(repo / "data/raw/t10k-images-idx3-ubyte")],
@@ -255,9 +258,10 @@ def test_rest_serving_round_trip(pipeline, http_mirror):
         request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", body,
                                          {"Content-Type": "application/json"})  # fmt: skip
         answer = json.loads(urllib.request.urlopen(request, timeout=30).read())
-        logits = np.array(answer["predictions"]["logits"])  # the ONNX model's output, by its name
+        logits = np.array(answer["predictions"]["logits"])  # the ONNX model's outputs, by their names
         assert logits.shape == (16, 10)
-        assert logits.argmax(1).tolist() == evaluated_predictions(repo, 16)
+        assert logits.argmax(1).tolist() == answer["predictions"]["digit"] == evaluated_predictions(repo, 16)
+        assert np.allclose(np.array(answer["predictions"]["probabilities"]).sum(1), 1, atol=1e-5)
     finally:
         stop_server(server)
 

@@ -136,11 +136,32 @@ def test_the_export_stage_records_the_whole_pipeline_in_one_run(params, paths, t
     assert by_key["final_test_accuracy"].value == run.data.metrics["final_test_accuracy"]
     assert by_key["final_test_errors"].value == json.loads(evaluated.metrics.read_text())["test_errors"]
     assert by_key["final_test_accuracy"].dataset_digest == inputs["testing"].digest
-    # the robustness report: every distortion and strength, their mean, its table and figure
+    # each accuracy in percent too (the UI's charts round fractions to two places)
+    assert run.data.metrics["final_test_accuracy_percent"] == pytest.approx(100 * by_key["final_test_accuracy"].value)
+    # the robustness report: its mean a metric, every distortion and strength in its table (an artifact), not 19
+    # metrics; no metric that is constant by construction (the parity checks must pass: they are in the report)
     robust = json.loads(evaluated.robustness_metrics.read_text())
-    assert len(robust) == 19 and all(run.data.metrics[key] == value for key, value in robust.items())
+    assert len(robust) == 19 and not any(key.startswith("robust_") for key in run.data.metrics)
+    assert not any("logit_diff" in key for key in run.data.metrics) and "max_abs_logit_diff" in report["onnx"]
     assert by_key["final_robust_accuracy"].value == pytest.approx(sum(robust.values()) / len(robust))
     assert evaluated.robustness.read_text().splitlines()[0] == "distortion,strength,unit,accuracy"
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
+    assert "evaluation/robustness.csv" in logged
     # registered through mlflow.register_model: the logged model knows its version
     assert report["registered"]["version"] == 1
     assert json.loads(model.tags["mlflow.modelVersions"])[0]["version"] == 1
+    # the version's description is a model card: data, scores, the weakest distortions, how to call it
+    card = client.get_model_version(params.export.model_name, "1").description
+    worst = min(robust, key=robust.get).removeprefix("robust_").replace("_", " ")
+    assert f"Test accuracy {100 * by_key['final_test_accuracy'].value:.2f}%" in card and "60,000 training" in card
+    assert f"reads worst: {worst}: " in card and f'load_model("models:/{params.export.model_name}/1")' in card
+    # the registered ONNX file names the run and the training it came from
+    from mlflow.onnx import load_model as load_onnx
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    try:
+        proto = load_onnx(f"models:/{params.export.model_name}/1")
+    finally:
+        mlflow.set_tracking_uri(None)
+    about = {p.key: p.value for p in proto.metadata_props}
+    assert about["mlflow_run_id"] == run.info.run_id and about["training_id"] == record["id"] and about["labels"]

@@ -7,7 +7,7 @@ import click
 import pytest
 
 from benchmarks import tutorial
-from mnist_pipeline import cli
+from mnist_pipeline import cli, config, names
 from tests.helpers import stage_script
 
 
@@ -63,8 +63,25 @@ def test_the_ui_address_asks_for_the_model_training_view_in_the_route_itself():
     from types import SimpleNamespace
 
     from mnist_pipeline.commands import ui
+    from mnist_pipeline.tracking import runs
 
-    assert ui.address("127.0.0.1", 5000, SimpleNamespace(experiment_id="1")) == (
+    assert ui.address("127.0.0.1", 5000, SimpleNamespace(experiment_id="1", tags={})) == (
         "http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning"
     )
     assert ui.address("127.0.0.1", 5000, None) == "http://127.0.0.1:5000/#/?workflowType=machine_learning"
+    # once a run has stored the pipeline's view of the runs table on the experiment, the address opens it
+    shared = SimpleNamespace(experiment_id="1", tags={runs.RUNS_VIEW_TAG: runs.runs_view()})
+    assert ui.address("127.0.0.1", 5000, shared) == (
+        "http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning&viewStateShareKey=runs-apart"
+    )
+
+
+def test_the_runs_view_names_metrics_and_params_the_runs_have():
+    """Every column of the shared runs view is a param the run logs or a metric the export stage logs."""
+    from mnist_pipeline.tracking import runs
+    from tests.helpers import REPO_ROOT
+
+    assert set(runs.RUNS_VIEW_PARAMS) <= set(runs.flat_params(config.load(REPO_ROOT / "params.yaml")))
+    logged = {names.FINAL + key for key in ("test_accuracy", "test_errors", "robust_accuracy", "test_loss")}
+    logged |= {key + names.PERCENT for key in logged if "accuracy" in key}
+    assert set(runs.RUNS_VIEW_METRICS) <= logged

@@ -33,10 +33,20 @@ def main(host: str, port: int) -> None:
 
 
 def address(host: str, port: int, experiment) -> str:
-    """The page of the experiment's runs in the model-training view. MLflow's UI opens in its GenAI view unless the
-    route's own query asks for the other (``#/...?workflowType=machine_learning``; a query before the ``#`` is not
-    read), and the browser then remembers the choice."""
-    route = f"/experiments/{experiment.experiment_id}/runs" if experiment else "/"
+    """The page of the experiment's runs in the model-training view, with the pipeline's shared view of the runs
+    table when the experiment has it (`runs.RUNS_VIEW_KEY`: best run first, the figures that tell runs apart).
+    MLflow's UI opens in its GenAI view unless the route's own query asks for the other
+    (``#/...?workflowType=machine_learning``; a query before the ``#`` is not read)."""
+    from mnist_pipeline.tracking import runs
+
+    if experiment is None:
+        return page(host, port, "/")
+    shared = f"&viewStateShareKey={runs.RUNS_VIEW_KEY}" if runs.RUNS_VIEW_TAG in experiment.tags else ""
+    return page(host, port, f"/experiments/{experiment.experiment_id}/runs") + shared
+
+
+def page(host: str, port: int, route: str) -> str:
+    """A page of MLflow's UI, in the model-training view (see `address`)."""
     return f"http://{host}:{port}/#{route}?workflowType=machine_learning"
 
 

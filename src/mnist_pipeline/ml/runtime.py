@@ -21,9 +21,11 @@ def onnx_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
     except Exception as exc:  # onnxruntime's own errors have no common base
         raise PipelineError(f"model {path}: not an ONNX model ({str(exc).splitlines()[0][:200]})") from None
     (model_input,) = session.get_inputs()
+    outputs = [output.name for output in session.get_outputs()]
+    logits = ["logits" if "logits" in outputs else outputs[0]]  # a file of ours answers more beside its logits
 
     def run(x: np.ndarray) -> np.ndarray:
-        return session.run(None, {model_input.name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+        return session.run(logits, {model_input.name: np.ascontiguousarray(x, dtype=np.float32)})[0]
 
     return run
 

@@ -13,6 +13,7 @@ numbering is the queue; nothing else is shared.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,9 +59,10 @@ def _champion_accuracy(client: MlflowClient, name: str) -> tuple[int, float, flo
 ONNX_REQUIREMENTS = ("onnx", "onnxruntime")
 
 
-def log_onnx_model(onnx_path: str | Path, example: np.ndarray, name: str):
+def log_onnx_model(onnx_path: str | Path, example: np.ndarray, name: str, about: dict[str, str] | None = None):
     """Log the ONNX file as the run's MLflow model ``name``, with signature and input example (a batch of
-    digits); return MLflow's ``ModelInfo`` (``model_id``, ``model_uri``)."""
+    digits), its metadata completed with ``about`` (the run, the training); return MLflow's ``ModelInfo``
+    (``model_id``, ``model_uri``)."""
     import importlib.metadata
 
     import mlflow.onnx
@@ -69,11 +71,14 @@ def log_onnx_model(onnx_path: str | Path, example: np.ndarray, name: str):
     from mlflow.models import infer_signature
 
     session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    output = session.run(None, {session.get_inputs()[0].name: example})[0]
+    answers = session.run(None, {session.get_inputs()[0].name: example})
+    outputs = {output.name: answer for output, answer in zip(session.get_outputs(), answers, strict=True)}
+    proto = onnx.load(str(onnx_path))
+    onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props}, **(about or {})})
     return mlflow.onnx.log_model(
-        onnx.load(str(onnx_path)),
+        proto,
         name=name,
-        signature=infer_signature(example, output),
+        signature=infer_signature(example, outputs),
         input_example=example,
         # The CPU provider everywhere: the model is small, and a machine with CUDA but onnxruntime's CPU build
         # (the usual install) then loads it exactly as one without.
@@ -115,18 +120,21 @@ def promotion(test_accuracy: float, champion: tuple | None, min_delta: float, ro
 
 
 def register(model_uri: str, name: str, test_accuracy: float, min_delta: float = 0.0, log: TextIO | None = None,
-             robust_accuracy: float | None = None, max_robust_drop: float = 1.0) -> Registration:  # fmt: skip
+             robust_accuracy: float | None = None, max_robust_drop: float = 1.0,
+             card: Callable[[str], str] | None = None) -> Registration:  # fmt: skip
     """Register a logged model as a new version of ``name`` and move the aliases.
 
     ``candidate`` always moves to the new version; ``champion`` moves when the new version's test accuracy is at
     least the current champion's plus ``min_delta``, or when there is no champion yet. The decision and its reason
-    are printed and kept as the version's ``promotion`` tag.
+    are printed and kept as the version's ``promotion`` tag. ``card`` makes the version's description from its
+    ``models:/`` URI.
     """
     log = log or sys.stderr
     client = MlflowClient()
+    card = card or (lambda uri: f"MNIST CNN, test accuracy {100 * test_accuracy:.2f}%: {uri}")
     with store.lock(mlflow.get_tracking_uri()):  # a local store: one writer at a time (a server needs none)
         rule = (test_accuracy, min_delta, robust_accuracy, max_robust_drop)
-        return _register(client, model_uri, name, rule, log)
+        return _register(client, model_uri, name, rule, log, card)
 
 
 TURN_WAIT_S = 300  # the longest a version waits for earlier ones to decide (a registration takes seconds)
@@ -169,7 +177,8 @@ def _new_version(model_uri: str, name: str, tags: dict[str, str]):
         return mlflow.register_model(model_uri, name, tags=tags)
 
 
-def _register(client: MlflowClient, model_uri: str, name: str, rule: tuple, log: TextIO) -> Registration:
+def _register(client: MlflowClient, model_uri: str, name: str, rule: tuple, log: TextIO,
+              card: Callable[[str], str]) -> Registration:  # fmt: skip
     """``rule``: (test accuracy, min delta, robust accuracy, max robust drop), for `promotion`."""
     from mnist_pipeline.tracking.repair import owner
 
@@ -189,11 +198,7 @@ def _register(client: MlflowClient, model_uri: str, name: str, rule: tuple, log:
         }
         for key, value in tags.items():
             client.set_model_version_tag(name, str(version), key, value)
-        client.update_model_version(
-            name,
-            str(version),
-            description=f"MNIST CNN, test accuracy {100 * test_accuracy:.2f}%, run {run.info.run_id}",
-        )
+        client.update_model_version(name, str(version), description=card(f"models:/{name}/{version}"))
         client.delete_model_version_tag(name, str(version), names.REGISTERING)  # complete: now it may get aliases
         _wait_for_turn(client, name, version, log)
         champion = _champion_accuracy(client, name)
