@@ -108,16 +108,17 @@ def compare(last: int | None, sort_by: str, fmt: str) -> None:
     command.main(last, sort_by, fmt)
 
 
-@main.command(short_help="Rerun a past MLflow run's code and params as a DVC experiment.", epilog="""\b
+@main.command(short_help="Rerun a past MLflow run's code and params; say whether it came out the same.", epilog="""\b
 Examples:
   mnist-pipeline reproduce b589388b              # a run id prefix, as `compare` prints it
   mnist-pipeline reproduce lower-lr              # a DVC experiment name""")
 @click.argument("run_id")
 def reproduce(run_id: str) -> None:
     """Rerun a past run (RUN_ID: a run id, a unique prefix of one as `compare` prints them, or a DVC experiment
-    name) from its own commit and params as a DVC experiment in a temporary copy (the workspace is not touched),
-    then say whether the test accuracy and loss came out the same to the last digit, and if not which recorded
-    part of the environment differs."""
+    name) from its own commit and params with `dvc repro` in a temporary git worktree (the workspace is not
+    touched, and DVC experiments may run there meanwhile), registering nothing, then say whether the test
+    accuracy and loss came out the same to the last digit, and if not which recorded part of the environment
+    differs."""
     from mnist_pipeline.commands import reproduce as command
 
     raise SystemExit(command.main(run_id))

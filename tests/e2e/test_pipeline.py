@@ -601,6 +601,39 @@ def test_reproduce_a_run_exactly_without_touching_the_workspace(pipeline, http_m
     c.delete_run(orphan.info.run_id)
 
 
+@pytest.mark.slow  # a whole pipeline in a worktree, and an experiment beside it
+def test_reproduce_works_while_a_dvc_experiment_runs_in_the_workspace(pipeline, http_mirror, tmp_path):
+    """`dvc exp run` keeps its state in git refs every worktree shares: a reproduction run as a DVC experiment
+    failed ("'NoneType' object is not subscriptable") when an experiment in the workspace ran and ended while it
+    ran. Here one starts once the reproduction is training, and ends before it."""
+    import time
+
+    repo, _ = pipeline
+    original = client(repo).get_run(pipeline.run_id)
+    log = tmp_path / "reproduce.log"
+    nowhere = f"http://127.0.0.1:{free_port()}/"
+    with log.open("w") as out:
+        reproduction = subprocess.Popen(["mnist-pipeline", "reproduce", original.info.run_id], cwd=repo,
+                                        env=user_env(MNIST_MIRROR=nowhere), stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while "Running stage 'train'" not in log.read_text():  # the event: the reproduction is training
+            assert reproduction.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        beside = run(repo, http_mirror, "dvc", "exp", "run", "-S", "export.parity_samples=64", "-n", "beside")
+        overlapped = reproduction.poll() is None
+        reproduction.wait(timeout=600)
+    finally:
+        if reproduction.poll() is None:
+            reproduction.kill()
+    assert beside.returncode == 0, beside.stdout + beside.stderr
+    assert reproduction.returncode == 0, log.read_text()
+    assert "final_test_accuracy: reproduced" in log.read_text() and log.read_text().count("exactly equal") == 2
+    if not overlapped:
+        pytest.skip("the experiment beside ended after the reproduction: they did not overlap on this machine")
+
+
 def registry_state(repo: Path) -> tuple[list[str], dict[str, str]]:
     c = client(repo)
     versions = sorted(v.version for v in c.search_model_versions("name='mnist-cnn'"))

@@ -1,15 +1,18 @@
-"""`mnist-pipeline reproduce RUN_ID`: rerun the pipeline with a past run's code and params, as a DVC experiment.
+"""`mnist-pipeline reproduce RUN_ID`: rerun the pipeline with a past run's code and params, beside the workspace.
 
 The run's commit is checked out in a temporary git worktree (the user's workspace is not touched), its
-params.yaml is set to the run's logged params, and `dvc exp run --force -S export.register=false` runs every stage
-again there (forced: DVC's run cache would otherwise restore the old outputs instead of recomputing them). When
-the project's ``data/raw`` holds the run's data, verified (same fingerprint), the download stage reads it as a
-local mirror: no network, no ``MNIST_MIRROR`` needed. The export stage records the run and logs its model but,
-with ``export.register: false``, registers no version and moves no alias. The new MLflow run lands in the same
-store, tagged ``reproduces=<run id>``. Afterwards the two runs' data fingerprints and final test metrics are
-compared: with the same data, the same locked environment and the same hardware, accuracy and loss are equal to
-the last digit on the CPU. When they are not, the run tags that record the environment (``environment``) say
-which of those differ.
+params.yaml is set to the run's logged params with ``export.register: false``, and `dvc repro --force` runs every
+stage again there (forced: DVC's run cache would otherwise restore the old outputs instead of recomputing them).
+It is not a DVC experiment: `dvc exp run` keeps its state in git refs every worktree of a repository shares
+(``refs/exps/exec/*``), so an experiment run in the workspace meanwhile moved or removed them under it ("'NoneType'
+object is not subscriptable"); a plain `dvc repro` in its own worktree shares nothing with the workspace but the
+cache. When the project's ``data/raw`` holds the run's data, verified (same fingerprint), the download stage reads
+it as a local mirror: no network, no ``MNIST_MIRROR`` needed. The export stage records the run and logs its model
+but registers no version and moves no alias. The new MLflow run lands in the same store, named ``repro-<id>-<pid>``
+and tagged ``reproduces=<run id>``. Afterwards the two runs' data fingerprints and final test metrics are compared:
+with the same data, the same locked environment and the same hardware, accuracy and loss are equal to the last
+digit on the CPU. When they are not, the run tags that record the environment (``environment``) say which of those
+differ.
 """
 
 from __future__ import annotations
@@ -152,7 +155,7 @@ def _original(client, run_id: str, uri: str, root: Path, log):
 
 
 def _rerun(original, commit: str, name: str, root: Path, uri: str, log) -> None:
-    """The run's commit and params as the DVC experiment ``name``, in a temporary worktree."""
+    """The run's commit and params, in a temporary worktree; the new run is named ``name``."""
     import yaml
 
     run_id = original.info.run_id
@@ -160,24 +163,26 @@ def _rerun(original, commit: str, name: str, root: Path, uri: str, log) -> None:
     if _git("worktree", "add", "--detach", str(worktree), commit, cwd=root).returncode != 0:
         raise PipelineError(f"could not check out commit {commit[:12]} into a temporary worktree")
     try:
-        env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+        # The export stage names its run after DVC_EXP_NAME, which `dvc exp run` sets: given here, the code of any
+        # commit names the new run so, and tags it dvc_exp_name, though this is no DVC experiment.
+        env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "DVC_EXP_NAME": name}
         env.pop("DVC_ROOT", None)
         mirror = env.get(MIRROR_ENV, "")
         if mirror and "://" not in mirror:  # a relative folder means the same folder from inside the worktree
             env[MIRROR_ENV] = str(Path(mirror).expanduser().resolve())
         subprocess.run(["dvc", "cache", "dir", "--local", str(root / ".dvc" / "cache")], cwd=worktree, env=env,
                        check=True, capture_output=True)  # fmt: skip
-        _write_params(worktree / "params.yaml", original.data.params)
+        # The whole pipeline, its export recording the run and the model but registering nothing. Code from before
+        # export.register recorded its run in the train stage: it stops at evaluate.
+        registers = "register" in yaml.safe_load((worktree / "params.yaml").read_text()).get("export", {})
+        _write_params(worktree / "params.yaml", {**original.data.params, **({"export.register": "false"}
+                                                                             if registers else {})})  # fmt: skip
         mirror = worktree.parent / "mirror"
         mirror.mkdir()
         if _local_mirror(root, original.data.tags.get(names.DATA_MD5), mirror, log):
             env[MIRROR_ENV] = str(mirror)  # tried first; the download stage still verifies every file
-        print(f"reproducing run {run_id} (commit {commit[:12]}) as DVC experiment {name!r}", file=log)
-        # The whole pipeline, its export recording the run and the model but registering nothing. Code from before
-        # export.register recorded its run in the train stage: it stops at evaluate.
-        registers = "register" in yaml.safe_load((worktree / "params.yaml").read_text()).get("export", {})
-        command = ["dvc", "exp", "run", "--force", "-n", name]
-        command += ["-S", "export.register=false"] if registers else ["evaluate"]
+        print(f"reproducing run {run_id} (commit {commit[:12]}) as run {name!r}, in a worktree of its own", file=log)
+        command = ["dvc", "repro", "--force"] + ([] if registers else ["evaluate"])
         result = subprocess.run(command, cwd=worktree, env=env, check=False)
         if result.returncode != 0:
             raise PipelineError(f"the pipeline failed while reproducing run {run_id} (see the output above)")
