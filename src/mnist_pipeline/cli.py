@@ -11,8 +11,8 @@ from mnist_pipeline import names
 from mnist_pipeline.errors import run_main
 
 ALLOW_PICKLE_HELP = "Also load an MLflow model stored with pickle (it can run any code: only if you trust it)."
-MODEL_HELP = "A registry URI, version number or run id, or a local .onnx / TorchScript file  [default: the champion, "
-MODEL_HELP += "models:/<export.model_name>@champion]"
+MODEL_HELP = "A registry URI, version number or run id, or a local .onnx (or torch.export .pt2) file  "
+MODEL_HELP += "[default: the champion, models:/<export.model_name>@champion]"
 
 
 class Commands(click.Group):

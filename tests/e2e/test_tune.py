@@ -99,6 +99,9 @@ def test_a_search_prunes_resumes_and_never_reads_the_test_split(searched):
     assert trials[1].params["train.lr"] == 1.0e-6 and trials[1].state == TrialState.PRUNED
     assert trials[1].last_step == 1  # stopped after its first epoch
     assert "pruned" in first.stderr and "best " in first.stderr  # the progress line of each trial
+    for trial in trials[:3]:  # and a line at every epoch of every trial, as it ends
+        assert all(f"trial {trial.number}: epoch {e}/" in first.stderr for e in range(1, trial.last_step + 1))
+    assert "Warning" not in first.stderr + second.stderr  # no library's warning reaches the user
     assert second.stdout.startswith("dvc exp run -n mnist-tune-trial-")
 
 

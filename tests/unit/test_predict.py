@@ -109,6 +109,23 @@ def test_show_writes_what_the_model_saw_and_low_probabilities_are_flagged(files,
     assert "uncertain" not in capsys.readouterr().out
 
 
+def test_show_writes_nothing_when_the_model_cannot_be_loaded(files, tmp_path):
+    """The model is loaded before any input is read: `--show seen/` wrote its images, then failed for want of a
+    model."""
+    with pytest.raises(PipelineError, match="no-such-model.onnx"):
+        predict.main([files / "big.jpg"], str(tmp_path / "no-such-model.onnx"), predict.Options(show=tmp_path / "seen"))
+    assert not (tmp_path / "seen").exists()
+
+
+def test_the_help_names_the_model_files_predict_loads():
+    from click.testing import CliRunner
+
+    from mnist_pipeline import cli
+
+    text = CliRunner().invoke(cli.main, ["predict", "--help"]).output
+    assert "TorchScript" not in text and ".onnx" in text and ".pt2" in text
+
+
 def glyphs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` synthetic handwritten-like digits (Pillow's own font at random sizes, slants and stroke widths), made
     28x28 the way `predict` makes any larger image, and their labels: digits where real MNIST is absent."""

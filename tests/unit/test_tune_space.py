@@ -110,3 +110,25 @@ def test_the_studys_figures_are_drawn_on_white(tmp_path):
         pixels = np.asarray(Image.open(path).convert("RGB")).reshape(-1, 3)
         ggplot_grey = (pixels == (229, 229, 229)).all(axis=1).mean()
         assert ggplot_grey < 0.01, (path.name, ggplot_grey)
+
+
+def test_an_importance_figure_optuna_cannot_draw_is_left_out_without_its_warning(tmp_path, recwarn):
+    """One complete trial and one pruned: Optuna warns that the importances "will be equal" and draws them so;
+    the warning reached the user of `tune`."""
+    import optuna
+
+    from mnist_pipeline.tracking import studies
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.create_study(direction="maximize")
+
+    def objective(trial):
+        x = trial.suggest_float("x", 0, 1) + trial.suggest_float("y", 0, 1)
+        if trial.number == 1:
+            raise optuna.TrialPruned()
+        return x
+
+    study.optimize(objective, n_trials=2)
+    drawn = {path.name for path in studies.write_figures(study, tmp_path)}
+    assert drawn == {"optimization_history.png", "parallel_coordinate.png"}
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)], [str(w.message) for w in recwarn]

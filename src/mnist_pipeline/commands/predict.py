@@ -246,12 +246,12 @@ def main(inputs: list[Path], model_ref: str | None, options: Options = Options()
     """Print one line per input; return 0, or 1 when any input could not be read."""
     if not 1 <= options.top_k <= 10:
         raise PipelineError(f"--top-k {options.top_k}: expected 1..10")
-    labels, images, failed, model = [], [], 0, None
+    labels, images, failed = [], [], 0
+    model = loader.load_model(model_ref, options.allow_pickle)  # first: a missing model leaves nothing written
 
     def flush() -> None:  # predict and print what has been read so far
-        nonlocal model, failed
+        nonlocal failed
         if labels:
-            model = model or loader.load_model(model_ref, options.allow_pickle)
             for prediction in predict(model, labels, np.stack(images), options.top_k, options.uncertain_below):
                 if not np.isfinite(prediction.probability):  # no answer: an input the arithmetic overflowed on
                     print(f"error: {prediction.input}: the model's answer is not a number (its pixels overflow the "

@@ -231,7 +231,9 @@ def _objective(search: Search, base, tracking: studies.Tracking, train_data, val
         trial.set_user_attr("mlflow_run_id", run_id)
         trial.set_user_attr("worker", tracking.owner)  # which process ran it (several may share a study)
 
-        def on_epoch(metrics: EpochMetrics) -> None:
+        def on_epoch(metrics: EpochMetrics) -> None:  # a line per epoch: a trial may take minutes on a busy CPU
+            print(f"trial {trial.number}: epoch {metrics.epoch}/{trial_params.train.epochs}, validation accuracy "
+                  f"{100 * metrics.val_accuracy:.2f}%", file=sys.stderr, flush=True)  # fmt: skip
             tracking.log_epoch(run_id, metrics.epoch, metrics.metrics())
             trial.report(metrics.val_accuracy, metrics.epoch)
             if trial.should_prune():

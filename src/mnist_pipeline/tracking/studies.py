@@ -149,7 +149,8 @@ def best(study):
 
 def write_figures(study, folder: Path) -> list[Path]:
     """Optuna's optimisation history, parameter importances and parallel coordinates as PNG files (those that can
-    be drawn: importances need two finished trials)."""
+    be drawn: importances need finished trials enough for Optuna to tell params apart). Optuna's warnings stay
+    here."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -177,9 +178,14 @@ def write_figures(study, folder: Path) -> list[Path]:
             ("parallel_coordinate", lambda: figures.plot_parallel_coordinate(study, target_name=target)),
         ):
             try:
-                axes = draw()
+                with warnings.catch_warnings(record=True) as said:
+                    warnings.simplefilter("always", UserWarning)
+                    axes = draw()
             except (ValueError, RuntimeError, ZeroDivisionError):
                 continue  # too few finished trials for this figure yet
+            if any("will be equal" in str(w.message) for w in said):  # Optuna: too few trials for importances
+                plt.close(axes.figure if hasattr(axes, "figure") else axes.flat[0].figure)
+                continue
             figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
             _readable(figure)
             path = folder / f"{name}.png"
