@@ -534,8 +534,11 @@ def _draw_offline(sync_api, page_file: Path) -> dict:
                 strokes: [...new Set([...svg.querySelectorAll('.mark-line path[d]')]
                     .map(p => p.getAttribute('stroke')))],
                 cells: svg.querySelectorAll('.mark-rect path[d]').length,
+                points: [...svg.querySelectorAll('.mark-symbol path[d]')].filter(p => p.getBBox().width >= 6).length,
             })),
-            images: [...document.images].map(img => ({src: img.getAttribute('src'), width: img.naturalWidth})),
+            images: [...document.images].map(img => ({src: img.getAttribute('src'), width: img.naturalWidth,
+                                                       right: img.getBoundingClientRect().right})),
+            pageWidth: document.documentElement.clientWidth,
         })""")
         browser.close()
     return {**drawn, "refused": refused, "errors": errors}
@@ -547,7 +550,8 @@ def _draw_offline(sync_api, page_file: Path) -> dict:
 def test_dvc_plots_show_and_diff_draw_in_a_browser_without_a_network(pipeline, lower_lr, http_mirror):
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
     repo = pipeline.repo
-    other = run(repo, http_mirror, "dvc", "exp", "run", "--temp", "-S", "train.lr=0.02", "-n", "higher-lr")
+    other = run(repo, http_mirror, "dvc", "exp", "run", "--temp", "-S", "train.lr=0.02", "-S", "train.epochs=1",
+                "-n", "higher-lr")  # fmt: skip
     assert other.returncode == 0, other.stdout + other.stderr
 
     show = run(repo, http_mirror, "dvc", "plots", "show", "-o", "shown")
@@ -570,7 +574,12 @@ def test_dvc_plots_show_and_diff_draw_in_a_browser_without_a_network(pipeline, l
         assert "lower-lr" in chart["text"] and "higher-lr" in chart["text"], chart["text"][:300]
     assert loss["lines"] >= 4 and accuracy["lines"] >= 2 and robustness["lines"] >= 20  # each experiment's lines
     assert len(loss["strokes"]) >= 2, loss["strokes"]  # each experiment in a colour of its own
+    # every epoch a point 6 pixels wide or more: higher-lr's one epoch is a curve of one point, which a line alone
+    # does not draw (and a 3-pixel dot hardly)
+    assert accuracy["points"] >= 2 + 1 and loss["points"] >= 2 * (2 + 1), (accuracy["points"], loss["points"])
     assert len(drawn["images"]) == 6 and all(image["width"] > 0 for image in drawn["images"])
+    # each revision's figure scaled to fit the page, side by side (a 1120-pixel figure ran off it)
+    assert all(image["right"] <= drawn["pageWidth"] for image in drawn["images"]), drawn["images"]
 
 
 @pytest.mark.slow  # a whole pipeline in a worktree
