@@ -1,7 +1,9 @@
-"""What a training used: CPU and memory (and GPU memory on CUDA), sampled in a thread while it runs.
+"""What a training used: CPU and memory (and the GPUs on CUDA), sampled in a thread while it runs.
 
 The samples use the names of MLflow's own system metrics (``cpu_utilization_percentage``, ...), which the export
 stage logs under ``system/`` with the time each was taken, so the run's *System metrics* charts show the training.
+On CUDA the GPUs' figures (utilization, memory, power, per GPU) come from MLflow's own GPU monitor, which reads
+NVIDIA's management library (nvidia-ml-py); without a driver to read, only the memory torch reserved.
 Under torchrun every rank samples its own machine and process, and its samples carry its rank and node.
 """
 
@@ -27,6 +29,7 @@ class Sampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="system-metrics", daemon=True)
         self._process = psutil.Process()
+        self._gpus = gpu_monitor() if device.type == "cuda" else None
 
     def __enter__(self) -> Sampler:
         psutil.cpu_percent()  # the first reading of a counter is 0: start the counters now
@@ -53,13 +56,23 @@ class Sampler:
             "process_cpu_utilization_percentage": self._process.cpu_percent(),
             "process_memory_rss_megabytes": self._process.memory_info().rss / 1e6,
         }
-        if self.device.type == "cuda":
+        if self._gpus is not None:
+            self._gpus.collect_metrics()
+            values.update(self._gpus.aggregate_metrics())  # this sample's: the monitor holds nothing else
+            self._gpus.clear_metrics()
+        elif self.device.type == "cuda":
             import torch
 
             index = self.device.index or 0
             values[f"gpu_{index}_memory_usage_megabytes"] = torch.cuda.memory_reserved(self.device) / 1e6
-            try:
-                values[f"gpu_{index}_utilization_percentage"] = float(torch.cuda.utilization(self.device))
-            except Exception:  # noqa: BLE001 - needs NVIDIA's management library, which not every install has
-                pass
         return {"time": time.time(), "rank": self.rank, "node": self.node, "values": values}
+
+
+def gpu_monitor():
+    """MLflow's GPU monitor, or None where NVIDIA's management library has no GPU to read."""
+    try:
+        from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
+
+        return GPUMonitor()
+    except (ImportError, RuntimeError):  # nvidia-ml-py missing, or no driver (NVMLError, as MLflow re-raises it)
+        return None
