@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from mnist_pipeline import names
+from mnist_pipeline.commands.ui import DEFAULT_PORT as UI_PORT
 from mnist_pipeline.errors import run_main
 
 ALLOW_PICKLE_HELP = "Also load an MLflow model stored with pickle (it can run any code: only if you trust it)."
@@ -39,7 +40,7 @@ def listening(port: int):
 
 
 @main.command(short_help="Open the MLflow UI on the project's store (bound to 127.0.0.1).")
-@listening(5000)
+@listening(UI_PORT)
 def ui(host: str, port: int) -> None:
     """Start the MLflow UI on the store the pipeline logs to (the same one `dvc repro` and `compare` use), to
     compare runs, metrics, figures and registered models in a browser. Ctrl-C stops it."""

@@ -352,7 +352,7 @@ def test_two_temp_experiments_at_once_both_log_fully_to_the_projects_store(pipel
     for r in new:
         assert r.info.status == "FINISHED" and r.info.artifact_uri.startswith(str(repo / "mlruns"))
         assert [m.step for m in client(repo).get_metric_history(r.info.run_id, "test_accuracy")] == [1, 2]
-        assert "final_test_accuracy" in r.data.metrics and "onnx_max_abs_logit_diff" in r.data.metrics
+        assert "final_test_accuracy" in r.data.metrics and "onnx_max_abs_logit_diff" not in r.data.metrics
     assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))
 
 
@@ -368,6 +368,11 @@ def test_compare_shows_the_runs_and_only_the_params_that_differ(pipeline, lower_
     newest = max(int(v.version) for v in client(repo).search_model_versions("name='mnist-cnn'"))
     candidate = table.loc[table["registered"].str.contains("candidate"), "registered"].item()
     assert candidate.startswith(f"mnist-cnn v{newest} ")
+    assert not any(column.endswith("_percent") for column in table.columns)  # the UI's copies, not the table's
+    text = run(repo, http_mirror, "mnist-pipeline", "compare").stdout.splitlines()
+    champion = client(repo).get_model_version_by_alias("mnist-cnn", "champion").version
+    assert text[-2].startswith("side by side in the MLflow UI (mnist-pipeline ui): http://127.0.0.1:5000/#/compare")
+    assert text[-1].endswith(f"/#/models/mnist-cnn/versions/{champion}?workflowType=machine_learning")
 
 
 def _chromium() -> str | None:
@@ -389,26 +394,36 @@ def third_run(pipeline, lower_lr, http_mirror):
     return found
 
 
-def _browse(sync_api, pages: dict[str, str], wait_for: dict[str, str]) -> tuple[dict[str, str], list[str]]:
-    """Each page's text in headless Chromium, every request beyond this machine refused (and listed)."""
+def _browse(sync_api, pages: dict[str, str], wait_for: dict[str, str], shots: Path) -> tuple[dict[str, str], list[str]]:
+    """Each page's text in headless Chromium, each opened in a fresh profile (a new context: no view remembered
+    from another page), its screenshot in ``shots``; every request beyond this machine refused (and listed).
+    ``texts[name + " sidebar"]`` is the page's sidebar, ``texts[name + " columns"]`` its table's column headers
+    from left to right."""
     refused, texts = [], {}
+
+    def only_this_machine(route):
+        host = urllib.parse.urlsplit(route.request.url).hostname
+        if host in ("127.0.0.1", "localhost"):
+            route.continue_()
+        else:
+            refused.append(route.request.url)
+            route.abort()
+
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=_chromium(), args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 2600, "height": 1200})
-
-        def only_this_machine(route):
-            host = urllib.parse.urlsplit(route.request.url).hostname
-            if host in ("127.0.0.1", "localhost"):
-                route.continue_()
-            else:
-                refused.append(route.request.url)
-                route.abort()
-
-        page.route("**/*", only_this_machine)
         for name, url in pages.items():
+            context = browser.new_context(viewport={"width": 2600, "height": 1200})
+            page = context.new_page()
+            page.route("**/*", only_this_machine)
             page.goto(url)
             page.wait_for_selector(f"text={wait_for[name]}", timeout=90_000)
+            page.screenshot(path=shots / f"{name.replace(' ', '_')}.png")
             texts[name] = page.inner_text("body")
+            texts[name + " sidebar"] = page.locator("aside").first.inner_text()
+            texts[name + " columns"] = "\n".join(page.evaluate("""() => [...document.querySelectorAll(
+                '.ag-header-cell')].map(cell => [cell.innerText.trim(), cell.getBoundingClientRect().left])
+                .filter(([text]) => text).sort((a, b) => a[1] - b[1]).map(([text]) => text)"""))
+            context.close()
         browser.close()
     return texts, refused
 
@@ -416,45 +431,84 @@ def _browse(sync_api, pages: dict[str, str], wait_for: dict[str, str]) -> tuple[
 @pytest.mark.slow  # a third run and the UI in Chromium
 @pytest.mark.browser
 @pytest.mark.skipif(_chromium() is None, reason="Chromium is not installed (Debian: apt-get install chromium)")
-def test_the_mlflow_ui_shows_models_datasets_system_metrics_and_runs_apart(pipeline, lower_lr, third_run):
+def test_every_ui_link_opens_the_model_training_view_where_runs_read_apart(pipeline, lower_lr, third_run,
+                                                                           http_mirror, tmp_path_factory):  # fmt: skip
+    """Every page the project prints or documents a link to, opened in a fresh browser profile: the runs table
+    (the address `ui` prints), its chart view, a run and its system metrics, the compare page and the champion's
+    version (the links `compare` prints), the experiment's Models tab and the registered model. Each shows the
+    model-training view; the runs read apart without opening one. The screenshots stay in the test's output."""
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    from mnist_pipeline.commands import ui
+
     repo = pipeline.repo
     chosen = [client(repo).get_run(pipeline.run_id), client(repo).get_run(lower_lr[1].info.run_id), third_run]
     experiment = chosen[0].info.experiment_id
+    linked = run(repo, http_mirror, "mnist-pipeline", "compare").stdout.splitlines()[-2:]  # the two links
     port = free_port()
     server = start(repo, ["mnist-pipeline", "ui", "--port", str(port)])
     try:
+        printed = server.stderr.readline().decode()  # "MLflow UI on <address> for <store>"
+        address = printed.split(" on ", 1)[1].split(" for ", 1)[0]
         wait_until_up(server, f"http://127.0.0.1:{port}/health")
-        base, view = f"http://127.0.0.1:{port}/#", "workflowType=machine_learning"  # the address `ui` prints
-        ids = json.dumps([r.info.run_id for r in chosen])
+        here = (f"127.0.0.1:{ui.DEFAULT_PORT}/", f"127.0.0.1:{port}/")  # `compare` names the default port
+        compare_link, version_link = (line.rsplit(" ", 1)[1].replace(*here) for line in linked)
         pages = {
-            "models": f"{base}/experiments/{experiment}/models?{view}",
-            "run": f"{base}/experiments/{experiment}/runs/{chosen[0].info.run_id}?{view}",
-            "system": f"{base}/experiments/{experiment}/runs/{chosen[0].info.run_id}/system-metrics?{view}",
-            "compare": f"{base}/compare-runs?runs={ids}&experiments={json.dumps([experiment])}&{view}",
-        }
-        texts, refused = _browse(sync_api, pages, {"models": "final_test_accuracy", "run": "Datasets",
-                                                   "system": "cpu_utilization_percentage",
-                                                   "compare": "final_test_errors"})  # fmt: skip
+            "runs table": address,
+            "chart view": f"{address}&compareRunsMode=CHART",
+            "run": ui.page("127.0.0.1", port, f"/experiments/{experiment}/runs/{chosen[0].info.run_id}"),
+            "system metrics": ui.page("127.0.0.1", port,
+                                      f"/experiments/{experiment}/runs/{chosen[0].info.run_id}/system-metrics"),
+            "compare": compare_link,
+            "models tab": ui.page("127.0.0.1", port, f"/experiments/{experiment}/models"),
+            "registered model": ui.page("127.0.0.1", port, "/models/mnist-cnn"),
+            "version": version_link,
+        }  # fmt: skip
+        shots = tmp_path_factory.mktemp("ui-screenshots")
+        lowest = f"{min(r.data.metrics['final_test_accuracy_percent'] for r in chosen):.2f}"  # a chart's label
+        texts, refused = _browse(sync_api, pages, {
+            "runs table": "final_test_errors", "chart view": lowest, "run": "Datasets",
+            "system metrics": "cpu_utilization_percentage", "compare": "final_test_errors",
+            "models tab": "final_test_accuracy", "registered model": "Version", "version": "reads worst",
+        }, shots)  # fmt: skip
+        print(f"\nscreenshots of the MLflow UI: {shots}")
     finally:
         stop_server(server)
     assert refused == []  # the UI works offline
-    models = texts["models"]
-    assert "Model training" in models and "Agent versions" not in models  # the model-training view
+    for name in pages:  # the model-training view: its sidebar, not the GenAI one (Prompts, AI Gateway)
+        assert "Model registry" in texts[name + " sidebar"] and "Prompts" not in texts[name + " sidebar"], name
+    errors = [int(r.data.metrics["final_test_errors"]) for r in chosen]
+    assert len(set(errors)) == 3  # the figure that tells close runs apart
+    # the runs table: the shared view's columns, best run first, each run's errors and accuracy in percent
+    table = texts["runs table"]
+    from mnist_pipeline.tracking import runs as pipeline_runs
+
+    columns = pipeline_runs.RUNS_VIEW_METRICS + pipeline_runs.RUNS_VIEW_PARAMS  # in this order, the users' first
+    shown = texts["runs table columns"].splitlines()
+    assert [c for c in shown if c in columns] == columns, shown
+    best_first = sorted(chosen, key=lambda r: -r.data.metrics["final_test_accuracy"])
+    positions = [table.index(r.info.run_name) for r in best_first]
+    assert positions == sorted(positions), [r.info.run_name for r in best_first]
+    for r in chosen:
+        assert str(int(r.data.metrics["final_test_errors"])) in table
+    # the chart view: each run's accuracy in percent reads apart at the charts' two places; no chart per
+    # distortion, none of a metric constant by construction
+    charts = texts["chart view"]
+    assert all(f"{r.data.metrics['final_test_accuracy_percent']:.2f}" in charts for r in chosen)
+    assert "robust_rotation" not in charts and "logit_diff" not in charts and "final_robust_accuracy" in charts
+    models = texts["models tab"]
     for r in chosen:  # each model named after its run, with its registered version and test figures
         version = next(v.version for v in client(repo).search_model_versions(f"run_id='{r.info.run_id}'"))
         assert r.info.run_name in models and f"v{version}" in models
         assert _shown_exactly(r.data.metrics["final_test_accuracy"]) in models
     assert "mnist (" in texts["run"]  # the run's data: the dataset's name and digest
-    assert "System metrics" in texts["system"] and "system_memory_usage_megabytes" in texts["system"]
+    assert "System metrics" in texts["system metrics"] and "system_memory_usage_megabytes" in texts["system metrics"]
     compare = texts["compare"]
-    errors = [int(r.data.metrics["final_test_errors"]) for r in chosen]
-    assert len(set(errors)) == 3  # the figure that tells close runs apart
     shown = compare[compare.index("final_test_errors") :].split("\n")
     assert all(str(e) in shown for e in errors), (errors, shown[:40])
     params = compare[compare.index("\nParameters\n") : compare.index("\nMetrics\n")].splitlines()
     assert any(line.startswith("model.conv_channels\t") for line in params)  # a list param: its name and values
     assert not any(line.startswith("\t") or line.endswith("\t[") for line in params)  # no row without a name
+    assert "Test accuracy" in texts["version"] and "load_model(" in texts["version"]  # the model card
 
 
 def _shown_exactly(value: float) -> str:

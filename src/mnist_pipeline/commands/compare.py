@@ -38,13 +38,15 @@ def runs_table(last: int | None = None, sort_by: str = names.TEST_ACCURACY) -> p
     for column in sorted(differing):
         table[column.removeprefix("params.")] = params[column]
     # Every test-set metric the export stage logged (the evaluate stage's metrics.json), then the training time.
-    metrics = sorted(c for c in runs.columns if c.startswith(f"metrics.{names.FINAL}"))
+    metrics = sorted(c for c in runs.columns if c.startswith(f"metrics.{names.FINAL}")
+                     and not c.endswith(names.PERCENT))  # (an accuracy in percent too, for the UI's charts)
     for column in [*metrics, f"metrics.{names.TRAIN_SECONDS}"]:
         table[column.removeprefix("metrics.").removeprefix(names.FINAL)] = runs.get(column, float("nan"))
     shown = [c.removeprefix(f"metrics.{names.FINAL}") for c in metrics] + [names.TRAIN_SECONDS]
     if sort_by not in shown and metrics:  # (no run has test metrics yet: the newest first)
         raise PipelineError(f"--sort {sort_by}: expected one of {', '.join(shown)}")
     table["registered"] = runs["run_id"].map(_registered_versions(MlflowClient())).fillna("")
+    table.attrs["run_ids"] = dict(zip(table["run_id"], runs["run_id"], strict=True))  # shown -> whole
     if sort_by not in table:
         return table
     return table.sort_values(sort_by, ascending=names.lower_is_better(sort_by), na_position="last",
@@ -86,3 +88,24 @@ def main(last: int | None, sort_by: str, fmt: str) -> None:
     else:
         with pd.option_context("display.width", 200, "display.max_columns", None, "display.max_colwidth", 40):
             print(for_people(table).to_string(index=False))
+        for line in ui_links(table):
+            print(line)
+
+
+SIDE_BY_SIDE = 10  # runs the UI's compare page is given: the best ones of the table
+
+
+def ui_links(table: pd.DataFrame) -> list[str]:
+    """Where to look further in the MLflow UI (`mnist-pipeline ui` on its default address): the table's first
+    runs side by side, and the champion's page, its model card."""
+    from mlflow.tracking import MlflowClient
+
+    from mnist_pipeline.commands import ui
+
+    experiment = MlflowClient().get_experiment_by_name(names.EXPERIMENT)
+    best = [table.attrs["run_ids"][run] for run in table["run_id"][:SIDE_BY_SIDE]]
+    lines = [f"side by side in the MLflow UI (mnist-pipeline ui): {ui.compare_page(best, experiment.experiment_id)}"]
+    champions = table["registered"].str.extract(r"(\S+) v(\d+) \([^)]*champion")
+    for name, version in champions.dropna().drop_duplicates().itertuples(index=False):
+        lines.append(f"the champion, {name} v{version}, and its model card: {ui.version_page(name, version)}")
+    return lines

@@ -45,9 +45,26 @@ def address(host: str, port: int, experiment) -> str:
     return page(host, port, f"/experiments/{experiment.experiment_id}/runs") + shared
 
 
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 5000  # where `mnist-pipeline ui` listens unless told otherwise
+
+
 def page(host: str, port: int, route: str) -> str:
     """A page of MLflow's UI, in the model-training view (see `address`)."""
     return f"http://{host}:{port}/#{route}?workflowType=machine_learning"
+
+
+def compare_page(run_ids: list[str], experiment_id: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> str:
+    """The UI's page comparing ``run_ids`` side by side."""
+    import json
+    from urllib.parse import quote
+
+    query = f"runs={quote(json.dumps(run_ids))}&experiments={quote(json.dumps([experiment_id]))}"
+    return page(host, port, "/compare-runs").replace("?", f"?{query}&", 1)
+
+
+def version_page(name: str, version: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> str:
+    """The UI's page of one registered version: its description (the model card), tags, aliases, schema."""
+    return page(host, port, f"/models/{name}/versions/{version}")
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -71,6 +71,7 @@ def _log_and_register(params: config.Params, result: Result, artifacts: list[str
     dataset = params.data.dataset
     source = data.DATASETS[dataset].mirrors[0]
     test = data.load_split(result.data, "test")
+    sizes = len(data.read_idx(result.data / "train-labels-idx1-ubyte", 1)), len(test.labels)  # for the model card
     digits = (test.images[: params.export.parity_samples, None] / np.float32(255)).astype(np.float32)  # (N, 1, 28, 28)
     with runs.pipeline_run(params, result.record) as run_id:
         artifacts.append(mlflow.get_artifact_uri())
@@ -98,18 +99,18 @@ def _log_and_register(params: config.Params, result: Result, artifacts: list[str
                 info.model_uri, params.export.model_name, result.metrics[names.TEST_ACCURACY],
                 params.export.promote_min_delta, robust_accuracy=result.metrics.get(names.ROBUST_ACCURACY),
                 max_robust_drop=params.export.max_robust_drop,
-                card=lambda uri: model_card(uri, result, dataset, train_data.digest, run_id),
+                card=lambda uri: model_card(uri, result, dataset, train_data.digest, run_id, sizes),
             ).to_dict()  # fmt: skip
     return {**checks, "run_id": run_id, "registered": registration}
 
 
-def model_card(uri: str, result: Result, dataset: str, digest: str, run_id: str) -> str:
+def model_card(uri: str, result: Result, dataset: str, digest: str, run_id: str, sizes: tuple[int, int]) -> str:
     """A registered version's description: what it saw, how it scores, what it reads worst, how to call it."""
     metrics = result.metrics
     lines = [
         f"MNIST digit classifier (CNN, ONNX) from mnist-pipeline run {run_id}.",
-        f"Data: {dataset}, trained on the 60,000 training digits (data digest {digest}), measured on the 10,000 "
-        "test digits.",
+        f"Data: {dataset}, trained on its {sizes[0]:,} training digits (data digest {digest}), measured on its "
+        f"{sizes[1]:,} test digits.",
         f"Test accuracy {100 * metrics[names.TEST_ACCURACY]:.2f}% ({metrics[names.TEST_ERRORS]:.0f} wrong), test "
         f"loss {metrics[names.TEST_LOSS]:.4f}.",
     ]
