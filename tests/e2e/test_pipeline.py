@@ -143,7 +143,7 @@ def test_model_registered_as_version_1_with_both_aliases(pipeline):
     assert version.run_id == run.info.run_id
     assert version.tags["run_id"] == run.info.run_id and version.tags["git_commit"] == run.data.tags["git_commit"]
     assert float(version.tags["test_accuracy"]) == run.data.metrics["final_test_accuracy"]
-    assert version.tags["promotion"] == "no champion yet" and version.description.startswith("MNIST CNN")
+    assert version.tags["promotion"] == "no champion yet" and version.description.startswith("MNIST digit classifier")
 
 
 def test_reports_and_plots_are_written(pipeline):
