@@ -111,7 +111,7 @@ PROJECT_FILES = [
 # Augmentation is on in params.yaml; on the tests' thousand synthetic digits and two epochs it only slows the
 # training and blurs what a test looks at. The tests of augmentation turn it on themselves.
 AUGMENTATION_OFF = {"augment_shift": 0, "augment_rotation": 0, "augment_scale": 0, "augment_shear": 0,
-                    "augment_elastic": 0, "augment_stroke": 0, "augment_noise": 0}  # fmt: skip
+                    "augment_elastic": 0, "augment_stroke": 0, "augment_noise": 0, "augment_clutter": 0}  # fmt: skip
 TINY = {
     "model": {"conv_channels": [4], "kernel_size": 3, "hidden": 16, "dropout": 0.0},
     "train": {"epochs": 2, "batch_size": 100, "log_every": 5},

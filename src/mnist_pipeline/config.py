@@ -92,6 +92,7 @@ class TrainConfig(Section):
     augment_elastic: Annotated[float, Field(ge=0, le=8)]
     augment_stroke: Annotated[float, Field(ge=0, le=1)]
     augment_noise: Annotated[float, Field(ge=0, le=1)]
+    augment_clutter: Annotated[float, Field(ge=0, le=1)]
     validation: Annotated[int, Field(ge=0, lt=MAX_BATCH)]
     precision: Literal[PRECISIONS]
     threads: Annotated[int, Field(ge=0, le=1024)]

@@ -44,6 +44,7 @@ TUNE_APPLIED_RUN = "tune.applied_run"  # the pipeline run --apply made
 RUN_ID = "run_id"  # the run that logged the version
 REGISTERING = "pipeline.registering"  # while a version is being registered: the registering process (see `repair`)
 PROMOTION = "promotion"  # the promotion decision and its reason, set once the version's aliases have moved
+ROBUST_REPORT = "robust_report"  # the robustness report robust_accuracy was measured on: comparable when equal
 
 # Registered model aliases.
 ALIAS_CANDIDATE = "candidate"  # the newest version

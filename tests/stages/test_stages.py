@@ -141,7 +141,7 @@ def test_the_export_stage_records_the_whole_pipeline_in_one_run(params, paths, t
     # the robustness report: its mean a metric, every distortion and strength in its table (an artifact), not 19
     # metrics; no metric that is constant by construction (the parity checks must pass: they are in the report)
     robust = json.loads(evaluated.robustness_metrics.read_text())
-    assert len(robust) == 19 and not any(key.startswith("robust_") for key in run.data.metrics)
+    assert len(robust) == 37 and not any(key.startswith("robust_") for key in run.data.metrics)
     assert not any("logit_diff" in key for key in run.data.metrics) and "max_abs_logit_diff" in report["onnx"]
     assert by_key["final_robust_accuracy"].value == pytest.approx(sum(robust.values()) / len(robust))
     assert evaluated.robustness.read_text().splitlines()[0] == "distortion,strength,unit,accuracy"
@@ -150,6 +150,9 @@ def test_the_export_stage_records_the_whole_pipeline_in_one_run(params, paths, t
     # registered through mlflow.register_model: the logged model knows its version
     assert report["registered"]["version"] == 1
     assert json.loads(model.tags["mlflow.modelVersions"])[0]["version"] == 1
+    # the report its robust accuracy was measured on, so that only like is compared with like
+    named = client.get_model_version(params.export.model_name, "1").tags["robust_report"]
+    assert named.startswith("37 distortions (") and named.endswith(f"digits, seed {params.evaluate.robustness_seed}")
     # the version's description is a model card: data, scores, the weakest distortions, how to call it
     card = client.get_model_version(params.export.model_name, "1").description
     worst = min(robust, key=robust.get).removeprefix("robust_").replace("_", " ")

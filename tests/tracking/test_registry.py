@@ -96,3 +96,24 @@ def test_a_candidate_that_reads_real_digits_worse_is_not_promoted(local_store, t
     assert f"registered m version 2 (candidate): {brittle.champion_reason}" in log.getvalue()
     assert within.aliases == ("candidate", "champion")  # 0.895 is within 0.01 of 0.90
     assert MlflowClient().get_model_version("m", "2").tags["robust_accuracy"] == "0.850000"
+
+
+def test_robust_accuracies_of_different_reports_are_not_compared_and_the_reason_says_so(local_store, tmp_path):
+    """The robustness report grew (pages' distortions): the champion's mean was taken over fewer, milder
+    distortions. A new version far below it there is still promoted on its test accuracy, and says why."""
+    import io
+
+    model = build(tiny_model_config(hidden=8)).eval()
+    log = io.StringIO()
+    with mlflow.start_run():
+        uri = log_onnx(model, tmp_path)
+        registry.register(uri, "m", 0.98, robust_accuracy=0.95, max_robust_drop=0.01, log=log, report="19 (a)")
+        grown = registry.register(uri, "m", 0.99, robust_accuracy=0.90, max_robust_drop=0.01, log=log,
+                                  report="37 (b)")  # fmt: skip
+        same = registry.register(uri, "m", 0.99, robust_accuracy=0.80, max_robust_drop=0.01, log=log,
+                                 report="37 (b)")  # fmt: skip
+    assert grown.aliases == ("candidate", "champion")
+    assert "robust accuracy not compared: champion v1's was measured on another robustness report (19 (a); this " \
+           "one: 37 (b))" in grown.champion_reason  # fmt: skip
+    assert MlflowClient().get_model_version("m", "2").tags["robust_report"] == "37 (b)"
+    assert same.aliases == ("candidate",) and "robust accuracy 0.8000 < its 0.9000" in same.champion_reason

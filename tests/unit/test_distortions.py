@@ -106,3 +106,39 @@ def test_a_report_on_no_digits_is_empty_and_still_draws(tmp_path):
     assert list(robustness.by_level(table, 0.99).columns) == ["level"]
     robustness.plot(table, tmp_path / "robustness.png")
     assert (tmp_path / "robustness.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_what_pages_add_stays_in_range_changes_the_digit_and_is_the_same_for_the_same_seed():
+    """Lines across the digit (ruled, stripe, scribble, dotted), outlines, specks, motion blur, fog, uneven light:
+    the report's new distortions, at both strengths."""
+    x = batch(8)
+    pages = [dist for dist in robustness.DISTORTIONS if dist.name in
+             ("ruled_line", "stripe", "scribble", "dotted_line", "outline", "specks", "motion_blur", "fog",
+              "uneven_light")]  # fmt: skip
+    assert len(pages) == 9 and all(len(dist.strengths) == 2 for dist in pages)
+    for dist in pages:
+        for strength in dist.strengths:
+            out = dist.apply(x, strength, torch.Generator().manual_seed(1))
+            again = dist.apply(x, strength, torch.Generator().manual_seed(1))
+            assert out.shape == x.shape and 0 <= out.min() and out.max() <= 1, dist.name
+            assert torch.equal(out, again), dist.name
+            assert (out - x).abs().sum(dim=(1, 2, 3)).min() > 0.5, dist.name  # every digit changed
+    lines = d.line(torch.zeros(8, 1, 28, 28), 2, torch.Generator().manual_seed(0))
+    assert ((lines > 0.5).sum(dim=(1, 2, 3)) >= 28).all()  # a 2-pixel line across the frame, each digit
+    edge = d.outline(x, 1)
+    assert (edge <= x + 1e-6).all() and edge.sum() < x.sum()  # only the strokes' edges
+
+
+def test_the_clutter_augmentation_draws_what_pages_add_on_its_share_of_the_digits():
+    from mnist_pipeline.ml import augment
+
+    x = batch(64)
+    none = augment.draw_clutter(64, 0.0, torch.Generator().manual_seed(0))
+    assert torch.equal(none.apply(x), x)
+    every = augment.draw_clutter(64, 1.0, torch.Generator().manual_seed(0))
+    changed = (every.apply(x) - x).abs().sum(dim=(1, 2, 3)) > 0
+    assert changed.all()
+    again = augment.draw_clutter(64, 1.0, torch.Generator().manual_seed(0))
+    assert torch.equal(again.apply(x), every.apply(x))  # the seed fixes it
+    half = every[torch.arange(32)]  # a rank's share of a global batch: the same digits' clutter
+    assert torch.equal(half.apply(x[:32]), every.apply(x)[:32])

@@ -32,6 +32,7 @@ TRAIN = TrainConfig(
     augment_elastic=0.0,
     augment_stroke=0.0,
     augment_noise=0.0,
+    augment_clutter=0.0,
     validation=0,
     precision="auto",
     threads=0,
@@ -117,7 +118,7 @@ def test_random_shift_moves_each_digit_within_bounds_and_keeps_it_whole():
 
 
 AUGMENT = {"augment_rotation": 12.0, "augment_scale": 0.15, "augment_shear": 10.0, "augment_elastic": 2.0,
-           "augment_stroke": 0.3, "augment_noise": 0.3}
+           "augment_stroke": 0.3, "augment_noise": 0.3, "augment_clutter": 0.5}
 
 
 def test_augmentation_draws_per_digit_for_a_whole_batch_and_the_seed_fixes_it(tensors):

@@ -19,7 +19,7 @@ ELASTIC_SIGMA = 3.0  # pixels: the smoothness of the elastic warp's field
 def active(cfg: TrainConfig) -> bool:
     """Whether any augmentation but the pixel shift (`shift_images`) is on."""
     return any((cfg.augment_rotation, cfg.augment_scale, cfg.augment_shear, cfg.augment_elastic, cfg.augment_stroke,
-                cfg.augment_noise))
+                cfg.augment_noise, cfg.augment_clutter))
 
 
 @dataclass(frozen=True)
@@ -32,11 +32,67 @@ class Draw:
     field: torch.Tensor | None  # (N, 2, 28, 28) for the elastic warp
     stroke: torch.Tensor  # -1, 0 or 1
     noise: torch.Tensor | None  # (N, 1, 28, 28): sigma times a standard normal
+    clutter: Clutter | None = None
 
     def __getitem__(self, index) -> Draw:
         return Draw(self.degrees[index], self.scale[index], self.shear[index],
                     None if self.field is None else self.field[index], self.stroke[index],
-                    None if self.noise is None else self.noise[index])  # fmt: skip
+                    None if self.noise is None else self.noise[index],
+                    None if self.clutter is None else self.clutter[index])  # fmt: skip
+
+
+# What pages add, for the training: a line across the digit (straight or a scribble, 1 to 3 pixels wide, 30 to 100%
+# ink), specks (up to 5% of the pixels), fog or uneven light (up to 0.6), one of the four per chosen digit. The
+# robustness report also measures what this never draws: dotted lines, 5-pixel stripes, outlines, motion blur,
+# 8% specks, fog and uneven light at 0.8 (docs/pipeline.md).
+CLUTTER_KINDS = 4
+MAX_LINE_WIDTH, MAX_WAVE, MAX_SPECKS, MAX_FADE = 3.0, 3.0, 0.05, 0.6
+
+
+@dataclass(frozen=True)
+class Clutter:
+    """Per digit, as images, what pages add: ``max(x, ink) * keep + add`` (a line is ink; a speck keeps nothing
+    and adds full ink or none; fog and uneven light keep 1 - fade and add fade times their grey)."""
+
+    ink: torch.Tensor  # (N, 1, 28, 28)
+    keep: torch.Tensor  # (N, 1, 28, 28)
+    add: torch.Tensor  # (N, 1, 28, 28)
+
+    def __getitem__(self, index) -> Clutter:
+        return Clutter(self.ink[index], self.keep[index], self.add[index])
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.maximum(x, self.ink.to(x.device)) * self.keep.to(x.device) + self.add.to(x.device)
+
+
+def draw_clutter(n: int, fraction: float, generator: torch.Generator) -> Clutter:
+    """The clutter of ``n`` digits, ``fraction`` of them given one kind (see CLUTTER_KINDS), with the report's own
+    functions (`distortions.line`, `specks`, `fog`, `uneven_light`) on a blank frame, each for its own digits only."""
+    device = generator.device
+
+    def uniform(count: int, low: float, high: float) -> torch.Tensor:
+        return low + (high - low) * torch.rand(count, generator=generator, device=device)
+
+    chosen = uniform(n, 0, 1) < fraction
+    kind = torch.where(chosen, torch.randint(1, CLUTTER_KINDS + 1, (n,), generator=generator, device=device), 0)
+    ink, add = torch.zeros(n, 1, 28, 28, device=device), torch.zeros(n, 1, 28, 28, device=device)
+    keep = torch.ones(n, 1, 28, 28, device=device)
+    lines, speckled, fogged, lit = ((kind == k).nonzero().squeeze(1) for k in range(1, CLUTTER_KINDS + 1))
+    if len(lines):
+        m = len(lines)
+        wave = torch.where(uniform(m, 0, 1) < 0.5, uniform(m, 0, MAX_WAVE), 0.0)
+        ink[lines] = distortions.line(ink[lines], uniform(m, 1, MAX_LINE_WIDTH), generator,
+                                      brightness=uniform(m, 0.3, 1.0), wave=wave)  # fmt: skip
+    if len(speckled):  # on a frame of 0.5, a speck is 1 (full ink) or 0 (none)
+        flipped = distortions.specks(torch.full((len(speckled), 1, 28, 28), 0.5, device=device),
+                                     uniform(len(speckled), 0, MAX_SPECKS), generator)  # fmt: skip
+        keep[speckled] = (flipped == 0.5).float()
+        add[speckled] = (flipped == 1).float()
+    for chosen_digits, fade_to, distort in ((fogged, 0.5, distortions.fog), (lit, 0.4, distortions.uneven_light)):
+        if len(chosen_digits):  # on a blank frame each gives fade * its grey: the fade itself, 0..strength
+            fade = distort(add[chosen_digits] * 0, uniform(len(chosen_digits), 0, MAX_FADE), generator) / fade_to
+            keep[chosen_digits], add[chosen_digits] = 1 - fade, fade * fade_to
+    return Clutter(ink, keep, add)
 
 
 def draw(n: int, cfg: TrainConfig, generator: torch.Generator) -> Draw:
@@ -51,9 +107,10 @@ def draw(n: int, cfg: TrainConfig, generator: torch.Generator) -> Draw:
     if cfg.augment_noise:  # each digit its own level, up to the maximum
         normal = torch.randn((n, 1, 28, 28), generator=generator, device=generator.device)
         noise = normal * uniform(0, cfg.augment_noise).view(n, 1, 1, 1)
+    clutter = draw_clutter(n, cfg.augment_clutter, generator) if cfg.augment_clutter else None
     return Draw(uniform(-cfg.augment_rotation, cfg.augment_rotation),
                 uniform(1 - cfg.augment_scale, 1 + cfg.augment_scale),
-                uniform(-cfg.augment_shear, cfg.augment_shear), field, stroke, noise)  # fmt: skip
+                uniform(-cfg.augment_shear, cfg.augment_shear), field, stroke, noise, clutter)  # fmt: skip
 
 
 def apply(x: torch.Tensor, amounts: Draw, cfg: TrainConfig) -> torch.Tensor:
@@ -68,6 +125,8 @@ def apply(x: torch.Tensor, amounts: Draw, cfg: TrainConfig) -> torch.Tensor:
         x = distortions.warp(x, amounts.field, cfg.augment_elastic, ELASTIC_SIGMA)
     if amounts.noise is not None:
         x = (x + amounts.noise.to(x.device)).clamp(0, 1)
+    if amounts.clutter is not None:
+        x = amounts.clutter.apply(x)
     return x
 
 

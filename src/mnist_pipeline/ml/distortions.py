@@ -1,5 +1,6 @@
 """What real inputs do to a digit, on whole batches: affine moves, elastic warps, thinner and thicker strokes, blur,
-noise, low contrast, and the rendering of a digit as a photo of it.
+noise, low contrast, what pages add (lines across the digit, outlines, specks, motion blur, fog, uneven light),
+and the rendering of a digit as a photo of it.
 
 Every function takes and returns (N, 1, 28, 28) float pixels in [0, 1] (light digit on black) on any device, and
 draws its randomness from the ``generator`` it is given, so a seed fixes the result. They serve two masters: the
@@ -115,6 +116,96 @@ def contrast(x: torch.Tensor, factor: float) -> torch.Tensor:
 
 def random_signs(n: int, generator: torch.Generator) -> torch.Tensor:
     return torch.randint(0, 2, (n,), generator=generator, device=generator.device).float() * 2 - 1
+
+
+# --- what pages add: lines across the digit, outlines, specks, motion, fog, uneven light ----------------------------
+
+
+def _uniform(n: int, generator: torch.Generator, low, high) -> torch.Tensor:
+    """One value per digit, uniform in [low, high); ``low`` and ``high`` numbers or (N,) tensors."""
+    return low + (high - low) * torch.rand(n, generator=generator, device=generator.device)
+
+
+def _coordinates(device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each pixel's (x, y) from the frame's centre, as (1, 1, 1, 28) and (1, 1, 28, 1)."""
+    t = torch.arange(28, dtype=torch.float32, device=device) - 13.5
+    return t.view(1, 1, 1, 28), t.view(1, 1, 28, 1)
+
+
+def line(x: torch.Tensor, width, generator: torch.Generator, brightness=1.0, max_angle: float = 90.0,
+         wave=0.0, dash: float = 0.0) -> torch.Tensor:  # fmt: skip
+    """A line across each digit, as ink: ``width`` pixels wide (a number, or one per digit), at an angle within
+    ``max_angle`` degrees of horizontal, through the digit's middle; ``wave`` pixels of sine wave along it (a
+    scribble), dashes of ``dash`` pixels with gaps as long (a dotted line), ``brightness`` its ink. Every amount
+    drawn per digit from ``generator``."""
+    n, device = len(x), x.device
+
+    def per_digit(value) -> torch.Tensor:
+        return torch.as_tensor(value, dtype=torch.float32, device=device).expand(n).reshape(n, 1, 1, 1)
+
+    angle = _uniform(n, generator, -max_angle, max_angle).to(device).view(n, 1, 1, 1) * (math.pi / 180)
+    offset = _uniform(n, generator, -5.0, 5.0).to(device).view(n, 1, 1, 1)  # through the digit, not beside it
+    phase = _uniform(n, generator, 0.0, 2 * math.pi).to(device).view(n, 1, 1, 1)
+    cycle = _uniform(n, generator, 8.0, 16.0).to(device).view(n, 1, 1, 1)  # pixels per wave of a scribble
+    px, py = _coordinates(device)
+    along = px * torch.cos(angle) + py * torch.sin(angle)
+    across = -px * torch.sin(angle) + py * torch.cos(angle) - offset
+    across = across - per_digit(wave) * torch.sin(2 * math.pi * along / cycle + phase)
+    ink = (per_digit(width) / 2 + 0.5 - across.abs()).clamp(0, 1)  # anti-aliased edges
+    if dash:
+        ink = ink * (torch.remainder(along + phase, 2 * dash) < dash)
+    return torch.maximum(x, per_digit(brightness) * ink)
+
+
+def outline(x: torch.Tensor, width: int) -> torch.Tensor:
+    """Only the strokes' edges, ``width`` pixels of them: an edge image of the digit."""
+    return (x - stroke(x, -width)).clamp(0, 1)
+
+
+def specks(x: torch.Tensor, fraction, generator: torch.Generator) -> torch.Tensor:
+    """Impulse noise: ``fraction`` of the pixels (a number, or one per digit) set to full ink or to none, half each."""
+    n = len(x)
+    u = torch.rand(x.shape, generator=generator, device=generator.device).to(x.device)
+    f = torch.as_tensor(fraction, dtype=torch.float32, device=x.device).expand(n).reshape(n, 1, 1, 1)
+    return torch.where(u < f / 2, 1.0, torch.where(u > 1 - f / 2, 0.0, x))
+
+
+def motion_blur(x: torch.Tensor, length: int, generator: torch.Generator) -> torch.Tensor:
+    """The camera or page moving while the picture was taken: the mean of the digit shifted along a line of
+    ``length`` pixels in a direction drawn per digit."""
+    n = len(x)
+    angle = _uniform(n, generator, 0.0, math.pi).to(x.device)
+    direction = torch.stack([torch.cos(angle), torch.sin(angle)], dim=1)
+    steps = torch.linspace(-(length - 1) / 2, (length - 1) / 2, length).tolist()
+    return sum(affine(x, shift=direction * step) for step in steps) / length
+
+
+def _smooth_field(n: int, generator: torch.Generator, device, cells: int = 4) -> torch.Tensor:
+    """A smooth random field in [0, 1] over the frame, (N, 1, 28, 28): blotches about 28/cells pixels across."""
+    coarse = torch.rand(n, 1, cells, cells, generator=generator, device=generator.device).to(device)
+    field = F.interpolate(coarse, size=(28, 28), mode="bicubic", align_corners=False)
+    low, high = field.amin(dim=(2, 3), keepdim=True), field.amax(dim=(2, 3), keepdim=True)
+    return (field - low) / (high - low).clamp_min(1e-6)
+
+
+def fog(x: torch.Tensor, density, generator: torch.Generator) -> torch.Tensor:
+    """Fog, or a smudge: a grey haze of up to ``density`` (a number, or one per digit) over uneven patches,
+    raising the background and fading the ink beneath it."""
+    n = len(x)
+    haze = torch.as_tensor(density, dtype=torch.float32, device=x.device).expand(n).reshape(n, 1, 1, 1)
+    haze = haze * _smooth_field(n, generator, x.device)
+    return x * (1 - haze) + 0.5 * haze
+
+
+def uneven_light(x: torch.Tensor, strength, generator: torch.Generator) -> torch.Tensor:
+    """Light falling unevenly across the page: towards one side (drawn per digit) the ink fades and the paper
+    greys, by up to ``strength`` (a number, or one per digit)."""
+    n = len(x)
+    angle = _uniform(n, generator, 0.0, 2 * math.pi).to(x.device).view(n, 1, 1, 1)
+    px, py = _coordinates(x.device)
+    ramp = ((px * torch.cos(angle) + py * torch.sin(angle)) / 19.1 + 1) / 2  # 0..1 across the frame
+    amount = torch.as_tensor(strength, dtype=torch.float32, device=x.device).expand(n).reshape(n, 1, 1, 1) * ramp
+    return x * (1 - amount) + 0.4 * amount
 
 
 # --- a photo of a digit -------------------------------------------------------------------------------------------

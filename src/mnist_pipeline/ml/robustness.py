@@ -53,7 +53,20 @@ DISTORTIONS = (
     # One strength: the photo's paper, light, ink and noise are drawn per digit, and the JPEG quality barely matters
     # (75 and 35 scored alike): a second strength would double the report's slowest part and say nothing more.
     Distortion("photo", (50,), "JPEG quality, through predict's preprocessing", _photo),
-)
+    # What pages add. A line through the digit's middle, as ink: a ruled line (near horizontal), a faint stripe (any
+    # angle), a scribble (a wavy pen stroke) and a dotted line, each by its width in pixels.
+    Distortion("ruled_line", (1, 2), "pixels wide, within 5 degrees of horizontal, 70% ink",
+               lambda x, s, g: d.line(x, s, g, brightness=0.7, max_angle=5)),
+    Distortion("stripe", (3, 5), "pixels wide, any angle, 40% ink", lambda x, s, g: d.line(x, s, g, brightness=0.4)),
+    Distortion("scribble", (1, 2), "pixels wide, a sine wave of 3 pixels, full ink",
+               lambda x, s, g: d.line(x, s, g, wave=3.0)),
+    Distortion("dotted_line", (1, 2), "pixels wide, 2-pixel dots, full ink", lambda x, s, g: d.line(x, s, g, dash=2.0)),
+    Distortion("outline", (2, 1), "pixels of edge kept (an edge image)", lambda x, s, g: d.outline(x, int(s))),
+    Distortion("specks", (0.03, 0.08), "of the pixels set to full ink or none", lambda x, s, g: d.specks(x, s, g)),
+    Distortion("motion_blur", (3, 5), "pixels of motion, any direction", lambda x, s, g: d.motion_blur(x, int(s), g)),
+    Distortion("fog", (0.5, 0.8), "of grey haze at its densest", lambda x, s, g: d.fog(x, s, g)),
+    Distortion("uneven_light", (0.5, 0.8), "of fading at the darker side", lambda x, s, g: d.uneven_light(x, s, g)),
+)  # fmt: skip
 
 
 COLUMNS = ("distortion", "strength", "level", "unit", "accuracy")  # a row of the report

@@ -100,8 +100,16 @@ def _log_and_register(params: config.Params, result: Result, artifacts: list[str
                 params.export.promote_min_delta, robust_accuracy=result.metrics.get(names.ROBUST_ACCURACY),
                 max_robust_drop=params.export.max_robust_drop,
                 card=lambda uri: model_card(uri, result, dataset, train_data.digest, run_id, sizes),
+                report=report_name(result.robustness, params.evaluate),
             ).to_dict()  # fmt: skip
     return {**checks, "run_id": run_id, "registered": registration}
+
+
+def report_name(robustness: dict, cfg: config.EvaluateConfig) -> str:
+    """What a robust accuracy was measured on, named so that equal names mean comparable figures: the report's
+    distortions and strengths (a digest of them), its digits and seed."""
+    digest = data.md5_of(",".join(sorted(robustness)).encode())[:8]
+    return f"{len(robustness)} distortions ({digest}), {cfg.robustness_samples} digits, seed {cfg.robustness_seed}"
 
 
 def model_card(uri: str, result: Result, dataset: str, digest: str, run_id: str, sizes: tuple[int, int]) -> str:

@@ -46,14 +46,16 @@ class Registration:
         }
 
 
-def _champion_accuracy(client: MlflowClient, name: str) -> tuple[int, float, float | None] | None:
-    """(version, test accuracy, robust accuracy or None) of the current champion, or None when there is none."""
+def _champion_accuracy(client: MlflowClient, name: str) -> tuple[int, float, float | None, str | None] | None:
+    """(version, test accuracy, robust accuracy or None, the robustness report it was measured on or None) of the
+    current champion, or None when there is none."""
     try:
         champion = client.get_model_version_by_alias(name, names.ALIAS_CHAMPION)
     except MlflowException:
         return None
     robust = champion.tags.get(names.ROBUST_ACCURACY)
-    return int(champion.version), float(champion.tags.get(names.TEST_ACCURACY, "nan")), robust and float(robust)
+    return (int(champion.version), float(champion.tags.get(names.TEST_ACCURACY, "nan")), robust and float(robust),
+            champion.tags.get(names.ROBUST_REPORT))  # fmt: skip
 
 
 ONNX_REQUIREMENTS = ("onnx", "onnxruntime")
@@ -97,20 +99,27 @@ def predict_with_logged_model(model_uri: str, digits: np.ndarray) -> list[list[f
 
 
 def promotion(test_accuracy: float, champion: tuple | None, min_delta: float, robust_accuracy: float | None = None,
-              max_robust_drop: float = 1.0) -> tuple[bool, str]:  # fmt: skip
+              max_robust_drop: float = 1.0, report: str | None = None) -> tuple[bool, str]:  # fmt: skip
     """Should a new version with ``test_accuracy`` become champion? Returns (decision, reason in one line).
 
-    ``champion``: (version, test accuracy[, robust accuracy]). It must be at least as accurate on the test digits
-    (plus ``min_delta``), and, when both have a robust accuracy (the robustness report's mean), not more than
-    ``max_robust_drop`` below the champion's there: a point gained on MNIST's own test set does not buy a model
-    that reads real digits worse."""
+    ``champion``: (version, test accuracy[, robust accuracy[, report]]). It must be at least as accurate on the
+    test digits (plus ``min_delta``), and, when both have a robust accuracy (the robustness report's mean) measured
+    on the same report (``report``: its distortions, strengths, digits and seed), not more than ``max_robust_drop``
+    below the champion's there: a point gained on MNIST's own test set does not buy a model that reads real digits
+    worse. Means of different reports are not compared: the reason says so."""
     if champion is None:
         return True, "no champion yet"
-    version, accuracy, robust = (*champion, None)[:3]
+    version, accuracy, robust, champion_report = (*champion, None, None)[:4]
+    if robust is not None and robust_accuracy is not None and champion_report != report:
+        robust = None  # not comparable
+        unlike = (f"; robust accuracy not compared: champion v{version}'s was measured on another robustness report "
+                  f"({champion_report or 'before reports were named'}; this one: {report})")  # fmt: skip
+    else:
+        unlike = ""
     if test_accuracy < accuracy + min_delta:
         return False, (f"kept champion v{version}: test accuracy {test_accuracy:.4f} < its {accuracy:.4f} + "
-                       f"{min_delta:g}")  # fmt: skip
-    passed = f"test accuracy {test_accuracy:.4f} >= champion v{version}'s {accuracy:.4f} + {min_delta:g}"
+                       f"{min_delta:g}{unlike}")  # fmt: skip
+    passed = f"test accuracy {test_accuracy:.4f} >= champion v{version}'s {accuracy:.4f} + {min_delta:g}{unlike}"
     if robust_accuracy is not None and robust is not None:
         if robust_accuracy < robust - max_robust_drop:
             return False, (f"kept champion v{version}: robust accuracy {robust_accuracy:.4f} < its {robust:.4f} - "
@@ -121,7 +130,7 @@ def promotion(test_accuracy: float, champion: tuple | None, min_delta: float, ro
 
 def register(model_uri: str, name: str, test_accuracy: float, min_delta: float = 0.0, log: TextIO | None = None,
              robust_accuracy: float | None = None, max_robust_drop: float = 1.0,
-             card: Callable[[str], str] | None = None) -> Registration:  # fmt: skip
+             card: Callable[[str], str] | None = None, report: str | None = None) -> Registration:  # fmt: skip
     """Register a logged model as a new version of ``name`` and move the aliases.
 
     ``candidate`` always moves to the new version; ``champion`` moves when the new version's test accuracy is at
@@ -133,7 +142,7 @@ def register(model_uri: str, name: str, test_accuracy: float, min_delta: float =
     client = MlflowClient()
     card = card or (lambda uri: f"MNIST CNN, test accuracy {100 * test_accuracy:.2f}%: {uri}")
     with store.lock(mlflow.get_tracking_uri()):  # a local store: one writer at a time (a server needs none)
-        rule = (test_accuracy, min_delta, robust_accuracy, max_robust_drop)
+        rule = (test_accuracy, min_delta, robust_accuracy, max_robust_drop, report)
         return _register(client, model_uri, name, rule, log, card)
 
 
@@ -179,7 +188,8 @@ def _new_version(model_uri: str, name: str, tags: dict[str, str]):
 
 def _register(client: MlflowClient, model_uri: str, name: str, rule: tuple, log: TextIO,
               card: Callable[[str], str]) -> Registration:  # fmt: skip
-    """``rule``: (test accuracy, min delta, robust accuracy, max robust drop), for `promotion`."""
+    """``rule``: (test accuracy, min delta, robust accuracy, max robust drop, robustness report), for
+    `promotion`."""
     from mnist_pipeline.tracking.repair import owner
 
     run = mlflow.active_run()
@@ -188,10 +198,11 @@ def _register(client: MlflowClient, model_uri: str, name: str, rule: tuple, log:
     version = int(_new_version(model_uri, name, tags={names.REGISTERING: owner()}).version)
     print(f"registering {name} version {version}: tags, then aliases", file=log, flush=True)
     try:
-        test_accuracy, min_delta, robust_accuracy, max_robust_drop = rule
+        test_accuracy, min_delta, robust_accuracy, max_robust_drop, report = rule
         tags = {
             names.TEST_ACCURACY: f"{test_accuracy:.6f}",
             **({names.ROBUST_ACCURACY: f"{robust_accuracy:.6f}"} if robust_accuracy is not None else {}),
+            **({names.ROBUST_REPORT: report} if report else {}),
             names.RUN_ID: run.info.run_id,
             names.GIT_COMMIT: run.data.tags.get(names.GIT_COMMIT, "unknown"),
             names.DVC_EXP_NAME: run.data.tags.get(names.DVC_EXP_NAME, ""),
@@ -202,7 +213,7 @@ def _register(client: MlflowClient, model_uri: str, name: str, rule: tuple, log:
         client.delete_model_version_tag(name, str(version), names.REGISTERING)  # complete: now it may get aliases
         _wait_for_turn(client, name, version, log)
         champion = _champion_accuracy(client, name)
-        promote, reason = promotion(test_accuracy, champion, min_delta, robust_accuracy, max_robust_drop)
+        promote, reason = promotion(test_accuracy, champion, min_delta, robust_accuracy, max_robust_drop, report)
         client.set_registered_model_alias(name, names.ALIAS_CANDIDATE, str(version))
         aliases = [names.ALIAS_CANDIDATE]
         if promote:
