@@ -120,22 +120,33 @@ def by_level(table: pd.DataFrame, clean_accuracy: float) -> pd.DataFrame:
 
 
 def plot(table: pd.DataFrame, path: Path) -> None:
-    """Accuracy against strength level, one line per distortion (the PNG logged with the run)."""
+    """Accuracy per distortion, a bar for each strength (the PNG logged with the run): nineteen lines in ten
+    colours could not be told apart."""
     from mnist_pipeline.ml.evaluation import pyplot, save_png
 
-    figure, axes = pyplot().subplots(figsize=(7, 4.5), dpi=100)
-    for name, rows in table.groupby("distortion", sort=False):
-        levels = [0, *rows.level]
-        clean = table.attrs.get("clean_accuracy", rows.accuracy.iloc[0])
-        axes.plot(levels, [clean, *rows.accuracy], marker="o", label=name)
-    axes.set(title="Robustness: test accuracy under distortions",
-             xlabel="strength (0 = none, 1 = milder, 2 = stronger)",
-             ylabel="accuracy", xticks=[0, 1, 2])  # fmt: skip
-    axes.grid(alpha=0.3)
+    names = list(dict.fromkeys(table.distortion))
+    figure, axes = pyplot().subplots(figsize=(7, 1.2 + 0.34 * max(len(names), 1)), dpi=100)
+    clean = table.attrs.get("clean_accuracy")
+    for level, colour, offset in ((1, "#6baed6", -0.2), (2, "#08519c", 0.2)):
+        rows = table[table.level == level].set_index("distortion")
+        shown = [name for name in names if name in rows.index]
+        positions = [names.index(name) + offset for name in shown]
+        axes.barh(positions, [rows.accuracy[name] for name in shown], height=0.38, color=colour,
+                  label=("milder" if level == 1 else "stronger"))  # fmt: skip
+        for y, name in zip(positions, shown, strict=True):
+            strength = f"{rows.strength[name]:g}"
+            axes.text(rows.accuracy[name] + 0.005, y, f"{100 * rows.accuracy[name]:.1f}% ({strength})",
+                      va="center", fontsize=7)  # fmt: skip
+    if clean is not None:
+        axes.axvline(clean, color="grey", linestyle="--", linewidth=1, label=f"clean {100 * clean:.2f}%")
+    axes.set(yticks=range(len(names)), yticklabels=names, xlim=(0, 1.12), xlabel="test accuracy",
+             title="Robustness: test accuracy under distortions (strength in brackets)")  # fmt: skip
+    axes.invert_yaxis()
+    axes.grid(axis="x", alpha=0.3)
     if table.empty:
         axes.text(0.5, 0.5, "no report: evaluate.robustness_samples is 0", ha="center", transform=axes.transAxes)
     else:
-        axes.legend(fontsize=8, ncols=2)
+        axes.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.07), ncols=3, frameon=False)
     figure.tight_layout()
     save_png(figure, path)
 
