@@ -4,9 +4,12 @@ what happened and what to do. (Concurrent experiments and a full disk: test_pipe
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import http.server
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -234,6 +237,30 @@ def test_a_flipped_byte_in_the_data_is_caught_before_training_and_repro_restores
     assert healed.returncode == 0, healed.stdout + healed.stderr
     assert "Stage 'download' is cached - skipping run, checking out outputs" in healed.stdout  # from DVC's cache
     assert images.read_bytes() == good
+
+
+def test_a_data_file_whose_header_lies_stops_the_download_stage_and_keeps_the_model(tmp_path, mirror_dir,
+                                                                                   mirror_md5):  # fmt: skip
+    """An IDX header declaring 2**31 x 2**31 x 4 images (the product wraps to 0 in int64), its checksum given in
+    params.yaml as a data set of one's own would: the download stage refuses it in one line, so the train stage never
+    starts and DVC never clears the model it made before."""
+    repo = make_repo(tmp_path, mirror_md5)
+    assert run(repo, str(mirror_dir), "dvc", "repro", "train").returncode == 0
+    model = (repo / "models/model.pt").read_bytes()
+
+    hostile = tmp_path / "hostile"
+    shutil.copytree(mirror_dir, hostile)
+    absurd = b"\x00\x00\x08\x03" + (2**31).to_bytes(4, "big") * 2 + (4).to_bytes(4, "big")
+    (hostile / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(absurd, mtime=0))
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["data"]["expected_md5"]["t10k-images-idx3-ubyte"] = hashlib.md5(absurd).hexdigest()
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    refused = run(repo, str(hostile), "dvc", "repro", "train")
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert "holds 16 bytes but its header (2147483648, 2147483648, 4) implies 18446744073709551632" in refused.stderr
+    assert "train" not in ran_stages(refused)
+    assert (repo / "models/model.pt").read_bytes() == model
 
 
 # --- kill -9 at the worst moments of the export stage ------------------------------------------------------
