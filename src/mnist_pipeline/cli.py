@@ -11,8 +11,11 @@ from mnist_pipeline import names
 from mnist_pipeline.commands.ui import DEFAULT_PORT as UI_PORT
 from mnist_pipeline.errors import run_main
 
-ALLOW_PICKLE_HELP = "Also load an MLflow model stored with pickle (it can run any code: only if you trust it)."
-MODEL_HELP = "A registry URI, version number or run id, or a local .onnx (or torch.export .pt2) file  "
+ALLOW_PICKLE_HELP = (
+    "Also load a model whose loading can run code it carries: a torch.export .pt2 archive, an MLflow model of the "
+    "pytorch flavor or stored with pickle (only if you trust where it came from)."
+)
+MODEL_HELP = "A registry URI, version number or run id, or a local .onnx file (a .pt2 with --allow-pickle)  "
 MODEL_HELP += "[default: the champion, models:/<export.model_name>@champion]"
 
 

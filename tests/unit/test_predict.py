@@ -76,7 +76,7 @@ def test_onnx_and_torch_export_files_predict_alike(files, tmp_path, model_file):
     torch.export.save(torch.export.export(model, (torch.rand(2, 1, 28, 28),)), tmp_path / "m.pt2")
     x = torch.from_numpy(np.stack([predict.preprocess(digit(), "a"), predict.preprocess(digit(60), "b")]))
     a = predict.predict(loader.load_model(model_file), ["a", "b"], x.numpy(), 10)
-    b = predict.predict(loader.load_model(tmp_path / "m.pt2"), ["a", "b"], x.numpy(), 10)
+    b = predict.predict(loader.load_model(tmp_path / "m.pt2", allow_pickle=True), ["a", "b"], x.numpy(), 10)
     for pa, pb in zip(a, b, strict=True):
         assert pa.digit == pb.digit and pa.probability == pytest.approx(pb.probability, abs=1e-5)
 

@@ -1,10 +1,11 @@
 """Loading a model: from a file or from the registry, whatever its format, as one callable from pixels to logits.
 
-``predict``, ``serve``, ``reproduce``, the export stage's checks and the tests all load models here. None of the
-formats loaded unpickles Python objects: ONNX (the registered model) runs in onnxruntime, without torch or
-MLflow when it is a local file; ``torch.export`` archives (``.pt2``, and the ``pytorch`` flavor of versions
-registered by earlier releases) need torch. An MLflow model whose loading would run code it carries is refused
-unless ``allow_pickle``.
+``predict``, ``serve``, ``reproduce``, the export stage's checks and the tests all load models here. What loads
+by default cannot run code: ONNX (the registered model) is a protobuf graph that onnxruntime runs, without torch
+or MLflow when it is a local file. Anything whose loader can unpickle is refused unless ``allow_pickle``, before
+that loader reads a byte of it: a ``torch.export`` archive (``.pt2``, and the ``pytorch`` flavor of versions
+registered by earlier releases: ``torch.export.load`` unpickles weights marked ``use_pickle``, sample inputs,
+constants and legacy weight files with ``weights_only=False``), a PyTorch pickle, a pickled pyfunc model.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ Model = Callable[[np.ndarray], np.ndarray]  # (N, 1, 28, 28) float32 pixels in [
 PICKLE_REFUSED = (
     "loading it would run code it carries ({why}); pass --allow-pickle only if you trust where it came from"
 )
+# What torch reads with pickle: refused by name unless allowed, never opened to find out what is inside.
+PICKLE_SUFFIXES = {".pt2": "a torch.export archive, which torch unpickles in part"}
+PICKLE_SUFFIXES |= dict.fromkeys((".pt", ".pth", ".pkl", ".ckpt", ".bin"), "a PyTorch or Python pickle")
 
 
 def load_model(reference: str | Path | None = None, allow_pickle: bool = False) -> Model:
@@ -33,8 +37,8 @@ def load_model(reference: str | Path | None = None, allow_pickle: bool = False) 
     ``models:/mnist-cnn/3``, ``runs:/<id>/model``); None: the champion (`champion`)."""
     reference = str(reference or champion())
     path = Path(reference)
-    if path.suffix in (".onnx", ".pt2") or path.is_file():
-        return load_file(path)
+    if path.suffix.lower() in (".onnx", *PICKLE_SUFFIXES) or path.is_file():
+        return load_file(path, allow_pickle)
     if reference.isdigit():
         reference = f"models:/{registered_name()}/{reference}"
     elif re.fullmatch(r"[0-9a-f]{32}", reference):
@@ -50,17 +54,22 @@ def load_model(reference: str | Path | None = None, allow_pickle: bool = False) 
         raise PipelineError(f"model {reference}: {str(exc).splitlines()[0][:300]}") from None
 
 
-def load_file(path: Path) -> Model:
-    """An ONNX file in onnxruntime (no torch), or a ``torch.export`` archive."""
+def load_file(path: Path, allow_pickle: bool = False) -> Model:
+    """An ONNX file in onnxruntime (no torch), or, with ``allow_pickle``, a ``torch.export`` archive."""
     if not path.is_file():
         raise PipelineError(f"model {path}: no such file")
-    if path.suffix != ".pt2":
-        return runtime.onnx_runner(path)
+    suffix = path.suffix.lower()
+    if suffix in PICKLE_SUFFIXES and not allow_pickle:
+        raise PipelineError(f"model {path}: " + PICKLE_REFUSED.format(why=f"it is {PICKLE_SUFFIXES[suffix]}"))
+    if suffix in PICKLE_SUFFIXES and suffix != ".pt2":
+        raise PipelineError(f"model {path}: a PyTorch pickle is no model format this loads; export it to ONNX")
+    if suffix != ".pt2":
+        return runtime.onnx_runner(path)  # a protobuf graph: nothing in it is executed as Python
     import torch
 
     try:
         module = torch.export.load(str(path)).module()
-    except (RuntimeError, ValueError, KeyError, OSError) as exc:
+    except Exception as exc:  # torch's own errors have no common base (SpecViolationError, zip, JSON, ...)
         raise PipelineError(f"model {path}: not a torch.export archive ({str(exc).splitlines()[0]})") from None
 
     def run(x: np.ndarray) -> np.ndarray:
@@ -80,9 +89,9 @@ def load_folder(local: Path, reference: str) -> Model:
             raise PipelineError(f"model {reference}: its onnx flavor names a file outside the model's folder")
         return load_file(onnx_file)
     archive = _export_archive(local, flavors.get("pytorch"))
-    if archive:
-        return load_file(archive)
-    import mlflow.pyfunc  # anything else, as MLflow loads it: `fetch_model` let it through with allow_pickle only
+    if archive:  # `fetch_model` let it through with allow_pickle only, as everything below
+        return load_file(archive, allow_pickle=True)
+    import mlflow.pyfunc  # anything else, as MLflow loads it
 
     model = mlflow.pyfunc.load_model(str(local))
     return lambda x: np.asarray(model.predict(np.ascontiguousarray(x, dtype=np.float32)))
@@ -123,12 +132,14 @@ def _code_it_would_run(local: Path, flavors: dict, loader: str) -> str | None:
         module = pyfunc.get("loader_module")
         if pyfunc.get("code"):
             return f"its python_function flavor puts its own code folder {pyfunc['code']!r} on the import path"
-        if module == "mlflow.onnx" or (module == "mlflow.pytorch" and _export_archive(local, flavors.get("pytorch"))):
+        if module == "mlflow.onnx":
             return None
         return f"its python_function flavor loads with {module or 'no loader'!r}, which unpickles"
-    if "onnx" in flavors or _export_archive(local, flavors.get("pytorch")):
+    if "onnx" in flavors:
         return None
-    return "it is neither ONNX nor a torch.export archive; " + (
+    if _export_archive(local, flavors.get("pytorch")):
+        return "it is not ONNX; its PyTorch model is a torch.export archive, which torch unpickles in part"
+    return "it is not ONNX; " + (
         "its PyTorch model is pickled" if "pytorch" in flavors else f"its flavors are {', '.join(flavors) or 'none'}"
     )
 
