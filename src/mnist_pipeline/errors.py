@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import threading
 from collections.abc import Iterator
@@ -13,6 +14,12 @@ class PipelineError(Exception):
 
     The message is a single line that says what went wrong, where, and what to do about it.
     """
+
+
+def printable(text: str) -> str:
+    """``text`` on one line, its control characters escaped (``\\x1b``): a file name holding a terminal's escape
+    code or a newline is shown, never acted on by the terminal or read as two lines."""
+    return re.sub(r"[\x00-\x1f\x7f-\x9f]", lambda match: repr(match.group())[1:-1], text)
 
 
 # Ctrl-C, a scheduler's or torchrun's stop, and a closed terminal or dropped SSH session: each stops a command the
@@ -67,7 +74,7 @@ def run_main(main) -> None:
     try:
         main()
     except PipelineError as exc:
-        print(f"error: {' '.join(str(exc).splitlines())}", file=sys.stderr)  # one line, whatever it quotes
+        print(f"error: {printable(str(exc))}", file=sys.stderr)  # one line, whatever it quotes
         sys.exit(1)
     except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as Unix tools do
         devnull = os.open(os.devnull, os.O_WRONLY)

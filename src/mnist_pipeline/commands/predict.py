@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.errors import PipelineError, printable
 from mnist_pipeline.ml.preprocess import preprocess
 from mnist_pipeline.tracking import loader
 
@@ -26,81 +26,99 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 
 MAX_PIXELS = 25_000_000  # an image larger than 5000x5000 is no handwritten digit; decoding it could take GBs
-CHUNK = 1000  # images read, checked and predicted at a time: memory stays flat however large the input
+CHUNK = 1000  # images predicted at a time
+CHUNK_BYTES = 2**26  # of an array or IDX file read at a time: memory stays flat whatever the images' size
 FLOAT32_MAX = float(np.finfo(np.float32).max)  # pixels are float32 from here on
 
 
-def _idx_images(stream, name: str) -> Iterator[np.ndarray]:
-    """The images of an IDX file, CHUNK at a time, from a binary stream (a gzip stream inflates as it is read)."""
+def _per_chunk(h: int, w: int, itemsize: int = 1) -> int:
+    """How many (h, w) images one read takes: CHUNK, fewer when they are large, at least one."""
+    return max(1, min(CHUNK, CHUNK_BYTES // (h * w * itemsize)))
+
+
+def _idx_images(stream, name: str, size: int | None) -> Iterator[np.ndarray]:
+    """The images of an IDX file, a bounded chunk at a time, from a binary stream (a gzip stream inflates as it is
+    read). ``size``: the stream's length when known (a plain file), checked against the header before any read."""
     header = stream.read(16)
     if len(header) < 16 or header[:4] != b"\x00\x00\x08\x03":
         raise PipelineError(f"{name}: not an IDX file of images (expected magic 0x00000803)")
     n, h, w = (int.from_bytes(header[4 + 4 * i : 8 + 4 * i], "big") for i in range(3))
     if h * w > MAX_PIXELS or h * w == 0:
-        raise PipelineError(f"{name}: IDX header says images of {h}x{w} pixels; refused")
-    for start in range(0, n, CHUNK):
-        count = min(CHUNK, n - start)
+        raise PipelineError(f"{name}: IDX header says images of {h}x{w} pixels; refused (at most {MAX_PIXELS:,})")
+    if n == 0:
+        raise PipelineError(f"{name}: the IDX file holds no images")
+    if size is not None and size != 16 + n * h * w:
+        raise PipelineError(f"{name}: IDX header says {n}x{h}x{w} ({16 + n * h * w:,} bytes) but the file has {size:,}")
+    step = _per_chunk(h, w)
+    for start in range(0, n, step):
+        count = min(step, n - start)
         data = stream.read(count * h * w)
         if len(data) != count * h * w:
             raise PipelineError(f"{name}: IDX header says {n}x{h}x{w} but the data ends after image {start}")
         yield from np.frombuffer(data, dtype=np.uint8).reshape(count, h, w)
+        del data  # before the next one is read
     if stream.read(1):
         raise PipelineError(f"{name}: IDX header says {n}x{h}x{w} but the file holds more data")
 
 
 def _npy_images(path: Path, name: str) -> Iterator[tuple[str, np.ndarray]]:
-    """The images of a .npy array, read CHUNK at a time (never the whole array at once) and never unpickled."""
-    (n, h, w), single, dtype, offset = _npy_header(path, name)
+    """The images of a .npy array: memory-mapped by numpy's own reader (never unpickled) and read a bounded chunk
+    at a time, never the whole array at once."""
+    array, single = _npy_array(path, name)
+    step = _per_chunk(*array.shape[1:], array.dtype.itemsize)
 
     def chunks() -> Iterator[tuple[int, np.ndarray]]:
-        with path.open("rb") as f:
-            f.seek(offset)
-            for start in range(0, n, CHUNK):
-                count = min(CHUNK, n - start)
-                yield start, np.fromfile(f, dtype=dtype, count=count * h * w).reshape(count, h, w)
+        for start in range(0, len(array), step):
+            yield start, np.array(array[start : start + step])  # a copy: the mapped pages are let go
 
-    scale = 1.0
-    if dtype.kind == "f":  # floats: [0, 1] or 0-255, decided over the whole array; nothing may be NaN or inf
-        peak = 0.0
-        for start, chunk in chunks():
-            finite = np.isfinite(chunk).reshape(len(chunk), -1).all(axis=1)
-            if not finite.all():
-                where = name if single else f"{name}[{start + int(np.argmin(finite))}]"
-                raise PipelineError(f"{where}: holds NaN or infinite values; refused (nothing of {name} is predicted)")
-            largest = np.abs(chunk).reshape(len(chunk), -1).max(axis=1, initial=0)
-            if (largest > FLOAT32_MAX).any():
-                where = name if single else f"{name}[{start + int(np.argmax(largest > FLOAT32_MAX))}]"
-                raise PipelineError(f"{where}: holds values beyond float32's range (|x| > {FLOAT32_MAX:.3g}); refused "
-                                    f"(nothing of {name} is predicted)")  # fmt: skip
-            peak = max(peak, float(chunk.max()))
-        scale = 255.0 if peak <= 1.0 else 1.0
+    scale = _float_scale(chunks(), name, single) if array.dtype.kind == "f" else 1.0
     for start, chunk in chunks():
-        for i, image in enumerate(chunk.astype(np.float32) * scale, start):
-            yield (name if single else f"{name}[{i}]"), image
+        for i in range(len(chunk)):  # one image at a time as float32: no copy of the whole chunk
+            yield (name if single else f"{name}[{start + i}]"), chunk[i].astype(np.float32) * np.float32(scale)
+        del chunk  # before the next one is read
 
 
-def _npy_header(path: Path, name: str):
-    """((N, H, W), whether the file holds a single image, dtype, offset of the data), the header checked."""
+def _npy_array(path: Path, name: str) -> tuple[np.ndarray, bool]:
+    """The file's array memory-mapped as (N, H, W), its dtype and shape checked; whether it holds one image."""
     try:
-        with path.open("rb") as f:
-            version = np.lib.format.read_magic(f)
-            header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, fortran, dtype = header(f)
-            offset = f.tell()
-    except (ValueError, OSError) as exc:
-        raise PipelineError(f"{name}: not a readable .npy array ({exc})") from None
-    if dtype.hasobject or dtype.kind not in "biuf":
-        raise PipelineError(f"{name}: not a readable .npy array (expected numbers, got {dtype})")
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:  # pickled objects, a bad header, a file shorter than it says
+        raise PipelineError(f"{name}: not a readable .npy array ({str(exc).splitlines()[0][:200]})") from None
+    if array.dtype.hasobject or array.dtype.kind not in "biuf":
+        raise PipelineError(f"{name}: not a readable .npy array (expected numbers, got {array.dtype})")
+    shape = array.shape
     if len(shape) == 4 and shape[1] == 1:
-        shape = shape[:1] + shape[2:]
-    if len(shape) not in (2, 3) or fortran:
+        array = array[:, 0]
+    if array.ndim not in (2, 3):
         raise PipelineError(f"{name}: expected an array of shape (H, W) or (N, H, W), got {shape}")
-    (n, h, w), single = ((1, *shape), True) if len(shape) == 2 else (shape, False)
+    single = array.ndim == 2
+    array = array[None] if single else array
+    n, h, w = array.shape
     if h * w > MAX_PIXELS:
-        raise PipelineError(f"{name}: images of {h}x{w} pixels; refused")
-    if path.stat().st_size < offset + n * h * w * dtype.itemsize:
-        raise PipelineError(f"{name}: the file is shorter than its header's {shape} {dtype} says")
-    return (n, h, w), single, dtype, offset
+        raise PipelineError(f"{name}: images of {h}x{w} pixels; refused (at most {MAX_PIXELS:,})")
+    if n == 0 or h * w == 0:
+        raise PipelineError(f"{name}: the array holds no images (shape {shape})")
+    return array, single
+
+
+def _float_scale(chunks: Iterator[tuple[int, np.ndarray]], name: str, single: bool) -> float:
+    """Floats are [0, 1] or 0-255, decided over the whole array (255 or 1); none may be NaN or infinite."""
+    peak = 0.0
+    for start, chunk in chunks:
+        finite = np.isfinite(chunk).reshape(len(chunk), -1).all(axis=1)
+        if not finite.all():
+            where = name if single else f"{name}[{start + int(np.argmin(finite))}]"
+            raise PipelineError(f"{where}: holds NaN or infinite values; refused (nothing of {name} is predicted)")
+        largest = np.abs(chunk).reshape(len(chunk), -1).max(axis=1, initial=0)
+        if (largest > FLOAT32_MAX).any():
+            where = name if single else f"{name}[{start + int(np.argmax(largest > FLOAT32_MAX))}]"
+            raise PipelineError(
+                f"{where}: holds values beyond float32's range (|x| > {FLOAT32_MAX:.3g}); refused "
+                f"(nothing of {name} is predicted)"
+            )
+        peak = max(peak, float(chunk.max()))
+        del chunk  # before the next one is read
+    return 255.0 if peak <= 1.0 else 1.0
 
 
 def read_inputs(path: Path) -> Iterator[tuple[str, np.ndarray]]:
@@ -108,9 +126,12 @@ def read_inputs(path: Path) -> Iterator[tuple[str, np.ndarray]]:
     name = str(path)
     if path.is_dir():
         raise PipelineError(f"{name}: is a folder; give the files in it (e.g. {path / '*.png'})")
-    if not path.is_file():
+    if not path.exists():
         raise PipelineError(f"{name}: no such file")
-    if path.stat().st_size == 0:
+    if not path.is_file():  # opening a FIFO waits for a writer; a device never ends
+        raise PipelineError(f"{name}: not a regular file (a device, FIFO or socket); give a file")
+    size = path.stat().st_size
+    if size == 0:
         raise PipelineError(f"{name}: the file is empty")
     suffix = path.suffix.lower()
     if suffix == ".npy":
@@ -119,26 +140,41 @@ def read_inputs(path: Path) -> Iterator[tuple[str, np.ndarray]]:
     with path.open("rb") as f:
         head = f.read(4)
     if head[:2] == b"\x1f\x8b" or head == b"\x00\x00\x08\x03" or re.search(r"idx\d", path.name):
-        opener = gzip.open if head[:2] == b"\x1f\x8b" else open
+        gzipped = head[:2] == b"\x1f\x8b"
         try:
-            with opener(path, "rb") as stream:
-                yield from ((f"{name}[{i}]", a) for i, a in enumerate(_idx_images(stream, name)))
+            with (gzip.open if gzipped else open)(path, "rb") as stream:
+                images = _idx_images(stream, name, None if gzipped else size)
+                yield from ((f"{name}[{i}]", a) for i, a in enumerate(images))
         except (OSError, EOFError, zlib.error) as exc:
             raise PipelineError(f"{name}: not a complete gzip file ({exc})") from None
         return
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    yield name, _read_image(path, name, suffix)
+
+
+def _read_image(path: Path, name: str, suffix: str) -> np.ndarray:
+    """An image file as 0-255 greyscale. Whatever its bytes hold (a chunk that inflates past Pillow's limit, a
+    broken header, thousands of bogus EXIF tags), it is this file's one-line error, never the command's end."""
+    import warnings
+
+    from PIL import Image, ImageOps
 
     Image.MAX_IMAGE_PIXELS = None  # PIL's own guard raises past 179 M pixels; the lower limit below is checked first
     try:
-        with Image.open(path) as image:  # reads the header only: the size is known before anything is decoded
-            if image.width * image.height > MAX_PIXELS:
-                raise PipelineError(f"{name}: an image of {image.width}x{image.height} pixels; refused "
-                                    f"(at most {MAX_PIXELS:,})")  # fmt: skip
-            # A phone writes a portrait photo's pixels sideways with an EXIF orientation tag: upright first.
-            yield name, _greyscale(ImageOps.exif_transpose(image), name)
-    except (UnidentifiedImageError, OSError) as exc:
+        with warnings.catch_warnings():  # Pillow warns once per corrupt EXIF tag: thousands of lines
+            warnings.simplefilter("ignore")
+            with Image.open(path) as image:  # reads the header only: the size is known before anything is decoded
+                if image.width * image.height > MAX_PIXELS:
+                    raise PipelineError(
+                        f"{name}: an image of {image.width}x{image.height} pixels; refused (at most {MAX_PIXELS:,})"
+                    )
+                # A phone writes a portrait photo's pixels sideways with an EXIF orientation tag: upright first.
+                return _greyscale(ImageOps.exif_transpose(image), name)
+    except PipelineError:
+        raise
+    except Exception as exc:  # Pillow's plugins raise OSError, ValueError, SyntaxError, struct.error, ...
         kind = "image" if suffix in IMAGE_SUFFIXES else "image, .npy or IDX file"
-        raise PipelineError(f"{name}: not a readable {kind} ({exc})") from None
+        reason = " ".join(str(exc).split())[:200]
+        raise PipelineError(f"{name}: not a readable {kind} ({reason})") from None
 
 
 def _greyscale(image, name: str) -> np.ndarray:
@@ -209,8 +245,13 @@ def predict(model: loader.Model, labels: list[str], images: np.ndarray, top_k: i
     digits = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
     values = np.take_along_axis(probabilities, digits, axis=1)
     return [
-        Prediction(label, int(d[0]), float(v[0]), [(int(a), float(b)) for a, b in zip(d, v, strict=True)],
-                   bool(v[0] < uncertain_below))  # fmt: skip
+        Prediction(
+            label,
+            int(d[0]),
+            float(v[0]),
+            [(int(a), float(b)) for a, b in zip(d, v, strict=True)],
+            bool(v[0] < uncertain_below),
+        )  # fmt: skip
         for label, d, v in zip(labels, digits, values, strict=True)
     ]
 
@@ -280,6 +321,6 @@ def _read(path: Path, options: Options, labels: list[str], images: list[np.ndarr
             if len(labels) == CHUNK:
                 flush()
     except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {printable(str(exc))}", file=sys.stderr)
         return 1
     return 0
