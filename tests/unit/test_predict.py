@@ -264,4 +264,4 @@ def test_an_answer_that_is_not_a_number_is_refused_not_printed(tmp_path, capsys,
     monkeypatch.setattr(loader, "load_model", lambda *args: lambda x: np.full((len(x), 10), np.nan, np.float32))
     assert predict.main([tmp_path / "one.npy"], "any", predict.Options(as_json=True)) == 1
     out, err = capsys.readouterr()
-    assert out == "" and err.count("\n") == 1 and "one.npy: the model's answer is not a number" in err
+    assert out == "" and err.count("\n") == 1 and "one.npy: the model answered NaN or infinity for it; no digit" in err

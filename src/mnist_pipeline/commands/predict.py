@@ -233,13 +233,24 @@ class Prediction:
                            "uncertain": self.uncertain, "top_k": top}, allow_nan=False)  # fmt: skip
 
 
+def _logits(model: loader.Model, x: np.ndarray) -> np.ndarray:
+    """The model's (N, 10) logits for ``x``; a model that answers anything else is refused, not read as digits."""
+    logits = np.asarray(model(x))
+    if logits.shape != (len(x), 10) or logits.dtype.kind not in "fiu":
+        shape = "(N, " + ", ".join(map(str, logits.shape[1:])) + ")" if logits.ndim else "a scalar"
+        raise PipelineError(
+            f"the model answers {shape} {logits.dtype} for N digits; expected (N, 10) numbers: a logit per digit"
+        )
+    return logits
+
+
 def predict(model: loader.Model, labels: list[str], images: np.ndarray, top_k: int,
             uncertain_below: float = 0.0) -> list[Prediction]:  # fmt: skip
     """images: (N, 28, 28) float32 in [0, 1]."""
     if not labels:
         return []
     x = np.ascontiguousarray(images, dtype=np.float32)[:, None]  # (N, 1, 28, 28)
-    logits = np.concatenate([np.asarray(model(x[i : i + 1000])) for i in range(0, len(x), 1000)]).astype(np.float64)
+    logits = np.concatenate([_logits(model, x[i : i + 1000]) for i in range(0, len(x), 1000)]).astype(np.float64)
     exp = np.exp(logits - logits.max(axis=1, keepdims=True))
     probabilities = exp / exp.sum(axis=1, keepdims=True)  # softmax, (N, 10)
     digits = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
@@ -294,9 +305,9 @@ def main(inputs: list[Path], model_ref: str | None, options: Options = Options()
         nonlocal failed
         if labels:
             for prediction in predict(model, labels, np.stack(images), options.top_k, options.uncertain_below):
-                if not np.isfinite(prediction.probability):  # no answer: an input the arithmetic overflowed on
-                    print(f"error: {prediction.input}: the model's answer is not a number (its pixels overflow the "
-                          "arithmetic); refused", file=sys.stderr)  # fmt: skip
+                if not np.isfinite(prediction.probability):  # the pixels are finite in [0, 1]: the model's doing
+                    name = printable(prediction.input)
+                    print(f"error: {name}: the model answered NaN or infinity for it; no digit", file=sys.stderr)
                     failed += 1
                     continue
                 print(prediction.json() if options.as_json else prediction.line(options.top_k > 1), flush=True)

@@ -3,31 +3,75 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.errors import PipelineError, interrupts_held
 
 
 def onnx_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
-    """The ONNX file at ``path`` in onnxruntime (CPU), as a function from (N, 1, 28, 28) float32 pixels to logits."""
+    """The ONNX file at ``path`` in onnxruntime (CPU), as a function from (N, 1, 28, 28) float32 pixels to logits.
+
+    A run goes on in a thread of its own while this thread waits, so that Ctrl-C or SIGTERM, raised here, stops it:
+    onnxruntime does not return to Python on a signal, but ends a run whose ``RunOptions.terminate`` is set. An
+    error of the model's graph at run time (an allocation it cannot make, an input it does not take) is one line.
+    """
     import onnxruntime
 
+    settings = onnxruntime.SessionOptions()
+    settings.log_severity_level = QUIET
     try:
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        session = onnxruntime.InferenceSession(str(path), settings, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime's own errors have no common base
-        raise PipelineError(f"model {path}: not an ONNX model ({str(exc).splitlines()[0][:200]})") from None
-    (model_input,) = session.get_inputs()
+        raise PipelineError(f"model {path}: not an ONNX model ({_first_line(exc)})") from None
+    inputs = session.get_inputs()
+    if len(inputs) != 1:
+        raise PipelineError(f"model {path}: takes {len(inputs)} inputs; expected one batch of digits")
     outputs = [output.name for output in session.get_outputs()]
     logits = ["logits" if "logits" in outputs else outputs[0]]  # a file of ours answers more beside its logits
 
     def run(x: np.ndarray) -> np.ndarray:
-        return session.run(logits, {model_input.name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+        options = onnxruntime.RunOptions()
+        options.log_severity_level = QUIET  # its failure is worded below, in one line
+        feed = {inputs[0].name: np.ascontiguousarray(x, dtype=np.float32)}
+        answer: list = []
+        done = threading.Event()  # not Thread.join: an interrupted join may return at once the next time
+        worker = threading.Thread(target=_run_into, args=(session, logits, feed, options, answer, done), daemon=True)
+        try:
+            with interrupts_held():  # a stop while it starts is acted on once it has
+                worker.start()
+            done.wait()  # a signal's handler runs here, raising KeyboardInterrupt
+        except BaseException:
+            options.terminate = True  # the run ends at its next operator
+            done.wait(TERMINATE_WAIT_S)
+            raise
+        (result,) = answer
+        if isinstance(result, Exception):
+            raise PipelineError(f"model {path}: failed on its input ({_first_line(result)})") from None
+        return result
 
     return run
+
+
+TERMINATE_WAIT_S = 5  # how long an interrupted run is waited for before the command ends without it
+QUIET = 4  # onnxruntime's log level FATAL: its errors would print a line of their own each
+
+
+def _run_into(session, outputs: list[str], feed: dict, options, answer: list, done: threading.Event) -> None:
+    try:
+        answer.append(session.run(outputs, feed, options)[0])
+    except Exception as exc:  # handed to the waiting thread, which words it
+        answer.append(exc)
+    finally:
+        done.set()
+
+
+def _first_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())[:200]
 
 
 @dataclass(frozen=True)
