@@ -138,11 +138,13 @@ def _label(choice: Any) -> Any:
 def load_search(path: Path, base: Mapping[str, Any], sets: list[str]) -> Search:
     """tune.yaml with the --set entries on top, every entry checked: a SpaceError before anything is created."""
     try:
-        raw = config.load_yaml(path.read_text())
+        raw = config.read_yaml_file(path)
     except FileNotFoundError:
         raise SpaceError(f"{path} is missing: it holds the search space (see the project's tune.yaml)") from None
+    except config.ConfigError as exc:
+        raise SpaceError(str(exc)) from None
     except yaml.YAMLError as exc:
-        raise SpaceError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise SpaceError(config.yaml_problem(path, exc)) from None
     try:
         tune = TuneFile.model_validate(raw or {})
     except ValidationError as exc:
@@ -201,5 +203,3 @@ def yaml_value(value: Any) -> str:
     """A param value as `dvc exp run -S` reads it: YAML, a list in flow style ([16, 32])."""
     value = list(value) if isinstance(value, tuple) else value
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
-
-

@@ -112,7 +112,26 @@ class TrainResult:
     weight_spread: float  # largest |weight difference| between ranks at the end: 0.0 when in lockstep
 
 
-def train(model_cfg: ModelConfig, cfg: TrainConfig, train_data: Tensors, test_data: Tensors | None,
+class OutOfMemory(PipelineError):
+    """The model and its batch need more memory than the device has."""
+
+
+def train(model_cfg: ModelConfig, cfg: TrainConfig, *args, **kwargs) -> TrainResult:
+    """`_train`, with an allocation the device cannot make worded as one line: the model's sizes and the batch
+    are params, each valid alone, that together may not fit (a traceback after minutes, otherwise)."""
+    try:
+        return _train(model_cfg, cfg, *args, **kwargs)
+    except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError on CUDA; a RuntimeError on the CPU
+        if not isinstance(exc, MemoryError) and "allocate" not in str(exc):
+            raise
+        detail = " ".join(str(exc).split())[:160]
+        raise OutOfMemory(
+            f"model.conv_channels {list(model_cfg.conv_channels)}, model.hidden {model_cfg.hidden} and "
+            f"train.batch_size {cfg.batch_size} need more memory than the device has ({detail}); make them smaller"
+        ) from None
+
+
+def _train(model_cfg: ModelConfig, cfg: TrainConfig, train_data: Tensors, test_data: Tensors | None,
           device: torch.device, on_epoch: Callable[[EpochMetrics], None] | None = None, log: TextIO | None = None,
           cluster: Cluster = SINGLE, resume: dict | None = None, on_checkpoint: Callable[[dict], None] | None = None,
           validation_data: Tensors | None = None) -> TrainResult:  # fmt: skip
