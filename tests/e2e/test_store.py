@@ -11,7 +11,8 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.helpers import user_env
+from mnist_pipeline.ml.model import build
+from tests.helpers import REPO_ROOT, log_onnx, tiny_model_config, user_env
 
 pytestmark = pytest.mark.e2e  # fresh processes
 
@@ -47,6 +48,27 @@ def test_a_read_only_store_is_read_and_refused_to_writers_in_one_line(project, t
         f"error: the MLflow store in {moved / 'mlruns'} is read-only, and this command records runs or models in "
         "it; run it in a writable copy of the project, or set MLFLOW_TRACKING_URI to a store you can write"
     ]
+
+
+def test_predict_reads_the_champion_of_a_read_only_store_and_writes_nothing_into_it(project, files):
+    """MLflow "downloads" a model of a local store as the store's own folder and writes a file into it: predict
+    takes a copy of its own, so a read-only store is read and a writable one left as it was."""
+    root, _ = project
+    (root / "params.yaml").write_text((REPO_ROOT / "params.yaml").read_text())
+    with mlflow.start_run():
+        uri = log_onnx(build(tiny_model_config()).eval(), root)
+    version = mlflow.register_model(uri, "mnist-cnn").version
+    MlflowClient().set_registered_model_alias("mnist-cnn", "champion", version)
+    mlflow.set_tracking_uri(None)
+    before = sorted(path for path in (root / "mlruns").rglob("*") if path.is_file())
+    read = read_only_mount(root / "mlruns", f"mnist-pipeline predict '{files / 'grey.png'}'", root)
+    if "Read-only file system" in read.stderr and "note:" not in read.stderr:
+        pytest.skip(f"no read-only mount here: {read.stderr.strip()[:200]}")
+    assert read.returncode == 0 and read.stdout.startswith(str(files / "grey.png")), read.stderr
+    written = subprocess.run(["mnist-pipeline", "predict", str(files / "grey.png")], cwd=root, env=user_env(),
+                             capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert written.returncode == 0, written.stderr
+    assert sorted(path for path in (root / "mlruns").rglob("*") if path.is_file()) == before
 
 
 def test_two_processes_creating_a_new_store_at_once_both_succeed(tmp_path):

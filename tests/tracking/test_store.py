@@ -128,3 +128,17 @@ def test_a_write_that_lost_an_insert_race_is_tried_again_and_any_other_error_is_
     with pytest.raises(MlflowException, match="PERMISSION_DENIED"):
         store.despite_insert_races(write(MlflowException("PERMISSION_DENIED: no")))
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("content", [b"", b"not a database at all"])
+def test_an_empty_or_damaged_database_is_refused_not_made_a_new_store(tmp_path, monkeypatch, content):
+    """MLflow takes an empty file for a new store and writes its schema into it: the runs it held (lost to a full
+    disk, say) would read as "no runs yet"."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    (tmp_path / "mlruns").mkdir()
+    (tmp_path / "mlruns" / "mlflow.db").write_bytes(content)
+    for writes in (True, False):
+        with pytest.raises(PipelineError, match=r"mlflow.db is not an SQLite database \(empty or damaged\): restore"):
+            store.configure(tmp_path, writes=writes)
+    assert (tmp_path / "mlruns" / "mlflow.db").read_bytes() == content

@@ -174,3 +174,12 @@ def test_any_bytes_as_an_image_are_an_answer_or_one_line(tmp_path, body, suffix)
         assert image.ndim == 2
     except PipelineError as exc:
         assert "\n" not in str(exc)
+
+
+@pytest.mark.parametrize("show", [Path("/dev/null"), "a-file"])
+def test_show_naming_something_that_is_not_a_folder_is_one_line_before_anything_runs(tmp_path, model_file, show):
+    if show == "a-file":
+        show = tmp_path / "a-file"
+        show.write_text("mine")
+    with pytest.raises(PipelineError, match=r"--show .*: not a folder; name a folder for the images"):
+        predict.main([tmp_path / "none.png"], str(model_file), predict.Options(show=show))

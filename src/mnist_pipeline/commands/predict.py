@@ -298,6 +298,8 @@ def main(inputs: list[Path], model_ref: str | None, options: Options = Options()
     """Print one line per input; return 0, or 1 when any input could not be read."""
     if not 1 <= options.top_k <= 10:
         raise PipelineError(f"--top-k {options.top_k}: expected 1..10")
+    if options.show is not None and options.show.exists() and not options.show.is_dir():
+        raise PipelineError(f"--show {printable(str(options.show))}: not a folder; name a folder for the images")
     labels, images, failed = [], [], 0
     model = loader.load_model(model_ref, options.allow_pickle)  # first: a missing model leaves nothing written
 

@@ -109,11 +109,25 @@ def fetch_model(model_uri: str, allow_pickle: bool = False, loader: str = "predi
 
     # MLflow draws a progress bar for every download: noise before a command's own first line.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
+    # Into a folder of our own: "downloading" from a local store hands back the store's own folder, and MLflow then
+    # writes its registered_model_meta file there (into the store; an error on a read-only one).
+    destination = None if Path(model_uri).exists() else _temporary_folder()
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=destination))
     why = _code_it_would_run(local, _flavors(local, model_uri), loader)
     if why and not allow_pickle:
         raise PipelineError(f"model {model_uri}: " + PICKLE_REFUSED.format(why=why))
     return local
+
+
+def _temporary_folder() -> str:
+    """A folder removed when the process ends."""
+    import atexit
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="mnist-pipeline-model-")
+    atexit.register(shutil.rmtree, folder, True)
+    return folder
 
 
 def _flavors(local: Path, reference: str) -> dict:

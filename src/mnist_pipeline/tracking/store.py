@@ -181,6 +181,7 @@ def _open_read_only(folder: Path) -> str:
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    _check_sqlite_path(f"sqlite:///{database}")
     copy = Path(tempfile.mkdtemp(prefix="mnist-pipeline-store-")) / DATABASE
     atexit.register(shutil.rmtree, copy.parent, True)
     shutil.copyfile(database, copy)
@@ -218,6 +219,13 @@ def lock(uri: str):
     return FileLock(uri.removeprefix("sqlite:///") + ".lock") if uri.startswith("sqlite:///") else nullcontext()
 
 
+def _is_sqlite(path: Path) -> bool:
+    """Whether the file starts as every SQLite database does (MLflow would take an empty one for a new store and
+    write its schema into it, hiding the runs it held)."""
+    with path.open("rb") as f:
+        return f.read(16) == b"SQLite format 3\x00"
+
+
 def _check_sqlite_path(uri: str) -> None:
     """Fail at once on an unusable SQLite path; MLflow itself retries for about two minutes."""
     if not uri.startswith("sqlite:///"):
@@ -225,6 +233,11 @@ def _check_sqlite_path(uri: str) -> None:
     path = Path(uri.removeprefix("sqlite:///"))
     if path.exists() and not path.is_file():
         problem = "is not a file"
+    elif path.is_file() and not _is_sqlite(path):
+        problem = (
+            "is not an SQLite database (empty or damaged): restore it from a backup, or move it away to start "
+            "a new store; the runs' artifacts beside it are kept"
+        )
     elif not path.exists() and not (path.parent.is_dir() and os.access(path.parent, os.W_OK)):
         problem = "cannot be created (its folder is missing or not writable)"
     else:
