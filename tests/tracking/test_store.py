@@ -3,6 +3,8 @@ moved, copied or read-only store."""
 
 from __future__ import annotations
 
+import http.server
+import json
 import os
 import shutil
 from pathlib import Path
@@ -12,7 +14,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from mnist_pipeline.errors import PipelineError
-from mnist_pipeline.tracking import store
+from mnist_pipeline.tracking import loader, store
+from tests.helpers import serving, trickle
 
 
 def test_project_root_escapes_dvc_experiment_copies(monkeypatch):
@@ -142,3 +145,48 @@ def test_an_empty_or_damaged_database_is_refused_not_made_a_new_store(tmp_path, 
         with pytest.raises(PipelineError, match=r"mlflow.db is not an SQLite database \(empty or damaged\): restore"):
             store.configure(tmp_path, writes=writes)
     assert (tmp_path / "mlruns" / "mlflow.db").read_bytes() == content
+
+
+class _TrickleAfterHealth(http.server.BaseHTTPRequestHandler):
+    """A tracking server that answers its health check and the experiment's look-up at once, then sends every
+    other answer one byte every 0.2 s: each wait for data is short, the exchange never ends."""
+
+    EXPERIMENT = {
+        "experiment": {
+            "experiment_id": "1",
+            "name": "mnist-pipeline",
+            "artifact_location": "mlflow-artifacts:/1",
+            "lifecycle_stage": "active",
+            "tags": [{"key": store.EXPERIMENT_KIND[0], "value": store.EXPERIMENT_KIND[1]}],
+        }
+    }
+
+    def _answer(self):
+        body = b"OK" if self.path == "/health" else json.dumps(self.EXPERIMENT).encode()
+        quick = self.path == "/health" or "experiments/get-by-name" in self.path
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body) if quick else 1000))
+        self.end_headers()
+        if quick:
+            self.wfile.write(body)
+        else:
+            trickle(self.wfile, b" " * 1000)
+
+    do_GET = do_POST = _answer
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_tracking_server_that_trickles_its_answers_ends_a_reading_command_at_the_deadline(monkeypatch, capsys):
+    from mnist_pipeline.commands import compare
+
+    with serving(_TrickleAfterHealth) as url:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+        with pytest.raises(PipelineError, match=rf"tracking server {url} did not answer within 2 s"):
+            compare.main(None, "test_accuracy", "csv")
+        with pytest.raises(PipelineError, match=rf"tracking server {url} did not answer within 2 s"):
+            loader.load_model("models:/mnist-cnn/1")
+    mlflow.set_tracking_uri(None)

@@ -38,8 +38,9 @@ def runs_table(last: int | None = None, sort_by: str = names.TEST_ACCURACY) -> p
     for column in sorted(differing):
         table[column.removeprefix("params.")] = params[column]
     # Every test-set metric the export stage logged (the evaluate stage's metrics.json), then the training time.
-    metrics = sorted(c for c in runs.columns if c.startswith(f"metrics.{names.FINAL}")
-                     and not c.endswith(names.PERCENT))  # (an accuracy in percent too, for the UI's charts)
+    metrics = sorted(
+        c for c in runs.columns if c.startswith(f"metrics.{names.FINAL}") and not c.endswith(names.PERCENT)
+    )  # (an accuracy in percent too, for the UI's charts)
     for column in [*metrics, f"metrics.{names.TRAIN_SECONDS}"]:
         table[column.removeprefix("metrics.").removeprefix(names.FINAL)] = runs.get(column, float("nan"))
     shown = [c.removeprefix(f"metrics.{names.FINAL}") for c in metrics] + [names.TRAIN_SECONDS]
@@ -78,7 +79,11 @@ def for_people(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def main(last: int | None, sort_by: str, fmt: str) -> None:
-    table = runs_table(last, sort_by)
+    with store.reading():  # all of its requests within one deadline, when the store is a server
+        _print(runs_table(last, sort_by), fmt)
+
+
+def _print(table: pd.DataFrame, fmt: str) -> None:
     if table.empty:
         print(f"no runs yet in the experiment {names.EXPERIMENT!r} of {store.tracking_uri()}")
     elif fmt == "csv":

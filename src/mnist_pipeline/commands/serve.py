@@ -171,10 +171,11 @@ def serve(model_uri: str, host: str, port: int, allow_pickle: bool, extra_hosts:
     import uvicorn
 
     from mnist_pipeline.commands.ui import bind
-    from mnist_pipeline.tracking import loader
+    from mnist_pipeline.tracking import loader, store
 
     sock = bind(host, port)  # held from here on: the port cannot be taken between this check and the server
-    model_dir = loader.fetch_model(model_uri, allow_pickle, loader="python_function")
+    with store.reading():
+        model_dir = loader.fetch_model(model_uri, allow_pickle, loader="python_function")
     app = build_app(model_dir, allowed_hosts(host, extra_hosts))
     print(f"serving {model_uri} on http://{host}:{port}/invocations (bodies up to {MAX_BODY_BYTES // 2**20} MiB)",
           file=sys.stderr)  # fmt: skip

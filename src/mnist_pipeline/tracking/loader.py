@@ -45,9 +45,11 @@ def load_model(reference: str | Path | None = None, allow_pickle: bool = False) 
         reference = f"runs:/{reference}/model"
     from mnist_pipeline.tracking import store
 
-    store.configure(writes=False)
     try:
-        return load_folder(fetch_model(reference, allow_pickle), reference)
+        with store.reading():
+            store.configure(writes=False)
+            local = fetch_model(reference, allow_pickle)
+        return load_folder(local, reference)
     except PipelineError:
         raise
     except Exception as exc:  # MlflowException and friends: say which model and why, in one line

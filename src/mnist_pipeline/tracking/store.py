@@ -15,7 +15,8 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -369,6 +370,22 @@ def exchange(uri: str):
     if not is_server(uri):
         return nullcontext()
     return network.time_limit(server_deadline_s(), f"the MLflow tracking server {uri}")
+
+
+@contextmanager
+def reading() -> Iterator[None]:
+    """A command's reads of the store (`exchange`), a server that does not finish answering in time one line."""
+    from mnist_pipeline import network
+
+    uri = tracking_uri()
+    try:
+        with exchange(uri):
+            yield
+    except network.DeadlinePassed:
+        raise PipelineError(
+            f"the MLflow tracking server {uri} did not answer within {server_deadline_s():g} s "
+            "(MLFLOW_HTTP_REQUEST_TIMEOUT, for all of a command's requests); check the server"
+        ) from None
 
 
 def tracking_uri(root: Path | None = None) -> str:
