@@ -11,12 +11,15 @@ model, behind the guards a server reachable by others needs.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import sys
 from pathlib import Path
 
+import h11
 import numpy as np
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 MAX_BODY_BYTES = 16 * 2**20  # about 2,000 digits as JSON; the worker's memory stays within a few hundred MB
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
@@ -34,10 +37,22 @@ class InvocationGuard:
 
     def __init__(self, app, input_shape: tuple[int, ...], max_body_bytes: int = MAX_BODY_BYTES):
         self.app, self.shape, self.max_body_bytes = app, input_shape, max_body_bytes
+        self.in_flight, self.trim = 0, None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] != "/invocations" or scope["method"] != "POST":
             return await self.app(scope, receive, send)
+        self.in_flight += 1
+        if self.trim is not None:
+            self.trim.cancel()
+        try:
+            await self._invocation(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self.trim = asyncio.get_running_loop().call_later(IDLE_BEFORE_TRIM_S, _give_back_memory)
+
+    async def _invocation(self, scope, receive, send):
         body, problem = await self._read_body(scope, receive)
         if problem is None:
             problem = self._check(scope, body)
@@ -104,6 +119,42 @@ class InvocationGuard:
         return None
 
 
+# glibc's memory settings (mallopt), and its trim. A request's body, parsed, holds several times its size in
+# Python objects and arrays; glibc serves a freed large buffer's successors from its heaps rather than the system
+# (its threshold for that rises with each large free) and keeps what is freed there: a flood of large requests left
+# the server hundreds of MB larger for good. With the threshold fixed, a buffer of 128 KiB or more is the system's
+# and goes back when freed; what small objects leave is trimmed when no request is in flight.
+IDLE_BEFORE_TRIM_S = 1
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 128 * 2**10
+
+
+def _glibc():
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    return libc if hasattr(libc, "malloc_trim") else None  # musl and macOS return memory by themselves
+
+
+def return_large_buffers() -> None:
+    """Large buffers straight from the system and back to it when freed (once, at start)."""
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+
+
+def _give_back_memory() -> None:
+    """Return what the heaps hold free to the system (a fifth of a second): once no request has been in flight for
+    a second, so that a steady stream of requests never waits for it."""
+    import gc
+
+    gc.collect()  # a request's cycles (exceptions, frames) would keep pages of small objects alive
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
 def _shape_text(shape) -> str:
     return "(" + ", ".join("N" if d == -1 else str(d) for d in shape) + ")"
 
@@ -115,11 +166,30 @@ def build_app(model_dir: Path, allowed_hosts: list[str], max_body_bytes: int = M
     from starlette.middleware.trustedhost import TrustedHostMiddleware
 
     model = mlflow.pyfunc.load_model(str(model_dir))
+    _without_memory_arena(model, model_dir)
     (spec,) = model.metadata.get_input_schema().inputs  # the registered model takes one tensor: (N, 1, 28, 28)
     app = scoring_server.init(model)
     app.add_middleware(InvocationGuard, input_shape=tuple(spec.shape), max_body_bytes=max_body_bytes)
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts)  # added last: checked first
     return app
+
+
+def _without_memory_arena(model, model_dir: Path) -> None:
+    """Give MLflow's ONNX model a session without onnxruntime's CPU memory arena, which keeps what its largest
+    runs took for good: 16 requests of 700 digits at once left 870 MB held. (MLflow's onnx_session_options has no
+    key for it, hence the session is replaced; a model of another kind is left as MLflow loaded it.)"""
+    import onnxruntime
+
+    wrapper = getattr(model, "_model_impl", None)
+    session = getattr(wrapper, "rt", None)
+    onnx_flavor = model.metadata.flavors.get("onnx") or {}
+    if not isinstance(session, onnxruntime.InferenceSession) or "data" not in onnx_flavor:
+        return
+    settings = session.get_session_options()
+    settings.enable_cpu_mem_arena = False
+    wrapper.rt = onnxruntime.InferenceSession(
+        str(model_dir / onnx_flavor["data"]), settings, providers=session.get_providers()
+    )
 
 
 def allowed_hosts(host: str, extra: list[str]) -> list[str]:
@@ -129,41 +199,63 @@ def allowed_hosts(host: str, extra: list[str]) -> list[str]:
     return list(dict.fromkeys([*LOOPBACK_HOSTS, *listened, *extra]))
 
 
-# A connection that has not sent a whole request head this long after it opened or after its last response is
-# closed (uvicorn's keep-alive timeout, and HeadDeadline below for what it does not cover), and at most this many
-# connections and requests are handled at once (more are answered 503 at once: uvicorn's limit_concurrency).
-IDLE_TIMEOUT_S = 5
+# Each connection must send a whole request head within HEAD_TIMEOUT_S of opening or of its last answer, and the
+# whole request, body included, within REQUEST_TIMEOUT_S; at most MAX_CONNECTIONS are open at once. When one more
+# comes, the connection that has waited longest for its request is closed to make room: connections a client opens
+# and holds cannot keep another client's request from an answer. Only when every connection is busy answering is a
+# request refused (503, uvicorn's limit_concurrency).
+HEAD_TIMEOUT_S = 5
+REQUEST_TIMEOUT_S = 20  # 16 MiB at 0.8 MB/s
 MAX_CONNECTIONS = 64
 
 
-def head_deadline_protocol():
-    """uvicorn's HTTP/1.1 protocol, with a deadline for each request's head. uvicorn's keep-alive timeout starts
-    only after a response and stops at the first byte received, so a connection that sends nothing, or sends a
-    head a byte at a time, would hold its socket for ever."""
-    import h11
-    from uvicorn.protocols.http.h11_impl import H11Protocol
+class GuardedProtocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with the deadlines and the room-making above. uvicorn's keep-alive timeout
+    starts only after a response and stops at the first byte received, so a connection that sends nothing, or its
+    head or body a byte at a time, would otherwise hold its socket for ever."""
 
-    class HeadDeadline(H11Protocol):
-        deadline = None
+    deadline = None
+    waiting_since = 0.0  # when it began to wait for its next request
 
-        def connection_made(self, transport):
-            super().connection_made(transport)
-            self._arm()
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        self._arm()
+        if len(self.connections) > MAX_CONNECTIONS:
+            self._make_room()
 
-        def on_response_complete(self):
-            super().on_response_complete()
-            self._arm()
+    def on_response_complete(self):
+        super().on_response_complete()
+        self._arm()
 
-        def _arm(self):
-            if self.deadline is not None:
-                self.deadline.cancel()
-            self.deadline = self.loop.call_later(IDLE_TIMEOUT_S, self._close_without_head)
+    def connection_lost(self, exc):
+        if self.deadline is not None:
+            self.deadline.cancel()
+        super().connection_lost(exc)
 
-        def _close_without_head(self):
-            if self.conn.their_state is h11.IDLE:  # no request head complete since the connection or last answer
-                self.timeout_keep_alive_handler()
+    def _arm(self):
+        if self.deadline is not None:
+            self.deadline.cancel()
+        self.waiting_since = self.loop.time()
+        self.deadline = self.loop.call_later(HEAD_TIMEOUT_S, self._check, REQUEST_TIMEOUT_S - HEAD_TIMEOUT_S)
 
-    return HeadDeadline
+    def _check(self, body_time_left: float):
+        if self.conn.their_state is h11.IDLE:  # no whole head yet
+            self._close()
+        elif self.conn.their_state is h11.SEND_BODY:  # a head, not yet its whole body
+            if body_time_left > 0:
+                self.deadline = self.loop.call_later(body_time_left, self._check, 0)
+            else:
+                self._close()
+
+    def _close(self):
+        if not self.transport.is_closing():
+            self.transport.close()
+        self.connections.discard(self)
+
+    def _make_room(self):
+        waiting = [c for c in self.connections if c is not self and c.conn.their_state in (h11.IDLE, h11.SEND_BODY)]
+        if waiting:
+            min(waiting, key=lambda c: c.waiting_since)._close()
 
 
 def serve(model_uri: str, host: str, port: int, allow_pickle: bool, extra_hosts: list[str]) -> None:
@@ -176,12 +268,22 @@ def serve(model_uri: str, host: str, port: int, allow_pickle: bool, extra_hosts:
     sock = bind(host, port)  # held from here on: the port cannot be taken between this check and the server
     with store.reading():
         model_dir = loader.fetch_model(model_uri, allow_pickle, loader="python_function")
+    return_large_buffers()
     app = build_app(model_dir, allowed_hosts(host, extra_hosts))
     print(f"serving {model_uri} on http://{host}:{port}/invocations (bodies up to {MAX_BODY_BYTES // 2**20} MiB)",
           file=sys.stderr)  # fmt: skip
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5,
-                                           timeout_keep_alive=IDLE_TIMEOUT_S, limit_concurrency=MAX_CONNECTIONS,
-                                           http=head_deadline_protocol()))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level="warning",
+            timeout_graceful_shutdown=5,
+            timeout_keep_alive=HEAD_TIMEOUT_S,
+            limit_concurrency=MAX_CONNECTIONS + 1,  # one more than the room-making leaves: all busy answering
+            http=GuardedProtocol,
+        )
+    )
     # uvicorn stops gracefully on SIGINT and SIGTERM; a closed terminal (SIGHUP) must stop it the same way, and
     # then end the command as run_main ends it for any stop signal.
     hung_up = []
