@@ -159,3 +159,20 @@ def test_a_model_that_answers_nan_is_named_for_it_not_for_the_pixels(tmp_path, f
     assert predict.main([files / "grey.png"], str(model)) == 1
     out, err = capsys.readouterr()
     assert out == "" and err == f"error: {files / 'grey.png'}: the model answered NaN or infinity for it; no digit\n"
+
+
+@pytest.mark.parametrize("location", ["../secret.bin", "/etc/hostname"])
+def test_a_model_whose_weights_name_a_file_outside_its_folder_is_refused(tmp_path, files, location):
+    """ONNX keeps large weights in files beside the model: one that names any other file (to read it into the
+    model's answers) is refused by onnxruntime's own check, in one line."""
+    (tmp_path / "secret.bin").write_bytes(np.arange(7840, dtype=np.float32).tobytes())
+    (tmp_path / "model").mkdir()
+    weights = TensorProto(name="w", data_type=FLOAT, dims=[784, 10], data_location=TensorProto.EXTERNAL)
+    for key, value in {"location": location, "offset": "0", "length": str(7840 * 4)}.items():
+        weights.external_data.add(key=key, value=value)
+    nodes = [helper.make_node("Flatten", ["x"], ["flat"]), helper.make_node("MatMul", ["flat", "w"], ["logits"])]
+    model = save_model(
+        tmp_path / "model" / "m.onnx", nodes, [helper.make_tensor_value_info("logits", FLOAT, ["N", 10])], [weights]
+    )
+    with pytest.raises(PipelineError, match=r"not an ONNX model \(.*[Ee]xternal data path"):
+        predict.main([files / "grey.png"], str(model))
