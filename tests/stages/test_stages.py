@@ -64,6 +64,7 @@ def test_an_interrupted_training_continues_where_it_stopped_without_any_store(pa
     assert [m["epoch"] for m in record["history"]] == [1, 2]
     assert all(m["measured_at"] >= record["started"] for m in record["history"])  # when each was measured
     assert record["tags"]["env.threads"] and record["tags"]["data_md5"] and record["system"]
+    assert record["tags"]["env.precision"] in ("bf16", "fp32")  # what the training computed in
     assert paths.checkpoint.exists() and not paths.resume_state.exists()
     assert len(paths.history.read_text().splitlines()) == 3  # header + both epochs, the first one restored
     assert not (paths.checkpoint.parent / "mlruns").exists()  # no MLflow store was opened

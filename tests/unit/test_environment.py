@@ -10,9 +10,10 @@ from mnist_pipeline.ml import environment
 def test_a_training_records_every_environment_tag(tmp_path):
     (tmp_path / environment.LOCK_FILE).parent.mkdir()
     (tmp_path / environment.LOCK_FILE).write_text("torch==2.14.1\n")
-    tags = environment.tags(torch.device("cpu"), 2, tmp_path)
+    tags = environment.tags(torch.device("cpu"), 2, tmp_path, "bf16")
     assert set(tags) == set(environment.TAGS)
     assert tags[environment.TORCH] == torch.__version__ and tags[environment.THREADS] == "2"
+    assert tags[environment.PRECISION] == "bf16"
     assert tags[environment.LOCK_HASH] != environment.lock_hash(tmp_path / "elsewhere") == "none"
     assert tags[environment.CPU_VECTOR] == torch.backends.cpu.get_cpu_capability()
     assert len(tags[environment.PACKAGES_HASH]) == 16 and tags[environment.PACKAGES_HASH] == environment.packages_hash()

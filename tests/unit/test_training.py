@@ -74,8 +74,10 @@ def test_other_optimizers_and_constant_schedule_train(tensors, optimizer):
     assert result.history[0].test_accuracy > 0.3
 
 
-def test_same_seed_same_result_different_seed_different_weights(tensors):
-    cfg = TRAIN.replace(epochs=1)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_same_seed_same_result_different_seed_different_weights(tensors, precision):
+    """In bf16 too: the same hardware, params and seed give the same weights to the last bit."""
+    cfg = TRAIN.replace(epochs=1, precision=precision)
     runs = [
         training.train(MODEL, cfg.replace(seed=s), *tensors, torch.device("cpu"), log=io.StringIO())
         for s in (7, 7, 8)
@@ -153,10 +155,34 @@ def test_augmentation_label_smoothing_batch_norm_and_bf16_train(tensors):
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in result.model.modules())
 
 
-def test_precision_auto_is_bf16_on_cuda_only():
-    assert training.autocast_dtype("auto", torch.device("cpu")) is None
+@pytest.mark.parametrize(
+    ("amx", "avx512_bf16", "expected"),
+    [(True, True, torch.bfloat16), (False, True, torch.bfloat16), (True, False, torch.bfloat16), (False, False, None)],
+)
+def test_precision_auto_is_bf16_where_the_cpu_computes_in_it_natively(monkeypatch, amx, avx512_bf16, expected):
+    """The rule, by torch's own capability queries: AMX tiles or AVX-512 BF16 instructions; fp32 and bf16 as
+    asked whatever the CPU."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    cpu = torch.device("cpu")
+    assert training.autocast_dtype("auto", cpu) is expected
+    assert training.autocast_dtype("fp32", cpu) is None and training.autocast_dtype("bf16", cpu) is torch.bfloat16
+    assert training.precision_name(training.autocast_dtype("auto", cpu)) == ("bf16" if expected else "fp32")
+
+
+def test_precision_auto_on_cuda_is_bf16_where_the_gpu_has_it(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: not including_emulation)
     assert training.autocast_dtype("auto", torch.device("cuda")) is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    assert training.autocast_dtype("auto", torch.device("cuda")) is None
     assert training.autocast_dtype("fp32", torch.device("cuda")) is None
+
+
+def test_the_training_records_the_precision_it_used(tensors):
+    for asked, used in [("fp32", "fp32"), ("bf16", "bf16")]:
+        result = training.train(MODEL, TRAIN.replace(epochs=1, precision=asked), *tensors, torch.device("cpu"),
+                                log=io.StringIO())  # fmt: skip
+        assert result.precision == used
 
 
 def test_resumed_training_ends_with_the_weights_of_an_uninterrupted_one(tensors):

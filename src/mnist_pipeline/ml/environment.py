@@ -23,7 +23,8 @@ CPU_VECTOR = "env.cpu_vector"  # the widest vector instructions torch uses here 
 CPU_BF16 = "env.cpu_bf16"  # whether the CPU computes in bf16 natively
 THREADS = "env.threads"
 DEVICE = "env.device"
-TAGS = (PACKAGES_HASH, LOCK_HASH, TORCH, CUDA, CUDNN, CPU, CPU_VECTOR, CPU_BF16, THREADS, DEVICE)
+PRECISION = "env.precision"  # what the training computed in (train.precision auto: by the device)
+TAGS = (PACKAGES_HASH, LOCK_HASH, TORCH, CUDA, CUDNN, CPU, CPU_VECTOR, CPU_BF16, THREADS, DEVICE, PRECISION)
 
 LOCK_FILE = Path("requirements") / "lock.txt"
 
@@ -60,8 +61,9 @@ def cpu_flags() -> set[str]:
     return set(cpuinfo("flags").split())
 
 
-def tags(device, threads: int, root: Path) -> dict[str, str]:
-    """The tags of a training on ``device`` (a torch.device) with ``threads`` CPU threads."""
+def tags(device, threads: int, root: Path, precision: str) -> dict[str, str]:
+    """The tags of a training on ``device`` (a torch.device) with ``threads`` CPU threads, computing in
+    ``precision`` ("bf16" or "fp32")."""
     import torch
 
     cuda = torch.version.cuda  # the build's, also for a training on the CPU
@@ -78,6 +80,7 @@ def tags(device, threads: int, root: Path) -> dict[str, str]:
         CPU_BF16: str("avx512_bf16" in cpu_flags() or "amx_bf16" in cpu_flags()).lower(),
         THREADS: str(threads),
         DEVICE: name,
+        PRECISION: precision,
     }
 
 

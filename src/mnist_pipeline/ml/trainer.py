@@ -93,7 +93,7 @@ def record(result: training.TrainResult, cluster, device, threads: int, data_md5
         "started": started,
         "ended": time.time(),
         "tags": {
-            **environment.tags(device, threads, Path.cwd()),
+            **environment.tags(device, threads, Path.cwd(), result.precision),
             names.DATA_MD5: data_md5,
             names.WORLD_SIZE: str(cluster.world_size),
             names.NODES: str(cluster.nodes),
