@@ -188,9 +188,13 @@ def closed_by_server(connections: list[socket.socket], within_s: float = 60) -> 
     return closed
 
 
-def trickling(port: int, data: bytes, stop: threading.Event) -> tuple[socket.socket, threading.Thread]:
-    """A connection that sends ``data`` one byte every 0.2 s until ``stop`` or the server closes it."""
+def trickling(
+    port: int, data: bytes, stop: threading.Event, first: bytes = b""
+) -> tuple[socket.socket, threading.Thread]:
+    """A connection that sends ``first`` at once, then ``data`` one byte every 0.2 s until ``stop`` or the server
+    closes it."""
     connection = socket.create_connection(("127.0.0.1", port))
+    connection.send(first)
 
     def send():
         for byte in data:
@@ -206,10 +210,9 @@ def trickling(port: int, data: bytes, stop: threading.Event) -> tuple[socket.soc
     return connection, sender
 
 
-def test_connections_without_a_whole_request_are_closed_by_their_deadlines(server):
-    """A connection kept alive after its answer, one sending its head a byte at a time, one sending its body so,
-    and silent ones: each is closed by its deadline (the head's, or the whole request's). Before, a body sent a
-    byte at a time had no deadline."""
+def test_connections_without_a_whole_request_head_are_closed_by_its_deadline(server):
+    """A connection kept alive after its answer, one sending its head a byte at a time, and silent ones: each is
+    closed HEAD_TIMEOUT_S after it opened or after its last answer; meanwhile a request is answered."""
     _, url = server
     port = int(url.rsplit(":", 1)[1])
     kept = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
@@ -217,27 +220,42 @@ def test_connections_without_a_whole_request_are_closed_by_their_deadlines(serve
     answer = kept.getresponse()
     assert answer.status == 200 and answer.read() is not None
     stop = threading.Event()
-    head = b"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Long: " + b"a" * 10_000
-    body = b"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-    body += b"Content-Length: 100000\r\n\r\n"
-    head_trickler, head_sender = trickling(port, head, stop)
-    body_trickler, body_sender = trickling(port, body, stop)
-    body_trickler.send(body)  # its whole head at once; the trickle goes on in its body
+    head_trickler, sender = trickling(
+        port, b"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Long: " + b"a" * 10_000, stop
+    )
     silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(8)]
     try:
         assert post(url, json.dumps({"inputs": digits(1)}).encode())[0] == 200
-        closed = closed_by_server([kept.sock, head_trickler, body_trickler, *silent])
+        closed = closed_by_server([kept.sock, head_trickler, *silent])
         assert closed[0], "the kept-alive connection was not closed"
         assert closed[1], "the connection sending its head a byte at a time was not closed"
-        assert closed[2], "the connection sending its body a byte at a time was not closed"
-        assert all(closed[3:]), f"{closed[3:].count(False)} silent connections were not closed"
+        assert all(closed[2:]), f"{closed[2:].count(False)} silent connections were not closed"
     finally:
         stop.set()
-        for sender in (head_sender, body_sender):
-            sender.join()
-        for connection in (head_trickler, body_trickler, *silent):
+        sender.join()
+        for connection in (head_trickler, *silent):
             connection.close()
         kept.close()
+
+
+@pytest.mark.slow  # waits for the whole request's deadline: 20 s
+def test_a_body_sent_a_byte_at_a_time_is_closed_by_the_whole_requests_deadline(server):
+    """A whole head at once, then its body a byte every 0.2 s: closed REQUEST_TIMEOUT_S after the connection
+    opened. Before, a body had no deadline."""
+    _, url = server
+    port = int(url.rsplit(":", 1)[1])
+    head = b"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    head += b"Content-Length: 100000\r\n\r\n"
+    stop = threading.Event()
+    body_trickler, sender = trickling(port, b"[" * 100_000, stop, first=head)
+    try:
+        assert closed_by_server([body_trickler]) == [True], (
+            "the connection sending its body a byte at a time was not closed"
+        )
+    finally:
+        stop.set()
+        sender.join()
+        body_trickler.close()
 
 
 def test_a_client_reopening_connections_without_end_cannot_keep_another_from_its_answers(server):
