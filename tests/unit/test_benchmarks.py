@@ -54,3 +54,16 @@ def test_the_tutorial_baseline_without_torchvision_is_one_line():
         "error: the tutorial baseline reads MNIST through torchvision, which is not installed (requirements/lock.txt "
         "has it, the CPU lock leaves it out): pip install torchvision, or pass --only pipeline"
     ]
+
+
+def test_a_recipe_is_a_name_and_params_overrides_checked_as_params_yaml_is():
+    import pytest
+
+    from benchmarks import recipes
+    from mnist_pipeline import config
+
+    name, overrides = recipes.parse_recipe("wide, 3 epochs: model.conv_channels=[32, 64]; train.epochs=3")
+    assert (name, overrides) == ("wide, 3 epochs", {"model.conv_channels": [32, 64], "train.epochs": 3})
+    assert recipes.parse_recipe("default") == ("default", {})
+    with pytest.raises(config.ConfigError, match="expected SECTION.KEY=VALUE"):
+        recipes.parse_recipe("typo: epochs=3")
