@@ -129,11 +129,14 @@ def summarise(history: list[dict]) -> dict:
     return {"test_accuracy": history[-1]["test_accuracy"], "train_s": history[-1]["seconds"], "to_99_s": reached}
 
 
-@click.command(context_settings={"show_default": True, "max_content_width": 100}, epilog="""\b
+@click.command(
+    context_settings={"show_default": True, "max_content_width": 100},
+    epilog="""\b
 Examples (from the project root):
   MNIST_MIRROR=/path/to/mnist python -m benchmarks --seeds 3
   MNIST_MIRROR=/path/to/mnist python -m benchmarks --loop --seeds 0   # the loop alone
-  python -m benchmarks --only pipeline -S train.epochs=3""")
+  python -m benchmarks --only pipeline -S train.epochs=3""",
+)
 @click.option("--seeds", default=1, help="Run each contender with seeds 0..N-1 (0: none).")
 @click.option("--loop", is_flag=True, help="First measure the everyday loop in this project (rerun, predict, "
               "compare, load) against the import floor; adds three runs to the store.")  # fmt: skip

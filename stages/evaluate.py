@@ -27,8 +27,23 @@ from mnist_pipeline.files import write_atomic
 @stage.path("--robustness-plot", "the same, a column per distortion by strength level (a DVC plot)")
 @stage.path("--robustness-metrics", "one metric per distortion and strength (JSON, logged with the run)")
 @stage.path("--robustness-png", "the robustness report as a figure")
-def main(params, data, checkpoint, onnx, parity, metrics, per_class, per_class_md, confusion, confusion_png,
-         predictions_png, robustness, robustness_plot, robustness_metrics, robustness_png):  # fmt: skip
+def main(
+    params,
+    data,
+    checkpoint,
+    onnx,
+    parity,
+    metrics,
+    per_class,
+    per_class_md,
+    confusion,
+    confusion_png,
+    predictions_png,
+    robustness,
+    robustness_plot,
+    robustness_metrics,
+    robustness_png,
+):
     import torch
 
     from mnist_pipeline.ml import evaluation, export
@@ -41,8 +56,9 @@ def main(params, data, checkpoint, onnx, parity, metrics, per_class, per_class_m
     verify_folder(data)
     test = load_split(data, "test")
     pixels, labels = to_pixels(torch.from_numpy(test.images)), torch.from_numpy(test.labels.astype("int64"))
-    shipped, check = export.save_checked(model, pixels[: params.export.parity_samples], onnx,
-                                         params.export.parity_tolerance)  # fmt: skip
+    shipped, check = export.save_checked(
+        model, pixels[: params.export.parity_samples], onnx, params.export.parity_tolerance
+    )
     write_atomic(parity, json.dumps(check.to_dict(), indent=2) + "\n")
 
     result = evaluation.evaluate(evaluation.predict_logits(shipped, pixels.numpy(), cfg.batch_size), labels)
@@ -54,8 +70,16 @@ def main(params, data, checkpoint, onnx, parity, metrics, per_class, per_class_m
     evaluation.write_report_tables(evaluation.per_class_report(result.confusion), per_class, per_class_md)
     evaluation.write_confusion_pairs(test.labels, result.predicted, confusion)
     evaluation.plot_confusion_matrix(result.confusion, confusion_png)
-    evaluation.plot_predictions(test.images, result.predicted, test.labels, result.confidence, predictions_png,
-                                count=cfg.examples, mistakes=cfg.mistakes, seed=params.train.seed)  # fmt: skip
+    evaluation.plot_predictions(
+        test.images,
+        result.predicted,
+        test.labels,
+        result.confidence,
+        predictions_png,
+        count=cfg.examples,
+        mistakes=cfg.mistakes,
+        seed=params.train.seed,
+    )
     print(evaluation.summary(result) + (f"  robust accuracy {100 * scores[names.ROBUST_ACCURACY]:.2f}%" if n else ""))
 
 

@@ -26,8 +26,15 @@ def main(params, data, onnx, record, metrics, robustness, parity, evaluation, re
     from mnist_pipeline.tracking import publish, runs
 
     verify_folder(data)
-    result = publish.Result(data, onnx, runs.read_record(record), publish.read_json(metrics),
-                            publish.read_json(robustness), publish.read_json(parity), evaluation)  # fmt: skip
+    result = publish.Result(
+        data,
+        onnx,
+        runs.read_record(record),
+        publish.read_json(metrics),
+        publish.read_json(robustness),
+        publish.read_json(parity),
+        evaluation,
+    )
     write_atomic(report, json.dumps(publish.publish(params, result), indent=2) + "\n")
 
 

@@ -44,8 +44,14 @@ def tiny_model_config(**changes):
     """The smallest CNN of the classic shape: one 4-channel conv, 16 hidden units."""
     from mnist_pipeline.config import ModelConfig
 
-    fields = {"conv_channels": (4,), "kernel_size": 3, "hidden": 16, "dropout": 0.0, "batch_norm": False,
-              "input_norm": "mnist"}
+    fields = {
+        "conv_channels": (4,),
+        "kernel_size": 3,
+        "hidden": 16,
+        "dropout": 0.0,
+        "batch_norm": False,
+        "input_norm": "mnist",
+    }
     return ModelConfig(**{**fields, **changes})
 
 

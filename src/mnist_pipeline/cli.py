@@ -26,8 +26,10 @@ class Commands(click.Group):
         run_main(lambda: super(Commands, self).invoke(ctx))
 
 
-@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"], "show_default": True,
-                                             "max_content_width": 100})  # fmt: skip
+@click.group(
+    cls=Commands,
+    context_settings={"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100},
+)
 def main() -> None:
     """Use the MNIST pipeline's results: predict digits with a registered or exported model, compare the runs in
     MLflow, reproduce a past run, tune params, open the MLflow UI, serve a model over REST. The pipeline itself
@@ -52,24 +54,43 @@ def ui(host: str, port: int) -> None:
     command.main(host, port)
 
 
-@main.command(short_help="Predict the digit in images, .npy arrays or IDX files.", epilog="""\b
+@main.command(
+    short_help="Predict the digit in images, .npy arrays or IDX files.",
+    epilog="""\b
 Examples:
   mnist-pipeline predict digit.png                             # the champion: models:/mnist-cnn@champion
   mnist-pipeline predict a.png b.png --top-k 3 --json          # the 3 likeliest digits, one JSON line per image
   mnist-pipeline predict data/raw/t10k-images-idx3-ubyte | head  # an IDX file, streamed
   mnist-pipeline predict digit.png --model models/model.onnx   # a local file: no MLflow, no torch
-  mnist-pipeline predict photo.jpg --show seen/                # and seen/photo.jpg.png: what the model saw""")
+  mnist-pipeline predict photo.jpg --show seen/                # and seen/photo.jpg.png: what the model saw""",
+)
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--model", "model_ref", help=MODEL_HELP, show_default=False)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line instead of a table.")
 @click.option("--top-k", default=1, type=click.IntRange(1, 10), help="Show the K most likely digits.")
-@click.option("--show", type=click.Path(file_okay=False, path_type=Path), metavar="FOLDER",
-              help="Write the 28x28 image the model saw for each input into FOLDER (PNG, 8x enlarged).")
-@click.option("--uncertain-below", default=0.7, show_default=True, type=click.FloatRange(0, 1),
-              help="Flag a prediction whose probability is below this as uncertain.")
+@click.option(
+    "--show",
+    type=click.Path(file_okay=False, path_type=Path),
+    metavar="FOLDER",
+    help="Write the 28x28 image the model saw for each input into FOLDER (PNG, 8x enlarged).",
+)
+@click.option(
+    "--uncertain-below",
+    default=0.7,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="Flag a prediction whose probability is below this as uncertain.",
+)
 @click.option("--allow-pickle", is_flag=True, help=ALLOW_PICKLE_HELP)
-def predict(inputs: tuple[Path, ...], model_ref: str | None, as_json: bool, top_k: int, show: Path | None,
-            uncertain_below: float, allow_pickle: bool) -> None:  # fmt: skip
+def predict(
+    inputs: tuple[Path, ...],
+    model_ref: str | None,
+    as_json: bool,
+    top_k: int,
+    show: Path | None,
+    uncertain_below: float,
+    allow_pickle: bool,
+) -> None:
     """Print the predicted digit and its probability for each input: images of any size (PNG, JPEG, a photo:
     its background removed, the digit found, scaled and centred as MNIST's were), .npy arrays and IDX files of
     digits (one line per digit, streamed). A probability below --uncertain-below is flagged "uncertain"."""
@@ -82,8 +103,13 @@ def predict(inputs: tuple[Path, ...], model_ref: str | None, as_json: bool, top_
 @main.command(short_help="Serve a registered model over REST with MLflow's scoring app.")
 @click.option("--model", "model_ref", help="An MLflow model URI  [default: models:/<export.model_name>@champion]")
 @listening(5001)
-@click.option("--allowed-hosts", default="", metavar="NAMES", help="Comma-separated host names requests may "
-              "address besides this machine's loopback names and --host (e.g. a reverse proxy's name).")  # fmt: skip
+@click.option(
+    "--allowed-hosts",
+    default="",
+    metavar="NAMES",
+    help="Comma-separated host names requests may "
+    "address besides this machine's loopback names and --host (e.g. a reverse proxy's name).",
+)
 @click.option("--allow-pickle", is_flag=True, help=ALLOW_PICKLE_HELP)
 def serve(model_ref: str | None, host: str, port: int, allowed_hosts: str, allow_pickle: bool) -> None:
     """Serve a registered model over REST with MLflow's scoring app (as `mlflow models serve` does), behind a
@@ -94,11 +120,14 @@ def serve(model_ref: str | None, host: str, port: int, allowed_hosts: str, allow
     command.main(model_ref, host, port, [h.strip() for h in allowed_hosts.split(",") if h.strip()], allow_pickle)
 
 
-@main.command(short_help="The experiment's runs as a table: differing params, metrics, versions.", epilog="""\b
+@main.command(
+    short_help="The experiment's runs as a table: differing params, metrics, versions.",
+    epilog="""\b
 Examples:
   mnist-pipeline compare                         # every run, best test accuracy first
   mnist-pipeline compare --last 5 --sort train_seconds
-  mnist-pipeline compare --markdown > runs.md    # for a pull request; --csv for a spreadsheet""")
+  mnist-pipeline compare --markdown > runs.md    # for a pull request; --csv for a spreadsheet""",
+)
 @click.option("--last", type=click.IntRange(min=1), help="Only the N most recent runs  [default: all]")
 @click.option("--sort", "sort_by", default=names.TEST_ACCURACY, help="Order of the rows, best first: a metric's name.")
 @click.option("--csv", "fmt", flag_value="csv", help="CSV with the full numbers, for programs and spreadsheets.")
@@ -112,10 +141,13 @@ def compare(last: int | None, sort_by: str, fmt: str) -> None:
     command.main(last, sort_by, fmt)
 
 
-@main.command(short_help="Rerun a past MLflow run's code and params; say whether it came out the same.", epilog="""\b
+@main.command(
+    short_help="Rerun a past MLflow run's code and params; say whether it came out the same.",
+    epilog="""\b
 Examples:
   mnist-pipeline reproduce b589388b              # a run id prefix, as `compare` prints it
-  mnist-pipeline reproduce lower-lr              # a DVC experiment name""")
+  mnist-pipeline reproduce lower-lr              # a DVC experiment name""",
+)
 @click.argument("run_id")
 def reproduce(run_id: str) -> None:
     """Rerun a past run (RUN_ID: a run id, a unique prefix of one as `compare` prints them, or a DVC experiment
@@ -128,25 +160,38 @@ def reproduce(run_id: str) -> None:
     raise SystemExit(command.main(run_id))
 
 
-@main.command(short_help="Search params on a validation split with Optuna; hand the winner to `dvc exp run`.",
-              epilog="""\b
+@main.command(
+    short_help="Search params on a validation split with Optuna; hand the winner to `dvc exp run`.",
+    epilog="""\b
 Examples:
   mnist-pipeline tune --trials 20                       # the space of tune.yaml; run it again to go on
   mnist-pipeline tune --trials 20 --timeout 1800 --apply   # then run the pipeline with the winner
   mnist-pipeline tune --trials 40 --set 'train.lr={low: 0.002, high: 0.02, log: true}'
-  mnist-pipeline tune --trials 100 --storage postgresql+psycopg://user@db-host/optuna   # several machines""")
+  mnist-pipeline tune --trials 100 --storage postgresql+psycopg://user@db-host/optuna   # several machines""",
+)
 @click.option("--trials", type=int, metavar="N", help="Stop once the study has N finished trials (complete or pruned).")
 @click.option("--timeout", type=float, metavar="SECONDS", help="Stop starting trials after SECONDS  [default: none]")
 @click.option("--jobs", default=1, metavar="J", help="Trials run at once in this process.")
-@click.option("--storage", metavar="URL", help="An Optuna storage URL shared by several machines, e.g. "
-              "postgresql+psycopg://user@host/db  [default: sqlite:///tuning/optuna.db]")  # fmt: skip
+@click.option(
+    "--storage",
+    metavar="URL",
+    help="An Optuna storage URL shared by several machines, e.g. "
+    "postgresql+psycopg://user@host/db  [default: sqlite:///tuning/optuna.db]",
+)
 @click.option("--study", default="mnist-tune", help="The study's name.")
-@click.option("--space", default="tune.yaml", type=click.Path(path_type=Path),
-              help="The search space and validation split.")  # fmt: skip
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-              help="Add or replace a space entry, e.g. --set 'model.hidden=[64, 128]'; repeatable.")  # fmt: skip
-@click.option("--params", default="params.yaml", type=click.Path(path_type=Path),
-              help="The params every trial starts from.")  # fmt: skip
+@click.option(
+    "--space", default="tune.yaml", type=click.Path(path_type=Path), help="The search space and validation split."
+)
+@click.option(
+    "--set",
+    "sets",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Add or replace a space entry, e.g. --set 'model.hidden=[64, 128]'; repeatable.",
+)
+@click.option(
+    "--params", default="params.yaml", type=click.Path(path_type=Path), help="The params every trial starts from."
+)
 @click.option("--seed", type=int, help="The sampler's seed  [default: train.seed]")
 @click.option("--apply", is_flag=True, help="Then run the pipeline with the best params (a DVC experiment).")
 def tune(**options) -> None:

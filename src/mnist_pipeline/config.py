@@ -67,7 +67,7 @@ class ModelConfig(Section):
     conv_channels: Annotated[
         tuple[Annotated[int, Field(ge=1, le=1024)], ...],
         Field(min_length=1, max_length=2, strict=False),  # 28x28 digits allow two 2x2 poolings
-    ]  # fmt: skip
+    ]
     kernel_size: Annotated[int, AfterValidator(lambda size: _one_of(size, (3, 5)))]
     hidden: Annotated[int, Field(ge=1, le=8192)]
     dropout: Annotated[float, Field(ge=0, lt=1)]

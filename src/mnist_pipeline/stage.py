@@ -28,8 +28,9 @@ def command(stage: Callable[..., None]) -> click.Command:
         run_main(lambda: stage(load(params), **paths))
 
     name = Path(stage.__code__.co_filename).stem  # the script's name: stages/train.py -> train
-    params = click.option("--params", type=click.Path(path_type=Path), default="params.yaml", show_default=True,
-                          help="The params file.")  # fmt: skip
+    params = click.option(
+        "--params", type=click.Path(path_type=Path), default="params.yaml", show_default=True, help="The params file."
+    )
     return click.command(name, help=stage.__globals__["__doc__"])(params(run))  # the script's docstring
 
 

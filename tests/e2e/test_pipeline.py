@@ -420,9 +420,11 @@ def _browse(sync_api, pages: dict[str, str], wait_for: dict[str, str], shots: Pa
             page.screenshot(path=shots / f"{name.replace(' ', '_')}.png")
             texts[name] = page.inner_text("body")
             texts[name + " sidebar"] = page.locator("aside").first.inner_text()
-            texts[name + " columns"] = "\n".join(page.evaluate("""() => [...document.querySelectorAll(
+            texts[name + " columns"] = "\n".join(
+                page.evaluate("""() => [...document.querySelectorAll(
                 '.ag-header-cell')].map(cell => [cell.innerText.trim(), cell.getBoundingClientRect().left])
-                .filter(([text]) => text).sort((a, b) => a[1] - b[1]).map(([text]) => text)"""))
+                .filter(([text]) => text).sort((a, b) => a[1] - b[1]).map(([text]) => text)""")
+            )
             context.close()
         browser.close()
     return texts, refused
@@ -678,8 +680,13 @@ def test_reproduce_works_while_a_dvc_experiment_runs_in_the_workspace(pipeline, 
     log = tmp_path / "reproduce.log"
     nowhere = f"http://127.0.0.1:{free_port()}/"
     with log.open("w") as out:
-        reproduction = subprocess.Popen(["mnist-pipeline", "reproduce", original.info.run_id], cwd=repo,
-                                        env=user_env(MNIST_MIRROR=nowhere), stdout=out, stderr=subprocess.STDOUT)
+        reproduction = subprocess.Popen(
+            ["mnist-pipeline", "reproduce", original.info.run_id],
+            cwd=repo,
+            env=user_env(MNIST_MIRROR=nowhere),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.monotonic() + 300
         while "Running stage 'train'" not in log.read_text():  # the event: the reproduction is training

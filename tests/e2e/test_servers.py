@@ -49,8 +49,13 @@ def port_open(port: int) -> bool:
 
 # SIGTERM: what a process manager or `kill <pid>` sends (Ctrl-C takes the same path); SIGHUP: a closed terminal or a
 # dropped SSH session.
-@pytest.mark.parametrize("sig", [pytest.param(signal.SIGTERM, id="SIGTERM", marks=pytest.mark.slow),  # as SIGHUP
-                                 pytest.param(signal.SIGHUP, id="SIGHUP")])
+@pytest.mark.parametrize(
+    "sig",
+    [
+        pytest.param(signal.SIGTERM, id="SIGTERM", marks=pytest.mark.slow),  # as SIGHUP
+        pytest.param(signal.SIGHUP, id="SIGHUP"),
+    ],
+)
 def test_ui_stopped_by_its_pid_leaves_no_server_behind(tmp_path, sig):
     (tmp_path / "mlruns").mkdir()
     port = free_port()

@@ -17,7 +17,6 @@ from tests.helpers import REPO_ROOT, log_onnx, tiny_model_config, user_env
 pytestmark = pytest.mark.e2e  # fresh processes
 
 
-
 def read_only_mount(folder: Path, command: str, cwd: Path) -> subprocess.CompletedProcess:
     """Run ``command`` with ``folder`` mounted read-only over itself, in a user and mount namespace of its own (no
     privilege needed, nothing left mounted afterwards)."""
@@ -37,8 +36,10 @@ def test_a_read_only_store_is_read_and_refused_to_writers_in_one_line(project, t
     read = read_only_mount(moved / "mlruns", "mnist-pipeline compare --csv", moved)
     assert read.returncode == 0, read.stderr
     assert run_id[:8] in read.stdout and "read-only: reading it, changing nothing" in read.stderr
-    loads = (f"python -c \"from mnist_pipeline.tracking import store; import mlflow.artifacts; store."
-             f"configure(writes=False); print(mlflow.artifacts.load_text('runs:/{run_id}/note.txt'))\"")  # noqa: E501
+    loads = (
+        f'python -c "from mnist_pipeline.tracking import store; import mlflow.artifacts; store.'
+        f"configure(writes=False); print(mlflow.artifacts.load_text('runs:/{run_id}/note.txt'))\""
+    )  # noqa: E501
     loaded = read_only_mount(moved / "mlruns", loads, moved)
     assert loaded.returncode == 0 and loaded.stdout.strip() == "seven", loaded.stderr
     write = read_only_mount(moved / "mlruns", "python -c 'from mnist_pipeline import errors; from mnist_pipeline."

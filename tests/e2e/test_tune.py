@@ -25,7 +25,6 @@ BASE = config.read_params(ROOT / "params.yaml")
 # --- the space, checked before anything exists -------------------------------------------------------------------
 
 
-
 # Two learning rates, one hopeless: with the sampler's seed 0 the first trial draws 0.003 and the second 1e-6,
 # which falls below the first's validation accuracy after its first epoch and is pruned there.
 SPACE = {

@@ -89,12 +89,12 @@ def main(params, data, out):
 if __name__ == "__main__":
     main()
 '''
-SECTION_MODEL = '''
+SECTION_MODEL = """
 
 class DigitCountsConfig(Section):
     SECTION = "digit_counts"
     split: Literal["train", "test"]
-'''
+"""
 DVC_STAGE = """
   digit_counts:
     cmd: python stages/digit_counts.py --data data/raw --out reports/digit_counts.json

@@ -19,12 +19,14 @@ from tests.helpers import REPO_ROOT, run_stage
 @pytest.fixture
 def params() -> config.Params:
     p = config.load(REPO_ROOT / "params.yaml")
-    return p.model_copy(update=dict(
-        model=p.model.replace(conv_channels=(4,), kernel_size=3, hidden=16),
-        train=p.train.replace(epochs=2, batch_size=100, log_every=5),
-        evaluate=p.evaluate.replace(examples=8),
-        export=p.export.replace(parity_samples=64),
-    ))
+    return p.model_copy(
+        update=dict(
+            model=p.model.replace(conv_channels=(4,), kernel_size=3, hidden=16),
+            train=p.train.replace(epochs=2, batch_size=100, log_every=5),
+            evaluate=p.evaluate.replace(examples=8),
+            export=p.export.replace(parity_samples=64),
+        )
+    )
 
 
 @pytest.fixture
@@ -34,8 +36,13 @@ def paths(tmp_path, raw_dir, monkeypatch) -> SimpleNamespace:
     monkeypatch.delenv("DVC_ROOT", raising=False)
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
-    return SimpleNamespace(data=raw_dir, checkpoint=tmp_path / "model.pt", history=tmp_path / "history.csv",
-                           record=tmp_path / "training.json", resume_state=tmp_path / "resume" / "state.pt")
+    return SimpleNamespace(
+        data=raw_dir,
+        checkpoint=tmp_path / "model.pt",
+        history=tmp_path / "history.csv",
+        record=tmp_path / "training.json",
+        resume_state=tmp_path / "resume" / "state.pt",
+    )
 
 
 def interrupted_at_epoch(epoch: int, monkeypatch) -> None:

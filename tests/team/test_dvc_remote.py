@@ -135,9 +135,11 @@ def test_a_push_killed_midway_and_retried_leaves_the_remote_whole(shared, tmp_pa
     after = remote_objects(store)
     clean = run(repo, http_mirror, "dvc", "status", "-c", **env)
     leftovers = in_flight(store)
-    print(f"\nremote objects: {len(before)} before, {len(killed)} after the kill -9 (and {len(partial)} partial "
-          f"uploads under temporary names), {len(after)} after the retry ({len(leftovers)} temporary files left); "
-          f"`dvc status -c`: {clean.stdout.strip()!r}")
+    print(
+        f"\nremote objects: {len(before)} before, {len(killed)} after the kill -9 (and {len(partial)} partial "
+        f"uploads under temporary names), {len(after)} after the retry ({len(leftovers)} temporary files left); "
+        f"`dvc status -c`: {clean.stdout.strip()!r}"
+    )
     parts = {hashlib.md5(p.read_bytes()).hexdigest() for p in folder.iterdir()}
     assert len(before) < len(killed) < len(after) and parts <= after.keys() and not parts <= killed.keys()
     assert broken_after_kill == [] and broken(after) == []  # no object is ever partial

@@ -267,8 +267,10 @@ def test_the_server_killed_during_export_fails_the_stage_in_one_line_and_the_rer
     assert out.returncode == 0, out.stdout + out.stderr
     assert ran_stages(out) == ["export"]
     after = state(admin, model)
-    print(f"\nserver killed during export: {errors[0]}\nbefore {before}; after the kill {during}; after the rerun "
-          f"{after}; the rerun said: {[line for line in out.stderr.splitlines() if 'repaired' in line]}")
+    print(
+        f"\nserver killed during export: {errors[0]}\nbefore {before}; after the kill {during}; after the rerun "
+        f"{after}; the rerun said: {[line for line in out.stderr.splitlines() if 'repaired' in line]}"
+    )
     check_registry(admin, model)
     assert len(after["versions"]) == len(before["versions"]) + 1
     assert during["runs"] == {"RUNNING": 1} and after["runs"] == {"KILLED": 1, "FINISHED": 1}

@@ -25,9 +25,19 @@ pytestmark = [pytest.mark.team, pytest.mark.e2e]
 # and bf16's rounding is not the float32 rounding the comparison with one process allows for.
 TRAIN = {"nproc": 1, "batch_size": 64, "epochs": 2, "log_every": 5, "device": "cpu", "precision": "fp32"}
 MODEL = {**TINY["model"], "batch_norm": False}
-STAGE = ["stages/train.py", "--data", "data/raw", "--checkpoint", "models/model.pt",
-         "--history", "reports/history.csv", "--record", "models/training.json",
-         "--resume-state", "models/resume/train_state.pt"]  # fmt: skip  (dvc.yaml's train command)
+STAGE = [
+    "stages/train.py",
+    "--data",
+    "data/raw",
+    "--checkpoint",
+    "models/model.pt",
+    "--history",
+    "reports/history.csv",
+    "--record",
+    "models/training.json",
+    "--resume-state",
+    "models/resume/train_state.pt",
+]  # fmt: skip  (dvc.yaml's train command)
 
 
 def test_two_nodes_train_like_one_and_one_run_records_both(tmp_path, team_server, http_mirror, mirror_md5, as_user):
@@ -59,8 +69,10 @@ def test_two_nodes_train_like_one_and_one_run_records_both(tmp_path, team_server
     pairs = zip(single.model.state_dict().values(), two_nodes.state_dict().values(), strict=True)
     weight_diff = max((a - b).abs().max().item() for a, b in pairs)
     history = pd.read_csv(main / "reports/history.csv")
-    print(f"\ntwo nodes: max |weight difference| against one process {weight_diff:.2e}; test accuracy "
-          f"{list(history.test_accuracy)} (two nodes) vs {[m.test_accuracy for m in single.history]} (one process)")
+    print(
+        f"\ntwo nodes: max |weight difference| against one process {weight_diff:.2e}; test accuracy "
+        f"{list(history.test_accuracy)} (two nodes) vs {[m.test_accuracy for m in single.history]} (one process)"
+    )
     assert weight_diff < 1e-5  # float32 sums in another order; a wrong shard or scale is off by far more
     assert list(history.test_accuracy) == [m.test_accuracy for m in single.history]
 

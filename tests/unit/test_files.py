@@ -20,7 +20,6 @@ run_main(lambda: write_atomic(sys.argv[1], b"x" * 100_000))
 """
 
 
-
 def test_a_full_disk_leaves_the_previous_file_and_names_the_path(tmp_path):
     target = tmp_path / "reports" / "metrics.json"
     write_atomic(target, '{"old": true}')

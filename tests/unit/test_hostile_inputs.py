@@ -122,8 +122,16 @@ def test_white_strokes_on_a_transparent_background_are_a_digit(tmp_path):
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [
-        ("batch_size", 1_000_000_000, "train.batch_size = 1000000000 is not allowed: input should be less than or equal to 60000"),  # noqa: E501
-        ("epochs", 1_000_000_000, "train.epochs = 1000000000 is not allowed: input should be less than or equal to 1000"),  # noqa: E501
+        (
+            "batch_size",
+            1_000_000_000,
+            "train.batch_size = 1000000000 is not allowed: input should be less than or equal to 60000",
+        ),  # noqa: E501
+        (
+            "epochs",
+            1_000_000_000,
+            "train.epochs = 1000000000 is not allowed: input should be less than or equal to 1000",
+        ),  # noqa: E501
         ("weight_decay", float("inf"), "train.weight_decay = inf is not allowed: input should be a finite number"),
         ("lr", float("nan"), "train.lr = nan is not allowed"),
     ],

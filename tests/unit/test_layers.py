@@ -25,8 +25,11 @@ def imports(path) -> set[str]:
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("mnist_pipeline"):
-            found |= {f"{node.module}.{alias.name}" for alias in node.names} if node.module == "mnist_pipeline" else {
-                node.module}
+            found |= (
+                {f"{node.module}.{alias.name}" for alias in node.names}
+                if node.module == "mnist_pipeline"
+                else {node.module}
+            )
         elif isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.startswith("mnist_pipeline")}
     return found

@@ -12,22 +12,27 @@ from mnist_pipeline.ml.model import build, load_checkpoint, save_checkpoint
 
 @pytest.mark.parametrize(("channels", "kernel"), [((32,), 3), ((16, 32), 5), ((8, 16), 3), ((4,), 5)])
 def test_output_is_logits_per_digit(channels, kernel):
-    model = build(ModelConfig(conv_channels=channels, kernel_size=kernel, hidden=64, dropout=0.1, batch_norm=False,
-                              input_norm="mnist"))
+    model = build(
+        ModelConfig(
+            conv_channels=channels, kernel_size=kernel, hidden=64, dropout=0.1, batch_norm=False, input_norm="mnist"
+        )
+    )
     assert model(torch.rand(5, 1, 28, 28)).shape == (5, 10)
 
 
 def test_classic_lesson_shape():
     """One 3x3 conv of 32 channels, pooled: (B, 32, 13, 13) -> 5408 features, as in the lesson."""
-    model = build(ModelConfig(conv_channels=(32,), kernel_size=3, hidden=128, dropout=0.0, batch_norm=False,
-                              input_norm="mnist"))
+    model = build(
+        ModelConfig(conv_channels=(32,), kernel_size=3, hidden=128, dropout=0.0, batch_norm=False, input_norm="mnist")
+    )
     assert model.features(torch.rand(2, 1, 28, 28)).shape == (2, 32, 13, 13)
     assert model.classifier[1].in_features == 5408
 
 
 def test_checkpoint_round_trip_with_weights_only(tmp_path):
-    cfg = ModelConfig(conv_channels=(8, 16), kernel_size=3, hidden=32, dropout=0.0, batch_norm=False,
-                      input_norm="mnist")
+    cfg = ModelConfig(
+        conv_channels=(8, 16), kernel_size=3, hidden=32, dropout=0.0, batch_norm=False, input_norm="mnist"
+    )
     model = build(cfg).eval()
     path = tmp_path / "model.pt"
     save_checkpoint(path, model, cfg, {"train_config": {"lr": 0.01}})

@@ -216,8 +216,8 @@ def test_a_portrait_photo_is_read_the_right_way_up(tmp_path):
     exif = stored.getexif()
     exif[0x0112] = 6  # Orientation
     stored.save(tmp_path / "portrait.jpg", quality=95, exif=exif)
-    (_, seen), = predict.read_inputs(tmp_path / "portrait.jpg")
-    (_, reference), = predict.read_inputs(tmp_path / "upright.jpg")
+    ((_, seen),) = predict.read_inputs(tmp_path / "portrait.jpg")
+    ((_, reference),) = predict.read_inputs(tmp_path / "upright.jpg")
     assert seen.shape == reference.shape and np.abs(seen.astype(float) - reference).mean() < 2
 
 

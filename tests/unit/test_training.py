@@ -79,8 +79,7 @@ def test_same_seed_same_result_different_seed_different_weights(tensors, precisi
     """In bf16 too: the same hardware, params and seed give the same weights to the last bit."""
     cfg = TRAIN.replace(epochs=1, precision=precision)
     runs = [
-        training.train(MODEL, cfg.replace(seed=s), *tensors, torch.device("cpu"), log=io.StringIO())
-        for s in (7, 7, 8)
+        training.train(MODEL, cfg.replace(seed=s), *tensors, torch.device("cpu"), log=io.StringIO()) for s in (7, 7, 8)
     ]
     assert runs[0].history[0].test_accuracy == runs[1].history[0].test_accuracy
     assert runs[0].history[0].test_loss == runs[1].history[0].test_loss
@@ -99,9 +98,7 @@ def test_device_resolution():
 
 
 def test_history_file(tmp_path, tensors):
-    result = training.train(
-        MODEL, TRAIN.replace(epochs=1), *tensors, torch.device("cpu"), log=io.StringIO()
-    )
+    result = training.train(MODEL, TRAIN.replace(epochs=1), *tensors, torch.device("cpu"), log=io.StringIO())
     write_history(tmp_path / "h.csv", result.history)
     lines = (tmp_path / "h.csv").read_text().splitlines()
     assert lines[0] == "epoch,train_loss,test_loss,test_accuracy,seconds" and len(lines) == 2
@@ -119,8 +116,15 @@ def test_random_shift_moves_each_digit_within_bounds_and_keeps_it_whole():
     assert len({(int(r), int(c)) for r, c in zip(rows, cols, strict=True)}) > 10  # offsets differ per image
 
 
-AUGMENT = {"augment_rotation": 12.0, "augment_scale": 0.15, "augment_shear": 10.0, "augment_elastic": 2.0,
-           "augment_stroke": 0.3, "augment_noise": 0.3, "augment_clutter": 0.5}
+AUGMENT = {
+    "augment_rotation": 12.0,
+    "augment_scale": 0.15,
+    "augment_shear": 10.0,
+    "augment_elastic": 2.0,
+    "augment_stroke": 0.3,
+    "augment_noise": 0.3,
+    "augment_clutter": 0.5,
+}
 
 
 def test_augmentation_draws_per_digit_for_a_whole_batch_and_the_seed_fixes_it(tensors):

@@ -17,8 +17,6 @@ BASE = config.read_params(ROOT / "params.yaml")
 # --- the space, checked before anything exists -------------------------------------------------------------------
 
 
-
-
 @pytest.mark.parametrize(
     "key, spec, message",
     [

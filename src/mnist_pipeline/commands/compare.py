@@ -50,8 +50,9 @@ def runs_table(last: int | None = None, sort_by: str = names.TEST_ACCURACY) -> p
     table.attrs["run_ids"] = dict(zip(table["run_id"], runs["run_id"], strict=True))  # shown -> whole
     if sort_by not in table:
         return table
-    return table.sort_values(sort_by, ascending=names.lower_is_better(sort_by), na_position="last",
-                             kind="stable").reset_index(drop=True)  # fmt: skip
+    return table.sort_values(
+        sort_by, ascending=names.lower_is_better(sort_by), na_position="last", kind="stable"
+    ).reset_index(drop=True)
 
 
 def _registered_versions(client) -> dict[str, str]:

@@ -229,8 +229,16 @@ class Prediction:
 
     def json(self) -> str:
         top = [{"digit": d, "probability": round(p, 6)} for d, p in self.top_k]
-        return json.dumps({"input": self.input, "digit": self.digit, "probability": round(self.probability, 6),
-                           "uncertain": self.uncertain, "top_k": top}, allow_nan=False)  # fmt: skip
+        return json.dumps(
+            {
+                "input": self.input,
+                "digit": self.digit,
+                "probability": round(self.probability, 6),
+                "uncertain": self.uncertain,
+                "top_k": top,
+            },
+            allow_nan=False,
+        )
 
 
 def _logits(model: loader.Model, x: np.ndarray) -> np.ndarray:
@@ -244,8 +252,9 @@ def _logits(model: loader.Model, x: np.ndarray) -> np.ndarray:
     return logits
 
 
-def predict(model: loader.Model, labels: list[str], images: np.ndarray, top_k: int,
-            uncertain_below: float = 0.0) -> list[Prediction]:  # fmt: skip
+def predict(
+    model: loader.Model, labels: list[str], images: np.ndarray, top_k: int, uncertain_below: float = 0.0
+) -> list[Prediction]:
     """images: (N, 28, 28) float32 in [0, 1]."""
     if not labels:
         return []
@@ -262,7 +271,7 @@ def predict(model: loader.Model, labels: list[str], images: np.ndarray, top_k: i
             float(v[0]),
             [(int(a), float(b)) for a, b in zip(d, v, strict=True)],
             bool(v[0] < uncertain_below),
-        )  # fmt: skip
+        )
         for label, d, v in zip(labels, digits, values, strict=True)
     ]
 

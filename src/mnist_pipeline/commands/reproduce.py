@@ -74,8 +74,11 @@ def find_run(client, reference: str, uri: str) -> str:
     from mlflow.entities import ViewType
 
     experiment = client.get_experiment_by_name(names.EXPERIMENT)
-    runs = client.search_runs([experiment.experiment_id], max_results=50_000, run_view_type=ViewType.ALL) \
-        if experiment else []  # fmt: skip  (a deleted run too: `_original` says it is deleted)
+    runs = (
+        client.search_runs([experiment.experiment_id], max_results=50_000, run_view_type=ViewType.ALL)
+        if experiment
+        else []
+    )  # fmt: skip  (a deleted run too: `_original` says it is deleted)
     matches = {
         r.info.run_id: r.info.run_name
         for r in runs
@@ -147,8 +150,9 @@ def _original(client, run_id: str, uri: str, root: Path, log):
             "`dvc exp run -S ...`"
         )
     if original.info.status != "FINISHED":
-        print(f"note: run {run_id} never finished (status {original.info.status}): reproducing what it had done",
-              file=log)  # fmt: skip
+        print(
+            f"note: run {run_id} never finished (status {original.info.status}): reproducing what it had done", file=log
+        )
     if METRICS[0] not in original.data.metrics:
         raise PipelineError(f"run {run_id} never finished its evaluate stage: there is no result to reproduce")
     return original, commit
@@ -170,13 +174,19 @@ def _rerun(original, commit: str, name: str, root: Path, uri: str, log) -> None:
         mirror = env.get(MIRROR_ENV, "")
         if mirror and "://" not in mirror:  # a relative folder means the same folder from inside the worktree
             env[MIRROR_ENV] = str(Path(mirror).expanduser().resolve())
-        subprocess.run(["dvc", "cache", "dir", "--local", str(root / ".dvc" / "cache")], cwd=worktree, env=env,
-                       check=True, capture_output=True)  # fmt: skip
+        subprocess.run(
+            ["dvc", "cache", "dir", "--local", str(root / ".dvc" / "cache")],
+            cwd=worktree,
+            env=env,
+            check=True,
+            capture_output=True,
+        )
         # The whole pipeline, its export recording the run and the model but registering nothing. Code from before
         # export.register recorded its run in the train stage: it stops at evaluate.
         registers = "register" in yaml.safe_load((worktree / "params.yaml").read_text()).get("export", {})
-        _write_params(worktree / "params.yaml", {**original.data.params, **({"export.register": "false"}
-                                                                             if registers else {})})  # fmt: skip
+        _write_params(
+            worktree / "params.yaml", {**original.data.params, **({"export.register": "false"} if registers else {})}
+        )
         mirror = worktree.parent / "mirror"
         mirror.mkdir()
         if _local_mirror(root, original.data.tags.get(names.DATA_MD5), mirror, log):
@@ -189,7 +199,6 @@ def _rerun(original, commit: str, name: str, root: Path, uri: str, log) -> None:
     finally:
         _git("worktree", "remove", "--force", str(worktree), cwd=root)
         shutil.rmtree(worktree.parent, ignore_errors=True)
-
 
 
 def reproduce(run_id: str, root: Path, log=sys.stderr) -> Reproduction:

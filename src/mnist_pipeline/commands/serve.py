@@ -270,8 +270,10 @@ def serve(model_uri: str, host: str, port: int, allow_pickle: bool, extra_hosts:
         model_dir = loader.fetch_model(model_uri, allow_pickle, loader="python_function")
     return_large_buffers()
     app = build_app(model_dir, allowed_hosts(host, extra_hosts))
-    print(f"serving {model_uri} on http://{host}:{port}/invocations (bodies up to {MAX_BODY_BYTES // 2**20} MiB)",
-          file=sys.stderr)  # fmt: skip
+    print(
+        f"serving {model_uri} on http://{host}:{port}/invocations (bodies up to {MAX_BODY_BYTES // 2**20} MiB)",
+        file=sys.stderr,
+    )
     server = uvicorn.Server(
         uvicorn.Config(
             app,

@@ -88,8 +88,10 @@ def open_study(name: str, storage: str, search: Search, seed: int, on_failed_tri
     if recorded is None:
         study.set_user_attr("search", yaml.safe_load(yaml.safe_dump(signature)))
     elif recorded != yaml.safe_load(yaml.safe_dump(signature)):
-        raise SpaceError(f"the study {name!r} was made with another space or validation split; its trials would not "
-                         f"compare: use another --study name, or the space it was made with")  # fmt: skip
+        raise SpaceError(
+            f"the study {name!r} was made with another space or validation split; its trials would not "
+            f"compare: use another --study name, or the space it was made with"
+        )
     return study
 
 
@@ -102,8 +104,12 @@ def _create_or_load(name: str, storage: str, search: Search, on_failed_trial):
 
     with warnings.catch_warnings():  # Optuna calls the heartbeat experimental; it is what marks dead trials
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        database = RDBStorage(storage, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                              heartbeat_stale_trial_callback=on_failed_trial)  # fmt: skip
+        database = RDBStorage(
+            storage,
+            heartbeat_interval=HEARTBEAT_S,
+            grace_period=GRACE_S,
+            heartbeat_stale_trial_callback=on_failed_trial,
+        )
     return optuna.create_study(
         study_name=name,
         storage=database,
@@ -173,10 +179,12 @@ def main(options: Options) -> int:
     study = open_study(options.study, storage, search, seed, trial_failed)
     tracking = studies.Tracking(options.study, storage)
     fail_abandoned_trials(study, trial_failed)
-    print(f"study {options.study!r} in {studies.safe_url(storage)}: {len(train_data):,} training digits, "
-          f"{len(validation_data):,} for validation; MLflow run {tracking.parent[:8]} in experiment "
-          f"{studies.EXPERIMENT!r}",
-          file=sys.stderr)  # fmt: skip
+    print(
+        f"study {options.study!r} in {studies.safe_url(storage)}: {len(train_data):,} training digits, "
+        f"{len(validation_data):,} for validation; MLflow run {tracking.parent[:8]} in experiment "
+        f"{studies.EXPERIMENT!r}",
+        file=sys.stderr,
+    )
     objective = _objective(search, base, tracking, train_data, validation_data, device)
     _optimize(study, objective, options, search, tracking)
     best, done = studies.best(study), studies.counts(study)
@@ -185,9 +193,12 @@ def main(options: Options) -> int:
         print("no trial finished: nothing to apply", file=sys.stderr)
         return 1
     command = pipeline_command(search, best.params, options.study, best.number)
-    print(f"best: trial {best.number}, validation accuracy {100 * best.value:.2f}%. Rerun the pipeline with its "
-          f"params (trained on all {len(train_data) + len(validation_data):,} training digits, evaluated on the test "
-          "digits):", file=sys.stderr)  # fmt: skip
+    print(
+        f"best: trial {best.number}, validation accuracy {100 * best.value:.2f}%. Rerun the pipeline with its "
+        f"params (trained on all {len(train_data) + len(validation_data):,} training digits, evaluated on the test "
+        "digits):",
+        file=sys.stderr,
+    )
     print(shell_line(command))
     return apply(command, tracking, root) if options.apply else 0
 
@@ -232,8 +243,12 @@ def _objective(search: Search, base, tracking: studies.Tracking, train_data, val
         trial.set_user_attr("worker", tracking.owner)  # which process ran it (several may share a study)
 
         def on_epoch(metrics: EpochMetrics) -> None:  # a line per epoch: a trial may take minutes on a busy CPU
-            print(f"trial {trial.number}: epoch {metrics.epoch}/{trial_params.train.epochs}, validation accuracy "
-                  f"{100 * metrics.val_accuracy:.2f}%", file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"trial {trial.number}: epoch {metrics.epoch}/{trial_params.train.epochs}, validation accuracy "
+                f"{100 * metrics.val_accuracy:.2f}%",
+                file=sys.stderr,
+                flush=True,
+            )
             tracking.log_epoch(run_id, metrics.epoch, metrics.metrics())
             trial.report(metrics.val_accuracy, metrics.epoch)
             if trial.should_prune():
@@ -242,8 +257,16 @@ def _objective(search: Search, base, tracking: studies.Tracking, train_data, val
         ending = "failed"
         try:
             with open(os.devnull, "w") as quiet:
-                result = training.train(trial_params.model, trial_params.train, train_data, None, device,
-                                        on_epoch=on_epoch, log=quiet, validation_data=validation_data)  # fmt: skip
+                result = training.train(
+                    trial_params.model,
+                    trial_params.train,
+                    train_data,
+                    None,
+                    device,
+                    on_epoch=on_epoch,
+                    log=quiet,
+                    validation_data=validation_data,
+                )
             ending = "complete"
         except optuna.TrialPruned:
             ending = "pruned"
@@ -274,8 +297,15 @@ def _optimize(study, objective, options: Options, search: Search, tracking: stud
     status = "FAILED"
     try:
         if remaining != 0:
-            study.optimize(objective, n_trials=remaining, timeout=options.timeout, n_jobs=options.jobs,
-                           callbacks=callbacks, catch=(), gc_after_trial=False)  # fmt: skip
+            study.optimize(
+                objective,
+                n_trials=remaining,
+                timeout=options.timeout,
+                n_jobs=options.jobs,
+                callbacks=callbacks,
+                catch=(),
+                gc_after_trial=False,
+            )
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -294,12 +324,17 @@ def _progress(options: Options, search: Search):
         done, best = studies.counts(study_), studies.best(study_)
         finished = done["complete"] + done["pruned"]
         of = f"{finished}/{options.trials} finished" if options.trials else f"{finished} finished"
-        outcome = (f"validation accuracy {100 * trial.value:.2f}%" if trial.value is not None
-                   else trial.state.name.lower())  # fmt: skip
+        outcome = (
+            f"validation accuracy {100 * trial.value:.2f}%" if trial.value is not None else trial.state.name.lower()
+        )
         shown = ", ".join(f"{d.key}={_short(d.value(trial.params))}" for d in search.space if d.key in trial.params)
         best_text = f"best {100 * best.value:.2f}% (trial {best.number})" if best else "no trial finished yet"
-        print(f"trial {trial.number} ({of}): {outcome} [{shown}]  |  {best_text}  |  pruned {done['pruned']}  |  "
-              f"{time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"trial {trial.number} ({of}): {outcome} [{shown}]  |  {best_text}  |  pruned {done['pruned']}  |  "
+            f"{time.perf_counter() - started:.0f} s",
+            file=sys.stderr,
+            flush=True,
+        )
 
     return progress
 

@@ -23,10 +23,24 @@ def main(host: str, port: int) -> None:
     bind(host, port).close()  # a port another program holds: one line now, before any address is printed
     uri = store.configure(writes=False)  # a moved store is pointed at its folder; a read-only one read via a copy
     warn_if_exposed(host, port, "the MLflow UI (every run, metric, artifact and model, readable and changeable)")
-    print(f"MLflow UI on {address(host, port, mlflow.get_experiment_by_name(names.EXPERIMENT))} for {uri}",
-          file=sys.stderr)  # fmt: skip
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port),
-           "--workers", "1"]  # fmt: skip
+    print(
+        f"MLflow UI on {address(host, port, mlflow.get_experiment_by_name(names.EXPERIMENT))} for {uri}",
+        file=sys.stderr,
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     # MLflow's server imports a module Starlette deprecates, and each worker says so: nothing for users to act on.
     quiet = {**os.environ, "PYTHONWARNINGS": "ignore:starlette.middleware.wsgi is deprecated"}
     sys.exit(run_server(cmd, quiet))
@@ -76,18 +90,21 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise PipelineError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; another program may hold it: "
-                            "choose another --port") from None  # fmt: skip
+        raise PipelineError(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc}; another program may hold it: choose another --port"
+        ) from None
     return sock
 
 
 def warn_if_exposed(host: str, port: int, what: str) -> None:
     """One line when a server is about to listen beyond this machine."""
     if host not in LOOPBACK and not host.startswith("127."):
-        print(f"warning: --host {host} makes {what} reachable on port {port} from every network this machine is "
-              "on, without a login; keep the default 127.0.0.1 and reach it through an SSH tunnel "
-              f"(ssh -L {port}:127.0.0.1:{port} <this machine>) or a reverse proxy with authentication",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"warning: --host {host} makes {what} reachable on port {port} from every network this machine is "
+            "on, without a login; keep the default 127.0.0.1 and reach it through an SSH tunnel "
+            f"(ssh -L {port}:127.0.0.1:{port} <this machine>) or a reverse proxy with authentication",
+            file=sys.stderr,
+        )
 
 
 def run_server(cmd: list[str], env: dict[str, str] | None = None) -> int:

@@ -18,8 +18,17 @@ ELASTIC_SIGMA = 3.0  # pixels: the smoothness of the elastic warp's field
 
 def active(cfg: TrainConfig) -> bool:
     """Whether any augmentation but the pixel shift (`shift_images`) is on."""
-    return any((cfg.augment_rotation, cfg.augment_scale, cfg.augment_shear, cfg.augment_elastic, cfg.augment_stroke,
-                cfg.augment_noise, cfg.augment_clutter))
+    return any(
+        (
+            cfg.augment_rotation,
+            cfg.augment_scale,
+            cfg.augment_shear,
+            cfg.augment_elastic,
+            cfg.augment_stroke,
+            cfg.augment_noise,
+            cfg.augment_clutter,
+        )
+    )
 
 
 @dataclass(frozen=True)
@@ -35,10 +44,15 @@ class Draw:
     clutter: Clutter | None = None
 
     def __getitem__(self, index) -> Draw:
-        return Draw(self.degrees[index], self.scale[index], self.shear[index],
-                    None if self.field is None else self.field[index], self.stroke[index],
-                    None if self.noise is None else self.noise[index],
-                    None if self.clutter is None else self.clutter[index])  # fmt: skip
+        return Draw(
+            self.degrees[index],
+            self.scale[index],
+            self.shear[index],
+            None if self.field is None else self.field[index],
+            self.stroke[index],
+            None if self.noise is None else self.noise[index],
+            None if self.clutter is None else self.clutter[index],
+        )
 
 
 # What pages add, for the training: a line across the digit (straight or a scribble, 1 to 3 pixels wide, 30 to 100%
@@ -81,11 +95,13 @@ def draw_clutter(n: int, fraction: float, generator: torch.Generator) -> Clutter
     if len(lines):
         m = len(lines)
         wave = torch.where(uniform(m, 0, 1) < 0.5, uniform(m, 0, MAX_WAVE), 0.0)
-        ink[lines] = distortions.line(ink[lines], uniform(m, 1, MAX_LINE_WIDTH), generator,
-                                      brightness=uniform(m, 0.3, 1.0), wave=wave)  # fmt: skip
+        ink[lines] = distortions.line(
+            ink[lines], uniform(m, 1, MAX_LINE_WIDTH), generator, brightness=uniform(m, 0.3, 1.0), wave=wave
+        )
     if len(speckled):  # on a frame of 0.5, a speck is 1 (full ink) or 0 (none)
-        flipped = distortions.specks(torch.full((len(speckled), 1, 28, 28), 0.5, device=device),
-                                     uniform(len(speckled), 0, MAX_SPECKS), generator)  # fmt: skip
+        flipped = distortions.specks(
+            torch.full((len(speckled), 1, 28, 28), 0.5, device=device), uniform(len(speckled), 0, MAX_SPECKS), generator
+        )
         keep[speckled] = (flipped == 0.5).float()
         add[speckled] = (flipped == 1).float()
     for chosen_digits, fade_to, distort in ((fogged, 0.5, distortions.fog), (lit, 0.4, distortions.uneven_light)):
@@ -108,9 +124,15 @@ def draw(n: int, cfg: TrainConfig, generator: torch.Generator) -> Draw:
         normal = torch.randn((n, 1, 28, 28), generator=generator, device=generator.device)
         noise = normal * uniform(0, cfg.augment_noise).view(n, 1, 1, 1)
     clutter = draw_clutter(n, cfg.augment_clutter, generator) if cfg.augment_clutter else None
-    return Draw(uniform(-cfg.augment_rotation, cfg.augment_rotation),
-                uniform(1 - cfg.augment_scale, 1 + cfg.augment_scale),
-                uniform(-cfg.augment_shear, cfg.augment_shear), field, stroke, noise, clutter)  # fmt: skip
+    return Draw(
+        uniform(-cfg.augment_rotation, cfg.augment_rotation),
+        uniform(1 - cfg.augment_scale, 1 + cfg.augment_scale),
+        uniform(-cfg.augment_shear, cfg.augment_shear),
+        field,
+        stroke,
+        noise,
+        clutter,
+    )
 
 
 def apply(x: torch.Tensor, amounts: Draw, cfg: TrainConfig) -> torch.Tensor:

@@ -39,7 +39,6 @@ from mnist_pipeline.files import write_atomic
 MIRROR_ENV = "MNIST_MIRROR"
 
 
-
 DOWNLOAD_TIMEOUT_S = 30  # for a mirror to answer, and between two pieces of a file
 # For the whole exchange of one file (connecting, headers, body; MNIST's largest is 9.9 MB): a mirror slower than
 # that is skipped, however it trickles.
@@ -73,8 +72,9 @@ def inflate(gz_bytes: bytes, limit: int, name: str) -> bytes:
                 out.append(member.decompress(chunk, limit - size + 1))
                 size += len(out[-1])
                 if size > limit:
-                    raise PipelineError(f"{name} inflates to more than {limit:,} bytes, more than the file can be: "
-                                        "refused")  # fmt: skip
+                    raise PipelineError(
+                        f"{name} inflates to more than {limit:,} bytes, more than the file can be: refused"
+                    )
                 pos += len(chunk) - len(member.unused_data)
                 piece = min(2 * piece, 2**20)
             if not member.eof:
@@ -104,8 +104,9 @@ def md5_of(data: bytes) -> str:
 
 def verify(file: IdxFile, gz_bytes: bytes) -> bytes:
     """Return the decompressed content of ``gz_bytes`` if it is the expected file, else raise PipelineError."""
-    content = inflate(gz_bytes, IDX_BYTES.get(file.name, MAX_IDX_BYTES) if file.gz_md5 else MAX_IDX_BYTES,
-                      f"{file.name}.gz")  # fmt: skip
+    content = inflate(
+        gz_bytes, IDX_BYTES.get(file.name, MAX_IDX_BYTES) if file.gz_md5 else MAX_IDX_BYTES, f"{file.name}.gz"
+    )
     if file.gz_md5 and md5_of(gz_bytes) == file.gz_md5:
         return content
     if file.md5 and md5_of(content) == file.md5:

@@ -17,8 +17,13 @@ import torch
 import torch.nn.functional as F
 
 
-def affine(x: torch.Tensor, degrees: torch.Tensor | float = 0.0, scale: torch.Tensor | float = 1.0,
-           shift: torch.Tensor | None = None, shear: torch.Tensor | float = 0.0) -> torch.Tensor:  # fmt: skip
+def affine(
+    x: torch.Tensor,
+    degrees: torch.Tensor | float = 0.0,
+    scale: torch.Tensor | float = 1.0,
+    shift: torch.Tensor | None = None,
+    shear: torch.Tensor | float = 0.0,
+) -> torch.Tensor:
     """Rotate by ``degrees`` (counter-clockwise), scale about the centre, shear along x by ``shear`` degrees and
     translate by ``shift`` pixels ((N, 2): x, y); each a number or one value per digit. Bilinear, black outside."""
     n, device = len(x), x.device
@@ -132,8 +137,15 @@ def _coordinates(device) -> tuple[torch.Tensor, torch.Tensor]:
     return t.view(1, 1, 1, 28), t.view(1, 1, 28, 1)
 
 
-def line(x: torch.Tensor, width, generator: torch.Generator, brightness=1.0, max_angle: float = 90.0,
-         wave=0.0, dash: float = 0.0) -> torch.Tensor:  # fmt: skip
+def line(
+    x: torch.Tensor,
+    width,
+    generator: torch.Generator,
+    brightness=1.0,
+    max_angle: float = 90.0,
+    wave=0.0,
+    dash: float = 0.0,
+) -> torch.Tensor:
     """A line across each digit, as ink: ``width`` pixels wide (a number, or one per digit), at an angle within
     ``max_angle`` degrees of horizontal, through the digit's middle; ``wave`` pixels of sine wave along it (a
     scribble), dashes of ``dash`` pixels with gaps as long (a dotted line), ``brightness`` its ink. Every amount
@@ -231,8 +243,9 @@ def render_photos(x: torch.Tensor, generator: torch.Generator, quality: int = 70
     level = 0.55 + 0.35 * uniform(n, 1, 1, 1)  # paper from grey to white
     direction = uniform(n) * 2 * math.pi
     ramp = torch.linspace(-1, 1, size)
-    gradient = torch.cos(direction).view(n, 1, 1, 1) * ramp.view(1, 1, 1, -1) + \
-        torch.sin(direction).view(n, 1, 1, 1) * ramp.view(1, 1, -1, 1)  # fmt: skip
+    gradient = torch.cos(direction).view(n, 1, 1, 1) * ramp.view(1, 1, 1, -1) + torch.sin(direction).view(
+        n, 1, 1, 1
+    ) * ramp.view(1, 1, -1, 1)
     blotches = blur(uniform(n, 1, size // 8, size // 8) * 2 - 1, 1.0)
     blotches = F.interpolate(blotches, size=(size, size), mode="bilinear", align_corners=False)
     paper = level + 0.15 * uniform(n, 1, 1, 1) * gradient + 0.08 * blotches

@@ -63,8 +63,10 @@ def check_processes(nproc: int, device: str) -> None:
     else:
         have, what = usable_cores(), "CPU cores"
     if nproc > have:
-        raise PipelineError(f"train.nproc = {nproc} but this machine has {have} {what} for train.device = {device!r}; "
-                            f"set train.nproc to at most {have} (nothing was started)")  # fmt: skip
+        raise PipelineError(
+            f"train.nproc = {nproc} but this machine has {have} {what} for train.device = {device!r}; "
+            f"set train.nproc to at most {have} (nothing was started)"
+        )
 
 
 def usable_cores() -> int:
@@ -104,8 +106,14 @@ def from_env() -> Cluster:
     env = os.environ
     if "WORLD_SIZE" not in env:
         return SINGLE
-    return Cluster(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"]), int(env["LOCAL_WORLD_SIZE"]),
-                   int(env.get("GROUP_RANK", 0)), int(env.get("GROUP_WORLD_SIZE", 1)))  # fmt: skip
+    return Cluster(
+        int(env["RANK"]),
+        int(env["WORLD_SIZE"]),
+        int(env["LOCAL_RANK"]),
+        int(env["LOCAL_WORLD_SIZE"]),
+        int(env.get("GROUP_RANK", 0)),
+        int(env.get("GROUP_WORLD_SIZE", 1)),
+    )
 
 
 @contextmanager

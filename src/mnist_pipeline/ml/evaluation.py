@@ -40,8 +40,10 @@ class Evaluation:
 def summary(result: Evaluation) -> str:
     """The evaluation in one line, as the stage prints it."""
     wrong = int(result.confusion.sum() - np.trace(result.confusion))
-    return (f"test accuracy {100 * result.accuracy:.2f}%  test loss {result.loss:.4f}  "
-            f"({wrong:,} of {int(result.confusion.sum()):,} test digits wrong)")  # fmt: skip
+    return (
+        f"test accuracy {100 * result.accuracy:.2f}%  test loss {result.loss:.4f}  "
+        f"({wrong:,} of {int(result.confusion.sum()):,} test digits wrong)"
+    )
 
 
 def confusion_matrix(actual: np.ndarray, predicted: np.ndarray, num_classes: int = NUM_CLASSES) -> np.ndarray:
@@ -138,24 +140,30 @@ def plot_predictions(
     cols = 8
     sections = [(f"{len(sample)} random test digits", sample, False)]
     if len(worst):
-        sections.append((f"the {len(worst)} most confident mistakes, with the model's probability for its answer",
-                         worst, True))  # fmt: skip
+        sections.append(
+            (f"the {len(worst)} most confident mistakes, with the model's probability for its answer", worst, True)
+        )
     rows = [-(-len(indices) // cols) for _, indices, _ in sections]
     height = 1.6 * sum(rows) + 0.35 * len(sections) + 0.6  # inches: the digits, a title per section, the caption
-    fig, axes = plt.subplots(len(sections), 1, squeeze=False, figsize=(1.4 * cols, height),
-                             gridspec_kw={"height_ratios": rows})  # fmt: skip
+    fig, axes = plt.subplots(
+        len(sections), 1, squeeze=False, figsize=(1.4 * cols, height), gridspec_kw={"height_ratios": rows}
+    )
     for ax, (title, indices, with_confidence) in zip(axes[:, 0], sections, strict=True):
         _digit_grid(ax, images, predicted, actual, indices, cols, confidence if with_confidence else None)
         ax.set_title(title, fontsize=10, loc="left")
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.75 / height, hspace=0.3 / 1.6)
     n_wrong, total = int((predicted != actual).sum()), len(images)
-    fig.suptitle(f"predicted / actual: {n_wrong:,} of {total:,} test digits wrong "
-                 f"({100 * n_wrong / max(total, 1):.2f}%), mistakes in red", fontsize=11)  # fmt: skip
+    fig.suptitle(
+        f"predicted / actual: {n_wrong:,} of {total:,} test digits wrong "
+        f"({100 * n_wrong / max(total, 1):.2f}%), mistakes in red",
+        fontsize=11,
+    )
     save_png(fig, path)
 
 
-def figure_digits(predicted: np.ndarray, actual: np.ndarray, confidence: np.ndarray, count: int, mistakes: int,
-                  seed: int) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+def figure_digits(
+    predicted: np.ndarray, actual: np.ndarray, confidence: np.ndarray, count: int, mistakes: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Indices of the predictions figure: ``count`` test digits drawn with ``seed``, and the ``mistakes`` wrong
     predictions the model was most sure of, most confident first."""
     sample = np.random.default_rng(seed).choice(len(predicted), size=min(count, len(predicted)), replace=False)
@@ -175,8 +183,9 @@ def _digit_grid(ax, images, predicted, actual, indices, cols: int, confidence: n
         mosaic[top : top + size, left : left + size] = images[i]
         wrong = predicted[i] != actual[i]
         text = f"{predicted[i]} / {actual[i]}" + (f"  {100 * confidence[i]:.1f}%" if confidence is not None else "")
-        ax.text(left + size / 2, top - 2, text, ha="center", va="bottom", fontsize=10,
-                color="red" if wrong else "black")  # fmt: skip
+        ax.text(
+            left + size / 2, top - 2, text, ha="center", va="bottom", fontsize=10, color="red" if wrong else "black"
+        )
         if wrong:
             ax.add_patch(Rectangle((left - 1, top - 1), size + 1, size + 1, fill=False, edgecolor="red", linewidth=2.5))
     ax.imshow(mosaic, cmap="gray_r", vmin=0, vmax=255, interpolation="nearest")

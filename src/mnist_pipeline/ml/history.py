@@ -28,9 +28,13 @@ class EpochMetrics:
 
     def metrics(self) -> dict[str, float]:
         """What each epoch logs to MLflow: the figures it has."""
-        named = {names.TRAIN_LOSS: self.train_loss, names.TEST_LOSS: self.test_loss,
-                 names.TEST_ACCURACY: self.test_accuracy, names.VAL_LOSS: self.val_loss,
-                 names.VAL_ACCURACY: self.val_accuracy}  # fmt: skip
+        named = {
+            names.TRAIN_LOSS: self.train_loss,
+            names.TEST_LOSS: self.test_loss,
+            names.TEST_ACCURACY: self.test_accuracy,
+            names.VAL_LOSS: self.val_loss,
+            names.VAL_ACCURACY: self.val_accuracy,
+        }
         return {name: value for name, value in named.items() if value is not None}
 
     def summary(self) -> str:
@@ -43,12 +47,14 @@ class EpochMetrics:
         return "  ".join(parts)
 
 
-
 def write_history(path: Path, history: list[EpochMetrics]) -> None:
     """Per-epoch metrics as CSV, the file DVC plots as the training curves (six significant digits); the
     validation columns only when there was a validation split."""
-    columns = [f.name for f in dataclasses.fields(EpochMetrics)
-               if f.name != "measured_at" and any(getattr(m, f.name) is not None for m in history)]  # fmt: skip
+    columns = [
+        f.name
+        for f in dataclasses.fields(EpochMetrics)
+        if f.name != "measured_at" and any(getattr(m, f.name) is not None for m in history)
+    ]
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(columns)

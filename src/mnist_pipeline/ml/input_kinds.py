@@ -21,8 +21,9 @@ import numpy as np
 
 def _box(digit: np.ndarray, level: float = 0.2) -> np.ndarray:
     """The digit's ink box (pixels above ``level`` of its maximum)."""
-    rows, cols = np.flatnonzero((digit > level * digit.max()).any(axis=1)), np.flatnonzero(
-        (digit > level * digit.max()).any(axis=0)
+    rows, cols = (
+        np.flatnonzero((digit > level * digit.max()).any(axis=1)),
+        np.flatnonzero((digit > level * digit.max()).any(axis=0)),
     )
     return digit[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
 

@@ -55,18 +55,23 @@ DISTORTIONS = (
     Distortion("photo", (50,), "JPEG quality, through predict's preprocessing", _photo),
     # What pages add. A line through the digit's middle, as ink: a ruled line (near horizontal), a faint stripe (any
     # angle), a scribble (a wavy pen stroke) and a dotted line, each by its width in pixels.
-    Distortion("ruled_line", (1, 2), "pixels wide, within 5 degrees of horizontal, 70% ink",
-               lambda x, s, g: d.line(x, s, g, brightness=0.7, max_angle=5)),
+    Distortion(
+        "ruled_line",
+        (1, 2),
+        "pixels wide, within 5 degrees of horizontal, 70% ink",
+        lambda x, s, g: d.line(x, s, g, brightness=0.7, max_angle=5),
+    ),
     Distortion("stripe", (3, 5), "pixels wide, any angle, 40% ink", lambda x, s, g: d.line(x, s, g, brightness=0.4)),
-    Distortion("scribble", (1, 2), "pixels wide, a sine wave of 3 pixels, full ink",
-               lambda x, s, g: d.line(x, s, g, wave=3.0)),
+    Distortion(
+        "scribble", (1, 2), "pixels wide, a sine wave of 3 pixels, full ink", lambda x, s, g: d.line(x, s, g, wave=3.0)
+    ),
     Distortion("dotted_line", (1, 2), "pixels wide, 2-pixel dots, full ink", lambda x, s, g: d.line(x, s, g, dash=2.0)),
     Distortion("outline", (2, 1), "pixels of edge kept (an edge image)", lambda x, s, g: d.outline(x, int(s))),
     Distortion("specks", (0.03, 0.08), "of the pixels set to full ink or none", lambda x, s, g: d.specks(x, s, g)),
     Distortion("motion_blur", (3, 5), "pixels of motion, any direction", lambda x, s, g: d.motion_blur(x, int(s), g)),
     Distortion("fog", (0.5, 0.8), "of grey haze at its densest", lambda x, s, g: d.fog(x, s, g)),
     Distortion("uneven_light", (0.5, 0.8), "of fading at the darker side", lambda x, s, g: d.uneven_light(x, s, g)),
-)  # fmt: skip
+)
 
 
 COLUMNS = ("distortion", "strength", "level", "unit", "accuracy")  # a row of the report
@@ -78,8 +83,9 @@ def metric_name(distortion: str, strength: float) -> str:
 
 
 @torch.inference_mode()
-def report(model: Callable[[np.ndarray], np.ndarray], x: torch.Tensor, labels: torch.Tensor, seed: int,
-           batch_size: int = 2000) -> pd.DataFrame:  # fmt: skip
+def report(
+    model: Callable[[np.ndarray], np.ndarray], x: torch.Tensor, labels: torch.Tensor, seed: int, batch_size: int = 2000
+) -> pd.DataFrame:
     """One row per distortion and strength: (distortion, strength, level, unit, accuracy). ``model``: NumPy pixels
     to logits (the exported model, `runtime.onnx_runner`); ``x``: (N, 1, 28, 28) pixels in [0, 1]. Each distortion
     draws from a generator of its own seeded from ``seed``, so adding one changes none of the others."""
@@ -94,8 +100,15 @@ def report(model: Callable[[np.ndarray], np.ndarray], x: torch.Tensor, labels: t
                 batch = distortion.apply(x[start : start + batch_size], strength, generator).float()
                 predicted = model(batch.numpy()).argmax(axis=1)
                 correct += int((predicted == labels[start : start + batch_size].numpy()).sum())
-            rows.append({"distortion": distortion.name, "strength": strength, "level": level,
-                         "unit": distortion.unit, "accuracy": correct / len(x)})  # fmt: skip
+            rows.append(
+                {
+                    "distortion": distortion.name,
+                    "strength": strength,
+                    "level": level,
+                    "unit": distortion.unit,
+                    "accuracy": correct / len(x),
+                }
+            )
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
@@ -131,16 +144,31 @@ def plot(table: pd.DataFrame, path: Path) -> None:
         rows = table[table.level == level].set_index("distortion")
         shown = [name for name in names if name in rows.index]
         positions = [names.index(name) + offset for name in shown]
-        axes.barh(positions, [rows.accuracy[name] for name in shown], height=0.38, color=colour,
-                  label=("milder" if level == 1 else "stronger"))  # fmt: skip
+        axes.barh(
+            positions,
+            [rows.accuracy[name] for name in shown],
+            height=0.38,
+            color=colour,
+            label=("milder" if level == 1 else "stronger"),
+        )
         for y, name in zip(positions, shown, strict=True):
             strength = f"{rows.strength[name]:g}"
-            axes.text(rows.accuracy[name] + 0.005, y, f"{100 * rows.accuracy[name]:.1f}% ({strength})",
-                      va="center", fontsize=7)  # fmt: skip
+            axes.text(
+                rows.accuracy[name] + 0.005,
+                y,
+                f"{100 * rows.accuracy[name]:.1f}% ({strength})",
+                va="center",
+                fontsize=7,
+            )
     if clean is not None:
         axes.axvline(clean, color="grey", linestyle="--", linewidth=1, label=f"clean {100 * clean:.2f}%")
-    axes.set(yticks=range(len(names)), yticklabels=names, xlim=(0, 1.12), xlabel="test accuracy",
-             title="Robustness: test accuracy under distortions (strength in brackets)")  # fmt: skip
+    axes.set(
+        yticks=range(len(names)),
+        yticklabels=names,
+        xlim=(0, 1.12),
+        xlabel="test accuracy",
+        title="Robustness: test accuracy under distortions (strength in brackets)",
+    )
     axes.invert_yaxis()
     axes.grid(axis="x", alpha=0.3)
     if table.empty:
@@ -151,8 +179,7 @@ def plot(table: pd.DataFrame, path: Path) -> None:
     save_png(figure, path)
 
 
-def write(table: pd.DataFrame, clean_accuracy: float, csv: Path, plot_csv: Path, metrics_json: Path,
-          png: Path) -> None:  # fmt: skip
+def write(table: pd.DataFrame, clean_accuracy: float, csv: Path, plot_csv: Path, metrics_json: Path, png: Path) -> None:
     """The report's files: its table, a column per distortion by strength level (DVC's plot), one metric per
     distortion and strength (JSON), and its figure. An empty report writes them empty."""
     import json

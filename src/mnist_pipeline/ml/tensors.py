@@ -41,8 +41,9 @@ class Tensors:
     def hold_out(self, count: int, seed: int) -> tuple[Tensors, Tensors]:
         """(the rest, ``count`` digits drawn with ``seed``): a validation split that is the same on every machine."""
         if not 0 < count < len(self):
-            raise PipelineError(f"train.validation {count} must leave digits to train on (the training set has "
-                                f"{len(self)})")  # fmt: skip
+            raise PipelineError(
+                f"train.validation {count} must leave digits to train on (the training set has {len(self)})"
+            )
         order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed)).to(self.y.device)
         held, kept = order[:count].sort().values, order[count:].sort().values
         return Tensors(self.images[kept], self.y[kept]), Tensors(self.images[held], self.y[held])

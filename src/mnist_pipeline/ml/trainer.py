@@ -32,8 +32,9 @@ class Trained:
     record: dict  # for the export stage to log (see the module's docstring)
 
 
-def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data_dir: Path, resume_path: Path,
-          code: list[Path]) -> Trained | None:  # fmt: skip
+def train(
+    model_cfg: ModelConfig, train_cfg: TrainConfig, data_dir: Path, resume_path: Path, code: list[Path]
+) -> Trained | None:
     """Train on the data in ``data_dir``, continuing the state at ``resume_path`` when it belongs to this very
     training (params, data and the ``code`` files). None on every rank but rank 0."""
     cluster = distributed.from_env()
@@ -61,16 +62,27 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data_dir: Path, resume
 
         try:
             with system.Sampler(device) as usage:
-                result = training.train(model_cfg, train_cfg, train_data, test_data, device, cluster=cluster,
-                                        resume=state, on_checkpoint=checkpoint if cluster.is_main else None,
-                                        validation_data=validation_data)  # fmt: skip
+                result = training.train(
+                    model_cfg,
+                    train_cfg,
+                    train_data,
+                    test_data,
+                    device,
+                    cluster=cluster,
+                    resume=state,
+                    on_checkpoint=checkpoint if cluster.is_main else None,
+                    validation_data=validation_data,
+                )
         except training.TrainingDiverged:
             resume_path.unlink(missing_ok=True)  # the epochs before led here: resuming would diverge again
             raise
         except KeyboardInterrupt:
             if cluster.is_main and resume_path.exists():
-                print(f"the last completed epoch is saved in {resume_path}; `dvc repro` continues from it"
-                      + ("" if train_cfg.resume else " with train.resume: true"), file=sys.stderr)  # fmt: skip
+                print(
+                    f"the last completed epoch is saved in {resume_path}; `dvc repro` continues from it"
+                    + ("" if train_cfg.resume else " with train.resume: true"),
+                    file=sys.stderr,
+                )
             raise
         samples = distributed.gather_objects(usage.samples, cluster)  # every rank's, on rank 0
     if not cluster.is_main:
@@ -79,15 +91,17 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, data_dir: Path, resume
     return Trained(result, record(result, cluster, device, threads, data_md5, begun, samples))
 
 
-def record(result: training.TrainResult, cluster, device, threads: int, data_md5: str, started: float,
-           samples) -> dict:  # fmt: skip
+def record(result: training.TrainResult, cluster, device, threads: int, data_md5: str, started: float, samples) -> dict:
     """What only the training knows, for the export stage to log (see the module's docstring)."""
     metrics = {names.TRAIN_SECONDS: result.seconds}
     if cluster.distributed:
         metrics[names.DDP_WEIGHT_SPREAD] = result.weight_spread
         metrics.update({f"{names.TRAIN_SECONDS}_rank{r}": s for r, s in enumerate(result.rank_seconds)})
-        print(f"{cluster.world_size} ranks, training seconds per rank {[round(s, 2) for s in result.rank_seconds]}, "
-              f"largest weight difference between ranks {result.weight_spread:g}", file=sys.stderr)  # fmt: skip
+        print(
+            f"{cluster.world_size} ranks, training seconds per rank {[round(s, 2) for s in result.rank_seconds]}, "
+            f"largest weight difference between ranks {result.weight_spread:g}",
+            file=sys.stderr,
+        )
     return {
         "id": uuid.uuid4().hex,  # tells the runs that record this training from those of another
         "started": started,
@@ -97,7 +111,7 @@ def record(result: training.TrainResult, cluster, device, threads: int, data_md5
             names.DATA_MD5: data_md5,
             names.WORLD_SIZE: str(cluster.world_size),
             names.NODES: str(cluster.nodes),
-        },  # fmt: skip
+        },
         "metrics": metrics,
         "history": [vars(m) for m in result.history],
         "system": [sample for rank_samples in samples for sample in rank_samples],

@@ -148,10 +148,19 @@ def train(model_cfg: ModelConfig, cfg: TrainConfig, *args, **kwargs) -> TrainRes
         ) from None
 
 
-def _train(model_cfg: ModelConfig, cfg: TrainConfig, train_data: Tensors, test_data: Tensors | None,
-          device: torch.device, on_epoch: Callable[[EpochMetrics], None] | None = None, log: TextIO | None = None,
-          cluster: Cluster = SINGLE, resume: dict | None = None, on_checkpoint: Callable[[dict], None] | None = None,
-          validation_data: Tensors | None = None) -> TrainResult:  # fmt: skip
+def _train(
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    train_data: Tensors,
+    test_data: Tensors | None,
+    device: torch.device,
+    on_epoch: Callable[[EpochMetrics], None] | None = None,
+    log: TextIO | None = None,
+    cluster: Cluster = SINGLE,
+    resume: dict | None = None,
+    on_checkpoint: Callable[[dict], None] | None = None,
+    validation_data: Tensors | None = None,
+) -> TrainResult:
     """Train a fresh model, or continue the state ``resume`` (from ``on_checkpoint``) where it stopped.
 
     After each epoch: measure the model on the validation digits (if any) and the test split (if given: the tuner
@@ -170,8 +179,10 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, train_data: Tensors, test_d
     net = distributed.wrap(model, device, cluster)
     optimizer = make_optimizer(model, cfg)
     if cfg.batch_size > len(train_data):
-        raise PipelineError(f"train.batch_size {cfg.batch_size} is larger than the training set "
-                            f"({len(train_data)} digits); expected at most that")  # fmt: skip
+        raise PipelineError(
+            f"train.batch_size {cfg.batch_size} is larger than the training set "
+            f"({len(train_data)} digits); expected at most that"
+        )
     steps_per_epoch = -(-len(train_data) // cfg.batch_size)
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)  # batch order and shifts: alike on all ranks
@@ -189,8 +200,16 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, train_data: Tensors, test_d
             evaluate_loss_accuracy(model, split, cluster=cluster) if split is not None else (None, None)
             for split in (validation_data, test_data)
         )  # fp32, like the evaluate stage
-        metrics = EpochMetrics(epoch, train_loss, test_loss, test_accuracy, time.perf_counter() - start, val_loss,
-                               val_accuracy, time.time())  # fmt: skip
+        metrics = EpochMetrics(
+            epoch,
+            train_loss,
+            test_loss,
+            test_accuracy,
+            time.perf_counter() - start,
+            val_loss,
+            val_accuracy,
+            time.time(),
+        )
         history.append(metrics)
         _say(log, f"epoch {epoch}/{cfg.epochs} done: {metrics.summary()}  ({metrics.seconds:.1f} s of training so far)")
         # The epoch's metrics are logged and its state saved as one step: a Ctrl-C or SIGTERM in between waits
@@ -259,17 +278,20 @@ def _one_epoch(
         # A non-finite loss stays in the sum, so checking the sum is enough. One process on the CPU checks every
         # step (it costs nothing); on a GPU a check waits for the GPU, and across ranks all must agree, so there
         # it happens with the progress line and at the end of the epoch: at most log_every steps later.
-        if (not cluster.distributed and device.type != "cuda") or step % cfg.log_every == 0 or \
-                step == steps_per_epoch:  # fmt: skip
+        if (not cluster.distributed and device.type != "cuda") or step % cfg.log_every == 0 or step == steps_per_epoch:
             _stop_if_diverged(loss_sum, cfg, epoch, step, steps_per_epoch, cluster)
         if step % cfg.log_every == 0 and log is not None:
-            _say(log, f"epoch {epoch}/{cfg.epochs}  batch {step}/{steps_per_epoch}  "
-                      f"[{seen}/{len(train_data)}]  batch loss {loss.item():.4f}")  # fmt: skip
+            _say(
+                log,
+                f"epoch {epoch}/{cfg.epochs}  batch {step}/{steps_per_epoch}  "
+                f"[{seen}/{len(train_data)}]  batch loss {loss.item():.4f}",
+            )
     return distributed.sum_over_ranks(loss_sum, cluster).item() / seen
 
 
-def _stop_if_diverged(loss_sum: torch.Tensor, cfg: TrainConfig, epoch: int, step: int, steps: int,
-                      cluster: Cluster) -> None:  # fmt: skip
+def _stop_if_diverged(
+    loss_sum: torch.Tensor, cfg: TrainConfig, epoch: int, step: int, steps: int, cluster: Cluster
+) -> None:
     """Raise TrainingDiverged, on every rank at once, when any rank's loss is no longer finite."""
     bad = (~torch.isfinite(loss_sum)).to(torch.float32).reshape(1)
     if distributed.sum_over_ranks(bad, cluster).item() > 0:

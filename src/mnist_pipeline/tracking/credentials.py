@@ -15,8 +15,10 @@ import os
 from pathlib import Path
 from urllib.parse import urlsplit
 
-HOW_TO = ("set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or give the server a `machine` entry in "
-          "~/.netrc (never in params.yaml)")  # fmt: skip
+HOW_TO = (
+    "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or give the server a `machine` entry in "
+    "~/.netrc (never in params.yaml)"
+)
 
 
 def _netrc_login(uri: str) -> tuple[str, str] | None:

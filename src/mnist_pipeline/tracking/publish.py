@@ -96,12 +96,15 @@ def _log_and_register(params: config.Params, result: Result, artifacts: list[str
             print(f"not registered (export.register: false): the run {run_id} holds the model")
         else:
             registration = registry.register(
-                info.model_uri, params.export.model_name, result.metrics[names.TEST_ACCURACY],
-                params.export.promote_min_delta, robust_accuracy=result.metrics.get(names.ROBUST_ACCURACY),
+                info.model_uri,
+                params.export.model_name,
+                result.metrics[names.TEST_ACCURACY],
+                params.export.promote_min_delta,
+                robust_accuracy=result.metrics.get(names.ROBUST_ACCURACY),
                 max_robust_drop=params.export.max_robust_drop,
                 card=lambda uri: model_card(uri, result, dataset, train_data.digest, run_id, sizes),
                 report=report_name(result.robustness, params.evaluate),
-            ).to_dict()  # fmt: skip
+            ).to_dict()
     return {**checks, "run_id": run_id, "registered": registration}
 
 
@@ -124,11 +127,14 @@ def model_card(uri: str, result: Result, dataset: str, digest: str, run_id: str,
     ]
     if names.ROBUST_ACCURACY in metrics and result.robustness:
         worst = sorted(result.robustness.items(), key=lambda item: item[1])[:3]
-        named = ", ".join(f"{key.removeprefix('robust_').replace('_', ' ')}: {100 * value:.1f}%" for key, value
-                          in worst)  # fmt: skip
-        lines.append(f"Robust accuracy {100 * metrics[names.ROBUST_ACCURACY]:.2f}% (the mean of the robustness "
-                     f"report's {len(result.robustness)} distortions, evaluation/robustness.csv); reads worst: "
-                     f"{named}.")  # fmt: skip
+        named = ", ".join(
+            f"{key.removeprefix('robust_').replace('_', ' ')}: {100 * value:.1f}%" for key, value in worst
+        )
+        lines.append(
+            f"Robust accuracy {100 * metrics[names.ROBUST_ACCURACY]:.2f}% (the mean of the robustness "
+            f"report's {len(result.robustness)} distortions, evaluation/robustness.csv); reads worst: "
+            f"{named}."
+        )
     lines += [
         f'Call it: mlflow.pyfunc.load_model("{uri}").predict(x), x float32 (N, 1, 28, 28) in [0, 1], a light '
         "digit on a dark background; it answers logits, probabilities and digit. Any image: "

@@ -54,8 +54,12 @@ def _champion_accuracy(client: MlflowClient, name: str) -> tuple[int, float, flo
     except MlflowException:
         return None
     robust = champion.tags.get(names.ROBUST_ACCURACY)
-    return (int(champion.version), float(champion.tags.get(names.TEST_ACCURACY, "nan")), robust and float(robust),
-            champion.tags.get(names.ROBUST_REPORT))  # fmt: skip
+    return (
+        int(champion.version),
+        float(champion.tags.get(names.TEST_ACCURACY, "nan")),
+        robust and float(robust),
+        champion.tags.get(names.ROBUST_REPORT),
+    )
 
 
 ONNX_REQUIREMENTS = ("onnx", "onnxruntime")
@@ -98,8 +102,14 @@ def predict_with_logged_model(model_uri: str, digits: np.ndarray) -> list[list[f
     return np.asarray(output["logits"] if isinstance(output, dict) else output).tolist()
 
 
-def promotion(test_accuracy: float, champion: tuple | None, min_delta: float, robust_accuracy: float | None = None,
-              max_robust_drop: float = 1.0, report: str | None = None) -> tuple[bool, str]:  # fmt: skip
+def promotion(
+    test_accuracy: float,
+    champion: tuple | None,
+    min_delta: float,
+    robust_accuracy: float | None = None,
+    max_robust_drop: float = 1.0,
+    report: str | None = None,
+) -> tuple[bool, str]:
     """Should a new version with ``test_accuracy`` become champion? Returns (decision, reason in one line).
 
     ``champion``: (version, test accuracy[, robust accuracy[, report]]). It must be at least as accurate on the
@@ -112,25 +122,38 @@ def promotion(test_accuracy: float, champion: tuple | None, min_delta: float, ro
     version, accuracy, robust, champion_report = (*champion, None, None)[:4]
     if robust is not None and robust_accuracy is not None and champion_report != report:
         robust = None  # not comparable
-        unlike = (f"; robust accuracy not compared: champion v{version}'s was measured on another robustness report "
-                  f"({champion_report or 'before reports were named'}; this one: {report})")  # fmt: skip
+        unlike = (
+            f"; robust accuracy not compared: champion v{version}'s was measured on another robustness report "
+            f"({champion_report or 'before reports were named'}; this one: {report})"
+        )
     else:
         unlike = ""
     if test_accuracy < accuracy + min_delta:
-        return False, (f"kept champion v{version}: test accuracy {test_accuracy:.4f} < its {accuracy:.4f} + "
-                       f"{min_delta:g}{unlike}")  # fmt: skip
+        return False, (
+            f"kept champion v{version}: test accuracy {test_accuracy:.4f} < its {accuracy:.4f} + {min_delta:g}{unlike}"
+        )
     passed = f"test accuracy {test_accuracy:.4f} >= champion v{version}'s {accuracy:.4f} + {min_delta:g}{unlike}"
     if robust_accuracy is not None and robust is not None:
         if robust_accuracy < robust - max_robust_drop:
-            return False, (f"kept champion v{version}: robust accuracy {robust_accuracy:.4f} < its {robust:.4f} - "
-                           f"{max_robust_drop:g} (export.max_robust_drop), though {passed}")  # fmt: skip
+            return False, (
+                f"kept champion v{version}: robust accuracy {robust_accuracy:.4f} < its {robust:.4f} - "
+                f"{max_robust_drop:g} (export.max_robust_drop), though {passed}"
+            )
         passed += f"; robust accuracy {robust_accuracy:.4f} >= its {robust:.4f} - {max_robust_drop:g}"
     return True, passed
 
 
-def register(model_uri: str, name: str, test_accuracy: float, min_delta: float = 0.0, log: TextIO | None = None,
-             robust_accuracy: float | None = None, max_robust_drop: float = 1.0,
-             card: Callable[[str], str] | None = None, report: str | None = None) -> Registration:  # fmt: skip
+def register(
+    model_uri: str,
+    name: str,
+    test_accuracy: float,
+    min_delta: float = 0.0,
+    log: TextIO | None = None,
+    robust_accuracy: float | None = None,
+    max_robust_drop: float = 1.0,
+    card: Callable[[str], str] | None = None,
+    report: str | None = None,
+) -> Registration:
     """Register a logged model as a new version of ``name`` and move the aliases.
 
     ``candidate`` always moves to the new version; ``champion`` moves when the new version's test accuracy is at
@@ -166,12 +189,19 @@ def _wait_for_turn(client: MlflowClient, name: str, version: int, log: TextIO) -
     said = False
     while waiting := _earlier_undecided(client, name, version):
         if time.monotonic() > deadline:
-            print(f"note: {name} version(s) {waiting} registered elsewhere have not decided after {TURN_WAIT_S} s; "
-                  f"version {version} decides now", file=log)  # fmt: skip
+            print(
+                f"note: {name} version(s) {waiting} registered elsewhere have not decided after {TURN_WAIT_S} s; "
+                f"version {version} decides now",
+                file=log,
+            )
             return
         if not said:
-            print(f"{name} version {version} waits for version(s) {waiting}, registered at the same time elsewhere, "
-                  "to move the aliases first", file=log, flush=True)  # fmt: skip
+            print(
+                f"{name} version {version} waits for version(s) {waiting}, registered at the same time elsewhere, "
+                "to move the aliases first",
+                file=log,
+                flush=True,
+            )
             said = True
         time.sleep(POLL_S)
 
@@ -186,8 +216,9 @@ def _new_version(model_uri: str, name: str, tags: dict[str, str]):
         return mlflow.register_model(model_uri, name, tags=tags)
 
 
-def _register(client: MlflowClient, model_uri: str, name: str, rule: tuple, log: TextIO,
-              card: Callable[[str], str]) -> Registration:  # fmt: skip
+def _register(
+    client: MlflowClient, model_uri: str, name: str, rule: tuple, log: TextIO, card: Callable[[str], str]
+) -> Registration:
     """``rule``: (test accuracy, min delta, robust accuracy, max robust drop, robustness report), for
     `promotion`."""
     from mnist_pipeline.tracking.repair import owner

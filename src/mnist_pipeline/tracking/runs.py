@@ -35,8 +35,13 @@ def run_tags(record: Mapping[str, Any]) -> dict[str, str]:
     from mnist_pipeline.tracking.repair import owner
 
     commit = git_commit()
-    tags = {**record["tags"], names.GIT_COMMIT: commit, names.GIT_COMMIT_MLFLOW: commit, names.OWNER: owner(),
-            names.TRAINING_ID: record["id"]}  # fmt: skip
+    tags = {
+        **record["tags"],
+        names.GIT_COMMIT: commit,
+        names.GIT_COMMIT_MLFLOW: commit,
+        names.OWNER: owner(),
+        names.TRAINING_ID: record["id"],
+    }
     if os.environ.get("DVC_EXP_NAME"):
         tags[names.DVC_EXP_NAME] = os.environ["DVC_EXP_NAME"]
     return tags
@@ -71,13 +76,21 @@ def pipeline_run(params: config.Params, record: Mapping[str, Any]) -> Iterator[s
     client = MlflowClient()
     experiment = client.get_experiment_by_name(names.EXPERIMENT)
     tags = run_tags(record)
-    first = client.search_runs([experiment.experiment_id], f"tags.`{names.TRAINING_ID}` = '{record['id']}'",
-                               max_results=1, order_by=["attributes.start_time ASC"])  # fmt: skip
+    first = client.search_runs(
+        [experiment.experiment_id],
+        f"tags.`{names.TRAINING_ID}` = '{record['id']}'",
+        max_results=1,
+        order_by=["attributes.start_time ASC"],
+    )
     if first:
         tags[names.TRAINING_RUN] = first[0].info.run_id
     start = None if first else _ms(record["started"])  # the training is part of this run's time only the first time
-    run = client.create_run(experiment.experiment_id, start_time=start, tags=with_context(tags),
-                            run_name=os.environ.get("DVC_EXP_NAME") or None)  # fmt: skip
+    run = client.create_run(
+        experiment.experiment_id,
+        start_time=start,
+        tags=with_context(tags),
+        run_name=os.environ.get("DVC_EXP_NAME") or None,
+    )
     run_id = run.info.run_id
     if experiment.tags.get(RUNS_VIEW_TAG) != runs_view():
         client.set_experiment_tag(experiment.experiment_id, RUNS_VIEW_TAG, runs_view())
@@ -169,8 +182,9 @@ def log_test_metrics(metrics: Mapping[str, float], model_id: str, test_data) -> 
     for key, value in metrics.items():
         mlflow.log_metric(names.FINAL + key, float(value), model_id=model_id, dataset=test_data)
         if "accuracy" in key:  # to two places, as the charts label it (the fraction keeps every digit)
-            mlflow.log_metric(names.FINAL + key + names.PERCENT, round(100 * float(value), 2), model_id=model_id,
-                              dataset=test_data)  # fmt: skip
+            mlflow.log_metric(
+                names.FINAL + key + names.PERCENT, round(100 * float(value), 2), model_id=model_id, dataset=test_data
+            )
 
 
 # The runs table as `mnist-pipeline ui` opens it: MLflow's own shared view (the experiment tag
@@ -178,10 +192,24 @@ def log_test_metrics(metrics: Mapping[str, float], model_id: str, test_data) -> 
 # runs apart, then the params users change.
 RUNS_VIEW_KEY = "runs-apart"
 RUNS_VIEW_TAG = "mlflow.sharedViewState." + RUNS_VIEW_KEY
-RUNS_VIEW_METRICS = [names.FINAL + names.TEST_ACCURACY + names.PERCENT, names.FINAL + names.TEST_ERRORS,
-                     names.FINAL + names.ROBUST_ACCURACY + names.PERCENT, names.FINAL + names.TEST_LOSS]  # fmt: skip
-RUNS_VIEW_PARAMS = ["train.epochs", "train.lr", "train.batch_size", "train.optimizer", "train.lr_schedule",
-                    "train.seed", "model.conv_channels", "model.hidden", "model.dropout", "data.dataset"]  # fmt: skip
+RUNS_VIEW_METRICS = [
+    names.FINAL + names.TEST_ACCURACY + names.PERCENT,
+    names.FINAL + names.TEST_ERRORS,
+    names.FINAL + names.ROBUST_ACCURACY + names.PERCENT,
+    names.FINAL + names.TEST_LOSS,
+]
+RUNS_VIEW_PARAMS = [
+    "train.epochs",
+    "train.lr",
+    "train.batch_size",
+    "train.optimizer",
+    "train.lr_schedule",
+    "train.seed",
+    "model.conv_channels",
+    "model.hidden",
+    "model.dropout",
+    "data.dataset",
+]
 
 
 def runs_view() -> str:
@@ -189,12 +217,14 @@ def runs_view() -> str:
     import json
 
     columns = [f"metrics.`{m}`" for m in RUNS_VIEW_METRICS] + [f"params.`{p}`" for p in RUNS_VIEW_PARAMS]
-    return json.dumps({
-        "orderByKey": f"metrics.`{names.FINAL + names.TEST_ACCURACY}`",
-        "orderByAsc": False,
-        "selectedColumns": columns,
-        "columnOrder": columns,  # as listed, not alphabetically
-    })  # fmt: skip
+    return json.dumps(
+        {
+            "orderByKey": f"metrics.`{names.FINAL + names.TEST_ACCURACY}`",
+            "orderByAsc": False,
+            "selectedColumns": columns,
+            "columnOrder": columns,  # as listed, not alphabetically
+        }
+    )
 
 
 def log_inputs(datasets: Mapping[str, Any]) -> None:

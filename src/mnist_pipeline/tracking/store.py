@@ -56,9 +56,11 @@ def configure(root: Path | None = None, writes: bool = True) -> str:
     folder = project_root(root) / STORE_DIR
     if not chosen and _read_only(folder):
         if writes:
-            raise PipelineError(f"the MLflow store in {folder} is read-only, and this command records runs or models "
-                                "in it; run it in a writable copy of the project, or set MLFLOW_TRACKING_URI to a "
-                                "store you can write")  # fmt: skip
+            raise PipelineError(
+                f"the MLflow store in {folder} is read-only, and this command records runs or models "
+                "in it; run it in a writable copy of the project, or set MLFLOW_TRACKING_URI to a "
+                "store you can write"
+            )
         return _open_read_only(folder)
     if not chosen:
         # The embedded store; the artifacts go beside the database, in mlruns/<experiment name>/.
@@ -152,13 +154,17 @@ def relocate(database: Path, folder: Path) -> None:
             return
         for table, column in ARTIFACT_PATH_COLUMNS:
             try:
-                db.execute(f"UPDATE {table} SET {column} = ? || substr({column}, ?) "  # noqa: S608 (our names)
-                           f"WHERE {column} = ? OR substr({column}, 1, ?) = ?",
-                           (new, len(old) + 1, old, len(old) + 1, old + "/"))  # fmt: skip
+                db.execute(
+                    f"UPDATE {table} SET {column} = ? || substr({column}, ?) "  # noqa: S608 (our names)
+                    f"WHERE {column} = ? OR substr({column}, 1, ?) = ?",
+                    (new, len(old) + 1, old, len(old) + 1, old + "/"),
+                )
             except sqlite3.OperationalError:  # a table an older MLflow schema does not have
                 continue
-    print(f"note: this project's MLflow store was moved or copied from {old}; its artifact paths now point to {new}",
-          file=sys.stderr)  # fmt: skip
+    print(
+        f"note: this project's MLflow store was moved or copied from {old}; its artifact paths now point to {new}",
+        file=sys.stderr,
+    )
 
 
 def _read_only(folder: Path) -> bool:
@@ -177,8 +183,10 @@ def _open_read_only(folder: Path) -> str:
 
     database = folder / DATABASE
     if not database.is_file():
-        raise PipelineError(f"the MLflow store in {folder} is read-only and holds no database ({DATABASE}): "
-                            "nothing has been recorded there")  # fmt: skip
+        raise PipelineError(
+            f"the MLflow store in {folder} is read-only and holds no database ({DATABASE}): "
+            "nothing has been recorded there"
+        )
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -201,8 +209,10 @@ def _hint(uri: str, chosen: bool) -> str:
     if chosen:
         return "check MLFLOW_TRACKING_URI, or unset it to use the local store in mlruns/"
     path = uri.removeprefix("sqlite:///")
-    return (f"the local store {path} is damaged or not an MLflow database: restore it from a backup, or move it "
-            "aside to start a new one (its runs are then no longer listed)")  # fmt: skip
+    return (
+        f"the local store {path} is damaged or not an MLflow database: restore it from a backup, or move it "
+        "aside to start a new one (its runs are then no longer listed)"
+    )
 
 
 def lock(uri: str):
@@ -243,9 +253,14 @@ def _check_sqlite_path(uri: str) -> None:
         problem = "cannot be created (its folder is missing or not writable)"
     else:
         return
-    raise PipelineError(f"MLflow store {uri}: {path} {problem}; "
-                        + ("check MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else
-                           "the local store lives in mlruns/ under the project root"))  # fmt: skip
+    raise PipelineError(
+        f"MLflow store {uri}: {path} {problem}; "
+        + (
+            "check MLFLOW_TRACKING_URI"
+            if os.environ.get("MLFLOW_TRACKING_URI")
+            else "the local store lives in mlruns/ under the project root"
+        )
+    )
 
 
 # MLflow retries an unanswered HTTP request 7 times with a doubling back-off: minutes before an error. A pipeline
@@ -262,17 +277,21 @@ def check_server(uri: str) -> None:
     for name, value in HTTP_RETRY_DEFAULTS.items():
         os.environ.setdefault(name, value)
     if "@" in urllib.parse.urlsplit(uri).netloc:
-        raise PipelineError("MLFLOW_TRACKING_URI holds credentials, which would show in logs and messages; put them "
-                            "in MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or in ~/.netrc")  # fmt: skip
+        raise PipelineError(
+            "MLFLOW_TRACKING_URI holds credentials, which would show in logs and messages; put them "
+            "in MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or in ~/.netrc"
+        )
     base = uri.rstrip("/")
     status = _probe(uri, f"{base}/health", {})
     if status is None:  # it answers; now as the user (a read every user may make)
         query = urllib.parse.urlencode({"experiment_name": names.EXPERIMENT})
         status = _probe(uri, f"{base}/api/2.0/mlflow/experiments/get-by-name?{query}", credentials.headers(uri))
     if status in (401, 403):
-        raise PipelineError(f"the MLflow tracking server {uri} refused {credentials.describe(uri)} ({status}: "
-                            f"{'no valid login' if status == 401 else 'no permission to read'}); "
-                            f"{credentials.HOW_TO}")  # fmt: skip
+        raise PipelineError(
+            f"the MLflow tracking server {uri} refused {credentials.describe(uri)} ({status}: "
+            f"{'no valid login' if status == 401 else 'no permission to read'}); "
+            f"{credentials.HOW_TO}"
+        )
 
 
 def _probe(uri: str, url: str, headers: dict[str, str]) -> int | None:
@@ -310,16 +329,22 @@ def server_failure(uri: str, exc: Exception) -> PipelineError:
     permission, or a server that stopped answering (the half-done run is put right at the next start, `repair`)."""
     status = exc.get_http_status_code() if hasattr(exc, "get_http_status_code") else None
     if status == 401:
-        return PipelineError(f"the MLflow tracking server {uri} refused {credentials.describe(uri)} (401: no valid "
-                             f"login); {credentials.HOW_TO}")  # fmt: skip
+        return PipelineError(
+            f"the MLflow tracking server {uri} refused {credentials.describe(uri)} (401: no valid "
+            f"login); {credentials.HOW_TO}"
+        )
     if status == 403:
-        return PipelineError(f"the MLflow tracking server {uri} refused {credentials.describe(uri)} a change (403: "
-                             "permission denied); ask its admin for write access to the experiment and the "
-                             "registered model (docs/operations.md)")  # fmt: skip
+        return PipelineError(
+            f"the MLflow tracking server {uri} refused {credentials.describe(uri)} a change (403: "
+            "permission denied); ask its admin for write access to the experiment and the "
+            "registered model (docs/operations.md)"
+        )
     detail = str(exc).rsplit("failed with exception ", 1)[-1].splitlines()[0]
     cause = detail.rsplit("Caused by ", 1)[-1].strip("()") if "Caused by " in detail else detail
-    return PipelineError(f"the MLflow tracking server {uri} failed in the middle of the exchange ({cause[:160]}); "
-                         "nothing half-done stays: check the server, then rerun `dvc repro`")  # fmt: skip
+    return PipelineError(
+        f"the MLflow tracking server {uri} failed in the middle of the exchange ({cause[:160]}); "
+        "nothing half-done stays: check the server, then rerun `dvc repro`"
+    )
 
 
 RACE_ATTEMPTS = 3

@@ -20,8 +20,10 @@ def counts(study) -> dict[str, int]:
     from optuna.trial import TrialState
 
     trials = study.get_trials(deepcopy=False)
-    return {state: sum(t.state == getattr(TrialState, state.upper()) for t in trials)
-            for state in ("complete", "pruned", "fail", "running")}  # fmt: skip
+    return {
+        state: sum(t.state == getattr(TrialState, state.upper()) for t in trials)
+        for state in ("complete", "pruned", "fail", "running")
+    }
 
 
 class Tracking:
@@ -68,8 +70,13 @@ class Tracking:
         return first.info.run_id
 
     def start_trial(self, number: int, params: config.Params) -> str:
-        tags = {names.PARENT_RUN: self.parent, names.TUNE_STUDY: self.study, names.TUNE_ROLE: "trial",
-                names.TUNE_TRIAL: str(number), names.OWNER: self.owner}  # fmt: skip
+        tags = {
+            names.PARENT_RUN: self.parent,
+            names.TUNE_STUDY: self.study,
+            names.TUNE_ROLE: "trial",
+            names.TUNE_TRIAL: str(number),
+            names.OWNER: self.owner,
+        }
         run_id = self.client.create_run(self.experiment_id, tags=with_context(tags), run_name=f"trial {number}")
         run_id = run_id.info.run_id
         from mlflow.entities import Param
@@ -210,5 +217,3 @@ def _readable(figure) -> None:
             image.set_cmap("viridis")
         for label in (*axes.get_xticklabels(), *axes.get_yticklabels()):
             label.set_bbox({"facecolor": "white", "edgecolor": "none", "pad": 1.0})
-
-
