@@ -96,7 +96,7 @@ def test_a_reader_reads_but_cannot_register_or_move_an_alias(team_server, as_use
     store.configure(tmp_path)
     with mlflow.start_run() as logged:
         uri = log_onnx(build(tiny_model_config()).eval(), tmp_path)
-        registry.register(uri, "reader-test", 0.9)
+        registry.register(uri, "reader-test", registry.Scores(0.9))
     before = state(alice, "reader-test")
 
     carol = as_user(READER)

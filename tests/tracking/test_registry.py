@@ -24,7 +24,9 @@ from tests.helpers import log_onnx, tiny_model_config
     ],
 )
 def test_promotion_rule(accuracy, champion, delta, promote, reason):
-    decision, why = registry.promotion(accuracy, champion, delta)
+    decision, why = registry.promotion(
+        registry.Scores(accuracy), champion and (champion[0], registry.Scores(champion[1])), registry.Rule(delta)
+    )
     assert decision is promote and reason in why
 
 
@@ -34,10 +36,10 @@ def test_candidate_always_moves_champion_only_when_not_worse(local_store, tmp_pa
     with mlflow.start_run() as run:
         run_id = run.info.run_id
         uri = log_onnx(model, tmp_path)
-        first = registry.register(uri, "m", 0.95)
-        better = registry.register(uri, "m", 0.97)
-        worse = registry.register(uri, "m", 0.96)
-        equal = registry.register(uri, "m", 0.97)
+        first = registry.register(uri, "m", registry.Scores(0.95))
+        better = registry.register(uri, "m", registry.Scores(0.97))
+        worse = registry.register(uri, "m", registry.Scores(0.96))
+        equal = registry.register(uri, "m", registry.Scores(0.97))
     assert (first.version, first.aliases) == (1, ("candidate", "champion"))
     assert first.champion_reason == "no champion yet"
     assert better.aliases == ("candidate", "champion")
@@ -51,7 +53,7 @@ def test_candidate_always_moves_champion_only_when_not_worse(local_store, tmp_pa
     assert version.tags["promotion"].startswith("kept champion v2") and version.tags["git_commit"]
     assert version.description.startswith("MNIST CNN, test accuracy 96.00%")
     with mlflow.start_run():
-        margin = registry.register(uri, "m", 0.9705, min_delta=0.001)
+        margin = registry.register(uri, "m", registry.Scores(0.9705), registry.Rule(0.001))
     assert margin.aliases == ("candidate",)
     loaded = loader.load_model("models:/m@champion")  # ONNX, in onnxruntime
     x = torch.rand(3, 1, 28, 28)
@@ -62,14 +64,14 @@ def test_a_registration_interrupted_half_way_leaves_no_version(local_store, monk
     model = build(tiny_model_config(hidden=8)).eval()
     with mlflow.start_run():
         uri = log_onnx(model, tmp_path)
-        registry.register(uri, "m", 0.95)
+        registry.register(uri, "m", registry.Scores(0.95))
 
         def interrupted(*args):
             raise KeyboardInterrupt
 
         monkeypatch.setattr(MlflowClient, "set_registered_model_alias", interrupted)  # Ctrl-C between two calls
         with pytest.raises(KeyboardInterrupt):
-            registry.register(uri, "m", 0.97)
+            registry.register(uri, "m", registry.Scores(0.97))
     versions = MlflowClient().search_model_versions("name='m'")
     assert [int(v.version) for v in versions] == [1]  # version 2 was removed again
     monkeypatch.undo()
@@ -85,9 +87,9 @@ def test_a_candidate_that_reads_real_digits_worse_is_not_promoted(local_store, t
     log = io.StringIO()
     with mlflow.start_run():
         uri = log_onnx(model, tmp_path)
-        champion = registry.register(uri, "m", 0.98, robust_accuracy=0.90, max_robust_drop=0.01, log=log)
-        brittle = registry.register(uri, "m", 0.99, robust_accuracy=0.85, max_robust_drop=0.01, log=log)
-        within = registry.register(uri, "m", 0.99, robust_accuracy=0.895, max_robust_drop=0.01, log=log)
+        champion = registry.register(uri, "m", registry.Scores(0.98, 0.90), registry.Rule(0.0, 0.01), log=log)
+        brittle = registry.register(uri, "m", registry.Scores(0.99, 0.85), registry.Rule(0.0, 0.01), log=log)
+        within = registry.register(uri, "m", registry.Scores(0.99, 0.895), registry.Rule(0.0, 0.01), log=log)
     assert champion.aliases == ("candidate", "champion")
     assert brittle.aliases == ("candidate",)
     assert brittle.champion_reason == ("kept champion v1: robust accuracy 0.8500 < its 0.9000 - 0.01 "
@@ -107,11 +109,9 @@ def test_robust_accuracies_of_different_reports_are_not_compared_and_the_reason_
     log = io.StringIO()
     with mlflow.start_run():
         uri = log_onnx(model, tmp_path)
-        registry.register(uri, "m", 0.98, robust_accuracy=0.95, max_robust_drop=0.01, log=log, report="19 (a)")
-        grown = registry.register(uri, "m", 0.99, robust_accuracy=0.90, max_robust_drop=0.01, log=log,
-                                  report="37 (b)")  # fmt: skip
-        same = registry.register(uri, "m", 0.99, robust_accuracy=0.80, max_robust_drop=0.01, log=log,
-                                 report="37 (b)")  # fmt: skip
+        registry.register(uri, "m", registry.Scores(0.98, 0.95, "19 (a)"), registry.Rule(0.0, 0.01), log=log)
+        grown = registry.register(uri, "m", registry.Scores(0.99, 0.90, "37 (b)"), registry.Rule(0.0, 0.01), log=log)
+        same = registry.register(uri, "m", registry.Scores(0.99, 0.80, "37 (b)"), registry.Rule(0.0, 0.01), log=log)
     assert grown.aliases == ("candidate", "champion")
     assert "robust accuracy not compared: champion v1's was measured on another robustness report (19 (a); this " \
            "one: 37 (b))" in grown.champion_reason  # fmt: skip

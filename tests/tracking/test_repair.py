@@ -29,7 +29,7 @@ def test_repair_ends_what_dead_processes_left_and_nothing_else(local_store, tmp_
     pending = client.create_logged_model(experiment, source_run_id=runs_["dead"]).model_id
     with mlflow.start_run():
         uri = log_onnx(build(tiny_model_config()).eval(), tmp_path)
-        whole = registry.register(uri, "m", 0.9)
+        whole = registry.register(uri, "m", registry.Scores(0.9))
         half = int(mlflow.register_model(uri, "m", tags={names.REGISTERING: "1"}).version)  # as if killed here
     done = repair(client, experiment)
     assert len(done) == 3
@@ -79,7 +79,7 @@ def test_a_version_waits_for_an_earlier_one_registered_elsewhere_then_decides_af
 
         def register_version_2() -> None:  # MLflow's active run is per thread: this one resumes it
             with mlflow.start_run(run_id=run.info.run_id):
-                registry.register(uri, "m", 0.95, log=log)
+                registry.register(uri, "m", registry.Scores(0.95), log=log)
 
         later = threading.Thread(target=register_version_2)
         later.start()

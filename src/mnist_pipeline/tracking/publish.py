@@ -95,15 +95,17 @@ def _log_and_register(params: config.Params, result: Result, artifacts: list[str
         if not params.export.register:
             print(f"not registered (export.register: false): the run {run_id} holds the model")
         else:
+            scores = registry.Scores(
+                result.metrics[names.TEST_ACCURACY],
+                result.metrics.get(names.ROBUST_ACCURACY),
+                report_name(result.robustness, params.evaluate),
+            )
             registration = registry.register(
                 info.model_uri,
                 params.export.model_name,
-                result.metrics[names.TEST_ACCURACY],
-                params.export.promote_min_delta,
-                robust_accuracy=result.metrics.get(names.ROBUST_ACCURACY),
-                max_robust_drop=params.export.max_robust_drop,
+                scores,
+                registry.Rule(params.export.promote_min_delta, params.export.max_robust_drop),
                 card=lambda uri: model_card(uri, result, dataset, train_data.digest, run_id, sizes),
-                report=report_name(result.robustness, params.evaluate),
             ).to_dict()
     return {**checks, "run_id": run_id, "registered": registration}
 

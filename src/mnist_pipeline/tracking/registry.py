@@ -46,20 +46,37 @@ class Registration:
         }
 
 
-def _champion_accuracy(client: MlflowClient, name: str) -> tuple[int, float, float | None, str | None] | None:
-    """(version, test accuracy, robust accuracy or None, the robustness report it was measured on or None) of the
-    current champion, or None when there is none."""
+@dataclass(frozen=True)
+class Scores:
+    """What the promotion rule compares: a version's test accuracy and, where measured, its robust accuracy (the
+    robustness report's mean) with the report it was measured on (its distortions, strengths, digits and seed)."""
+
+    test_accuracy: float
+    robust_accuracy: float | None = None
+    report: str | None = None
+
+
+@dataclass(frozen=True)
+class Rule:
+    """When a new version becomes champion: ``export.promote_min_delta`` and ``export.max_robust_drop``."""
+
+    min_delta: float = 0.0
+    max_robust_drop: float = 1.0
+
+
+def _champion(client: MlflowClient, name: str) -> tuple[int, Scores] | None:
+    """The current champion's version and scores, or None when there is none."""
     try:
         champion = client.get_model_version_by_alias(name, names.ALIAS_CHAMPION)
     except MlflowException:
         return None
     robust = champion.tags.get(names.ROBUST_ACCURACY)
-    return (
-        int(champion.version),
+    scores = Scores(
         float(champion.tags.get(names.TEST_ACCURACY, "nan")),
         robust and float(robust),
         champion.tags.get(names.ROBUST_REPORT),
     )
+    return int(champion.version), scores
 
 
 ONNX_REQUIREMENTS = ("onnx", "onnxruntime")
@@ -102,71 +119,56 @@ def predict_with_logged_model(model_uri: str, digits: np.ndarray) -> list[list[f
     return np.asarray(output["logits"] if isinstance(output, dict) else output).tolist()
 
 
-def promotion(
-    test_accuracy: float,
-    champion: tuple | None,
-    min_delta: float,
-    robust_accuracy: float | None = None,
-    max_robust_drop: float = 1.0,
-    report: str | None = None,
-) -> tuple[bool, str]:
-    """Should a new version with ``test_accuracy`` become champion? Returns (decision, reason in one line).
+def promotion(new: Scores, champion: tuple[int, Scores] | None, rule: Rule) -> tuple[bool, str]:
+    """Should a new version with scores ``new`` become champion over ``champion`` (its version and scores)? Returns
+    (decision, reason in one line).
 
-    ``champion``: (version, test accuracy[, robust accuracy[, report]]). It must be at least as accurate on the
-    test digits (plus ``min_delta``), and, when both have a robust accuracy (the robustness report's mean) measured
-    on the same report (``report``: its distortions, strengths, digits and seed), not more than ``max_robust_drop``
-    below the champion's there: a point gained on MNIST's own test set does not buy a model that reads real digits
-    worse. Means of different reports are not compared: the reason says so."""
+    It must be at least as accurate on the test digits (plus ``rule.min_delta``), and, when both have a robust
+    accuracy measured on the same report, not more than ``rule.max_robust_drop`` below the champion's there: a point
+    gained on MNIST's own test set does not buy a model that reads real digits worse. Means of different reports are
+    not compared: the reason says so."""
     if champion is None:
         return True, "no champion yet"
-    version, accuracy, robust, champion_report = (*champion, None, None)[:4]
-    if robust is not None and robust_accuracy is not None and champion_report != report:
-        robust = None  # not comparable
+    version, old = champion
+    comparable = new.robust_accuracy is not None and old.robust_accuracy is not None and new.report == old.report
+    unlike = ""
+    if new.robust_accuracy is not None and old.robust_accuracy is not None and not comparable:
         unlike = (
             f"; robust accuracy not compared: champion v{version}'s was measured on another robustness report "
-            f"({champion_report or 'before reports were named'}; this one: {report})"
+            f"({old.report or 'before reports were named'}; this one: {new.report})"
         )
-    else:
-        unlike = ""
-    if test_accuracy < accuracy + min_delta:
-        return False, (
-            f"kept champion v{version}: test accuracy {test_accuracy:.4f} < its {accuracy:.4f} + {min_delta:g}{unlike}"
-        )
-    passed = f"test accuracy {test_accuracy:.4f} >= champion v{version}'s {accuracy:.4f} + {min_delta:g}{unlike}"
-    if robust_accuracy is not None and robust is not None:
-        if robust_accuracy < robust - max_robust_drop:
-            return False, (
-                f"kept champion v{version}: robust accuracy {robust_accuracy:.4f} < its {robust:.4f} - "
-                f"{max_robust_drop:g} (export.max_robust_drop), though {passed}"
-            )
-        passed += f"; robust accuracy {robust_accuracy:.4f} >= its {robust:.4f} - {max_robust_drop:g}"
+    tested = f"test accuracy {new.test_accuracy:.4f}"
+    if new.test_accuracy < old.test_accuracy + rule.min_delta:
+        return False, f"kept champion v{version}: {tested} < its {old.test_accuracy:.4f} + {rule.min_delta:g}{unlike}"
+    passed = f"{tested} >= champion v{version}'s {old.test_accuracy:.4f} + {rule.min_delta:g}{unlike}"
+    if comparable:
+        robust = f"robust accuracy {new.robust_accuracy:.4f}"
+        floor = f"its {old.robust_accuracy:.4f} - {rule.max_robust_drop:g}"
+        if new.robust_accuracy < old.robust_accuracy - rule.max_robust_drop:
+            return False, f"kept champion v{version}: {robust} < {floor} (export.max_robust_drop), though {passed}"
+        passed += f"; {robust} >= {floor}"
     return True, passed
 
 
 def register(
     model_uri: str,
     name: str,
-    test_accuracy: float,
-    min_delta: float = 0.0,
+    scores: Scores,
+    rule: Rule = Rule(),
     log: TextIO | None = None,
-    robust_accuracy: float | None = None,
-    max_robust_drop: float = 1.0,
     card: Callable[[str], str] | None = None,
-    report: str | None = None,
 ) -> Registration:
     """Register a logged model as a new version of ``name`` and move the aliases.
 
-    ``candidate`` always moves to the new version; ``champion`` moves when the new version's test accuracy is at
-    least the current champion's plus ``min_delta``, or when there is no champion yet. The decision and its reason
-    are printed and kept as the version's ``promotion`` tag. ``card`` makes the version's description from its
-    ``models:/`` URI.
+    ``candidate`` always moves to the new version; ``champion`` moves when `promotion` says so, or when there is
+    no champion yet. The decision and its reason are printed and kept as the version's ``promotion`` tag. ``card``
+    makes the version's description from its ``models:/`` URI.
     """
     log = log or sys.stderr
     client = MlflowClient()
-    card = card or (lambda uri: f"MNIST CNN, test accuracy {100 * test_accuracy:.2f}%: {uri}")
+    card = card or (lambda uri: f"MNIST CNN, test accuracy {100 * scores.test_accuracy:.2f}%: {uri}")
     with store.lock(mlflow.get_tracking_uri()):  # a local store: one writer at a time (a server needs none)
-        rule = (test_accuracy, min_delta, robust_accuracy, max_robust_drop, report)
-        return _register(client, model_uri, name, rule, log, card)
+        return _register(client, model_uri, name, scores, rule, log, card)
 
 
 TURN_WAIT_S = 300  # the longest a version waits for earlier ones to decide (a registration takes seconds)
@@ -217,10 +219,14 @@ def _new_version(model_uri: str, name: str, tags: dict[str, str]):
 
 
 def _register(
-    client: MlflowClient, model_uri: str, name: str, rule: tuple, log: TextIO, card: Callable[[str], str]
+    client: MlflowClient,
+    model_uri: str,
+    name: str,
+    scores: Scores,
+    rule: Rule,
+    log: TextIO,
+    card: Callable[[str], str],
 ) -> Registration:
-    """``rule``: (test accuracy, min delta, robust accuracy, max robust drop, robustness report), for
-    `promotion`."""
     from mnist_pipeline.tracking.repair import owner
 
     run = mlflow.active_run()
@@ -229,11 +235,11 @@ def _register(
     version = int(_new_version(model_uri, name, tags={names.REGISTERING: owner()}).version)
     print(f"registering {name} version {version}: tags, then aliases", file=log, flush=True)
     try:
-        test_accuracy, min_delta, robust_accuracy, max_robust_drop, report = rule
+        robust = scores.robust_accuracy
         tags = {
-            names.TEST_ACCURACY: f"{test_accuracy:.6f}",
-            **({names.ROBUST_ACCURACY: f"{robust_accuracy:.6f}"} if robust_accuracy is not None else {}),
-            **({names.ROBUST_REPORT: report} if report else {}),
+            names.TEST_ACCURACY: f"{scores.test_accuracy:.6f}",
+            **({names.ROBUST_ACCURACY: f"{robust:.6f}"} if robust is not None else {}),
+            **({names.ROBUST_REPORT: scores.report} if scores.report else {}),
             names.RUN_ID: run.info.run_id,
             names.GIT_COMMIT: run.data.tags.get(names.GIT_COMMIT, "unknown"),
             names.DVC_EXP_NAME: run.data.tags.get(names.DVC_EXP_NAME, ""),
@@ -243,8 +249,7 @@ def _register(
         client.update_model_version(name, str(version), description=card(f"models:/{name}/{version}"))
         client.delete_model_version_tag(name, str(version), names.REGISTERING)  # complete: now it may get aliases
         _wait_for_turn(client, name, version, log)
-        champion = _champion_accuracy(client, name)
-        promote, reason = promotion(test_accuracy, champion, min_delta, robust_accuracy, max_robust_drop, report)
+        promote, reason = promotion(scores, _champion(client, name), rule)
         client.set_registered_model_alias(name, names.ALIAS_CANDIDATE, str(version))
         aliases = [names.ALIAS_CANDIDATE]
         if promote:
