@@ -104,7 +104,7 @@ def prepare_data(folder: Path) -> str:
     """Put MNIST-format files in ``folder/MNIST/raw`` (torchvision's layout); return what the data is."""
     raw = folder / "MNIST" / "raw"
     if os.environ.get(data.MIRROR_ENV):
-        data.download(raw, data.MNIST_FILES, mirror_list=[os.environ[data.MIRROR_ENV]])
+        data.download(raw, data.expected_files("mnist"), mirror_list=[os.environ[data.MIRROR_ENV]])
         return f"real MNIST from {data.MIRROR_ENV}"
     from mnist_pipeline.ml.synthetic import write_raw
 

@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 
 from mnist_pipeline import stage
-from mnist_pipeline.code_deps import closure
 from mnist_pipeline.files import write_atomic
 
 
@@ -24,10 +23,11 @@ def main(params, data, checkpoint, history, record, resume_state):
     from mnist_pipeline.ml import trainer
     from mnist_pipeline.ml.history import write_history
     from mnist_pipeline.ml.model import save_checkpoint
-    from mnist_pipeline.tracking import store
+    from mnist_pipeline.tracking import server
 
-    store.check_server(store.tracking_uri())  # an unreachable server fails now, in seconds, not after training
-    code = sorted(closure(Path(__file__), Path(stage.__file__).parents[1]))  # what makes a saved state stale
+    server.check()  # an unreachable server fails now, in seconds, not after training
+    # What makes a saved state stale: any edit to this script or to the package (a needless restart costs time only)
+    code = [Path(__file__), *sorted(Path(stage.__file__).parent.rglob("*.py"))]
     trained = trainer.train(params.model, params.train, data, resume_state, code)
     if trained is None:  # a rank of several other than rank 0, which writes the outputs
         return

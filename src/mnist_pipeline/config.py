@@ -15,7 +15,7 @@ from typing import Annotated, Any, ClassVar, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from mnist_pipeline.datasets import DATASETS, FILE_NAMES
+from mnist_pipeline.datasets import FILE_NAMES, NAMES
 from mnist_pipeline.errors import PipelineError
 
 
@@ -58,7 +58,7 @@ MD5 = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
 
 class DataConfig(Section):
     SECTION = "data"
-    dataset: Literal[tuple(DATASETS)]
+    dataset: Literal[NAMES]
     expected_md5: dict[Literal[FILE_NAMES], MD5]
 
 

@@ -1,76 +1,14 @@
-"""HTTP requests with a deadline for the whole exchange: connecting, the status line and headers, and the body.
+"""A deadline for a whole exchange with a server, however the other end trickles.
 
-urllib's ``timeout`` bounds each wait for the next bytes, not the exchange: a server that sends its headers one byte
-every 0.2 s holds a request open for ever. Here a timer shuts the request's sockets down when the deadline passes,
-which ends whatever read is waiting with an error; `deadline` reports whether that is what happened.
+urllib's and MLflow's timeouts bound each wait for the next bytes, not the exchange: a server that sends its answer
+one byte every 0.2 s holds a request open for ever. `time_limit` interrupts the main thread when the deadline
+passes, whatever it waits on.
 """
 
 from __future__ import annotations
 
-import http.client
-import socket
-import threading
-import urllib.request
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
-
-
-class Deadline:
-    def __init__(self, seconds: float):
-        self.seconds = seconds
-        self.expired = threading.Event()
-        self._sockets: list[socket.socket] = []
-        self._lock = threading.Lock()
-
-    def watch(self, sock: socket.socket) -> None:
-        with self._lock:
-            self._sockets.append(sock)
-            if self.expired.is_set():
-                _cut(sock)
-
-    def expire(self) -> None:
-        with self._lock:
-            self.expired.set()
-            for sock in self._sockets:
-                _cut(sock)
-
-
-def _cut(sock: socket.socket) -> None:
-    with suppress(OSError):
-        sock.shutdown(socket.SHUT_RDWR)
-
-
-def _watched(base: type[http.client.HTTPConnection], deadline: Deadline) -> type[http.client.HTTPConnection]:
-    class Connection(base):
-        def connect(self):
-            super().connect()
-            deadline.watch(self.sock)
-
-    return Connection
-
-
-@contextmanager
-def deadline(seconds: float) -> Iterator[tuple[Callable, Deadline]]:
-    """``(urlopen, deadline)``: ``urlopen`` works as urllib's, redirects included, and every connection it opens
-    inside the block is cut when ``seconds`` have passed since the block began."""
-    limit = Deadline(seconds)
-
-    class HTTP(urllib.request.HTTPHandler):
-        def http_open(self, req):
-            return self.do_open(_watched(http.client.HTTPConnection, limit), req)
-
-    class HTTPS(urllib.request.HTTPSHandler):
-        def https_open(self, req):
-            return self.do_open(_watched(http.client.HTTPSConnection, limit), req, context=self._context)
-
-    opener = urllib.request.build_opener(HTTP, HTTPS)
-    timer = threading.Timer(seconds, limit.expire)
-    timer.daemon = True
-    timer.start()
-    try:
-        yield opener.open, limit
-    finally:
-        timer.cancel()
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 class DeadlinePassed(BaseException):

@@ -7,7 +7,7 @@ import http.server
 import pytest
 
 from mnist_pipeline.errors import PipelineError
-from mnist_pipeline.tracking import credentials, store
+from mnist_pipeline.tracking import credentials, server
 from tests.helpers import serving
 
 URI = "http://tracking.example:5000"
@@ -37,7 +37,7 @@ def test_the_environment_comes_first_then_the_netrc_and_no_message_shows_the_pas
 
 def test_credentials_in_the_tracking_uri_are_refused_in_one_line(no_login):
     with pytest.raises(PipelineError, match="MLFLOW_TRACKING_URI holds credentials") as refused:
-        store.check_server("http://alice:secret@tracking.example:5000")
+        server.check("http://alice:secret@tracking.example:5000")
     assert "secret" not in str(refused.value)
 
 
@@ -55,7 +55,7 @@ def test_a_refused_login_stops_at_the_first_check_naming_the_login(no_login, mon
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "wrong")
     with serving(Handler) as url, pytest.raises(PipelineError) as refused:
-        store.check_server(url)
+        server.check(url)
     message = str(refused.value)
     assert "refused the login 'alice'" in message and said in message and "wrong" not in message
     assert "\n" not in message

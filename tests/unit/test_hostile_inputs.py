@@ -42,7 +42,7 @@ def bomb() -> bytes:
 
 
 def test_a_decompression_bomb_is_refused_without_inflating_it(bomb):
-    file = data.MNIST_FILES[2]  # t10k-images: 7,840,016 bytes decompressed
+    file = data.expected_files("mnist")[2]  # t10k-images: 7,840,016 bytes decompressed
     tracemalloc.start()
     try:
         with pytest.raises(PipelineError, match=r"t10k-images-idx3-ubyte.gz inflates to more than 7,840,016 bytes"):
@@ -217,11 +217,11 @@ def test_a_mirror_that_trickles_its_headers_is_given_up_after_the_deadline(monke
 
 
 def test_a_tracking_server_that_trickles_its_headers_is_named_in_one_line(monkeypatch, trickling_headers):
-    from mnist_pipeline.tracking import store
+    from mnist_pipeline.tracking import server
 
-    monkeypatch.setattr(store, "PROBE_TIMEOUT_S", 1)
+    monkeypatch.setattr(server, "PROBE_TIMEOUT_S", 1)
     with pytest.raises(PipelineError, match=r"tracking server http://127.0.0.1:\d+ does not answer \(no whole answer"):
-        store.check_server(trickling_headers)
+        server.check(trickling_headers)
 
 
 def test_a_mirror_folder_holding_a_huge_file_is_refused_without_reading_it(tmp_path):

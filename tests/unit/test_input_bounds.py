@@ -79,7 +79,7 @@ def test_an_idx_header_that_claims_gigabytes_is_refused_before_any_is_read(tmp_p
 def test_a_gzipped_idx_header_that_claims_gigabytes_ends_where_its_data_does(tmp_path):
     path = tmp_path / "liar-idx3-ubyte.gz"
     path.write_bytes(gzip.compress(idx_header(1000, 5000, 5000) + bytes(100)))
-    with pytest.raises(PipelineError, match=r"says 1000x5000x5000 but the data ends after image 0"):
+    with pytest.raises(PipelineError, match=r"says 1000x5000x5000 but the data ends after item 0"):
         list(predict.read_inputs(path))
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from mnist_pipeline.errors import PipelineError, printable
+from mnist_pipeline.ml import data
 from mnist_pipeline.ml.preprocess import preprocess
 from mnist_pipeline.tracking import loader
 
@@ -39,26 +40,13 @@ def _per_chunk(h: int, w: int, itemsize: int = 1) -> int:
 def _idx_images(stream, name: str, size: int | None) -> Iterator[np.ndarray]:
     """The images of an IDX file, a bounded chunk at a time, from a binary stream (a gzip stream inflates as it is
     read). ``size``: the stream's length when known (a plain file), checked against the header before any read."""
-    header = stream.read(16)
-    if len(header) < 16 or header[:4] != b"\x00\x00\x08\x03":
-        raise PipelineError(f"{name}: not an IDX file of images (expected magic 0x00000803)")
-    n, h, w = (int.from_bytes(header[4 + 4 * i : 8 + 4 * i], "big") for i in range(3))
+    n, h, w = shape = data.idx_shape(stream, name, 3)
     if h * w > MAX_PIXELS or h * w == 0:
         raise PipelineError(f"{name}: IDX header says images of {h}x{w} pixels; refused (at most {MAX_PIXELS:,})")
     if n == 0:
         raise PipelineError(f"{name}: the IDX file holds no images")
-    if size is not None and size != 16 + n * h * w:
-        raise PipelineError(f"{name}: IDX header says {n}x{h}x{w} ({16 + n * h * w:,} bytes) but the file has {size:,}")
-    step = _per_chunk(h, w)
-    for start in range(0, n, step):
-        count = min(step, n - start)
-        data = stream.read(count * h * w)
-        if len(data) != count * h * w:
-            raise PipelineError(f"{name}: IDX header says {n}x{h}x{w} but the data ends after image {start}")
-        yield from np.frombuffer(data, dtype=np.uint8).reshape(count, h, w)
-        del data  # before the next one is read
-    if stream.read(1):
-        raise PipelineError(f"{name}: IDX header says {n}x{h}x{w} but the file holds more data")
+    for chunk in data.idx_chunks(stream, name, shape, size, _per_chunk(h, w)):
+        yield from chunk
 
 
 def _npy_images(path: Path, name: str) -> Iterator[tuple[str, np.ndarray]]:

@@ -1,8 +1,11 @@
 """Download, verify and read the MNIST IDX files.
 
 The download stage stores the four files decompressed in ``data/raw/`` so later stages read them without
-unzipping. A file is accepted only when it matches a known checksum: the MD5 of the published ``.gz``, or else
-the MD5 of its decompressed content (mirrors often recompress, which changes the ``.gz`` bytes but not the data).
+unzipping. The mirrors and published checksums are torchvision's (`mnist_pipeline.datasets`). A file is accepted
+only when it matches a known checksum: the MD5 of the published ``.gz``, or else the MD5 of its decompressed content
+(mirrors often recompress, which changes the ``.gz`` bytes but not the data). The transfer is ours, not
+torchvision's ``download_url``: that one has no time limit, no size limit, cannot read a ``file://`` mirror and
+retries a failed ``https://`` address over plain ``http://``.
 """
 
 from __future__ import annotations
@@ -19,20 +22,12 @@ import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import BinaryIO, TextIO
 
 import numpy as np
 
 from mnist_pipeline import network
-from mnist_pipeline.datasets import (  # noqa: F401  (the catalogue, read through this module too)
-    DATASETS,
-    DEFAULT_MIRRORS,
-    FILE_NAMES,
-    MNIST_FILES,
-    TEST_FILE_NAMES,
-    TRAIN_FILE_NAMES,
-    IdxFile,
-)
+from mnist_pipeline.datasets import FILE_NAMES, TEST_FILE_NAMES, TRAIN_FILE_NAMES, IdxFile, catalogue  # noqa: F401
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.files import write_atomic
 
@@ -88,14 +83,14 @@ def expected_files(dataset: str = "mnist", md5_overrides: Mapping[str, str] | No
     """The dataset's four files; an override replaces a file's content MD5 (and drops its gz MD5)."""
     overrides = md5_overrides or {}
     return tuple(
-        IdxFile(f.name, "", overrides[f.name], dataset) if f.name in overrides else f for f in DATASETS[dataset].files
+        IdxFile(f.name, "", overrides[f.name], dataset) if f.name in overrides else f for f in catalogue(dataset).files
     )
 
 
 def mirrors(dataset: str = "mnist", environ: Mapping[str, str] = os.environ) -> list[str]:
     """Mirrors in the order they are tried: ``$MNIST_MIRROR`` first when set, then the dataset's public ones."""
     local = environ.get(MIRROR_ENV, "").strip()
-    return ([local] if local else []) + list(DATASETS[dataset].mirrors)
+    return ([local] if local else []) + list(catalogue(dataset).mirrors)
 
 
 def md5_of(data: bytes) -> str:
@@ -135,19 +130,18 @@ def fetch(mirror: str, filename: str) -> bytes:
     url = mirror.rstrip("/") + "/" + filename
     request = urllib.request.Request(url, headers={"User-Agent": "mnist-pipeline"})
     chunks, size = [], 0
-    with network.deadline(DOWNLOAD_DEADLINE_S) as (urlopen, deadline):
-        try:
-            with urlopen(request, timeout=DOWNLOAD_TIMEOUT_S) as response:
+    try:
+        with network.time_limit(DOWNLOAD_DEADLINE_S, url):
+            with urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_S) as response:
                 while chunk := response.read1(2**16):  # whatever has arrived: a trickle cannot hold a read open
                     chunks.append(chunk)
                     size += len(chunk)
                     if size > MAX_GZ_BYTES:
                         raise PipelineError(f"{url} is larger than {MAX_GZ_BYTES} bytes")
-        except (OSError, http.client.HTTPException) as exc:
-            if not deadline.expired.is_set():
-                raise OSError(_reason(exc)) from None
-        if deadline.expired.is_set():  # the connection was cut: whatever was read is incomplete
-            raise PipelineError(f"{url} is too slow: {size:,} bytes of the answer in {DOWNLOAD_DEADLINE_S} s")
+    except (OSError, http.client.HTTPException) as exc:
+        raise OSError(_reason(exc)) from None
+    except network.DeadlinePassed:
+        raise PipelineError(f"{url} is too slow: {size:,} bytes of the answer in {DOWNLOAD_DEADLINE_S} s") from None
     return b"".join(chunks)
 
 
@@ -161,7 +155,7 @@ def _reason(exc: Exception) -> str:
 
 def download(
     out_dir: Path,
-    files: tuple[IdxFile, ...] = MNIST_FILES,
+    files: tuple[IdxFile, ...],
     mirror_list: list[str] | None = None,
     log: TextIO | None = None,
 ) -> None:
@@ -201,20 +195,48 @@ def download(
 _IDX_UBYTE = 0x08
 
 
+def idx_shape(stream: BinaryIO, name: str, ndim: int) -> tuple[int, ...]:
+    """Read an IDX header of ``ndim``-D unsigned bytes from ``stream``; return the shape it announces."""
+    header = stream.read(4 + 4 * ndim)
+    if len(header) < 4 + 4 * ndim or header[:4] != bytes((0, 0, _IDX_UBYTE, ndim)):
+        raise PipelineError(f"{name}: not an IDX file of {ndim}-D unsigned bytes (bad header)")
+    return tuple(int.from_bytes(header[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+
+
+def idx_chunks(stream: BinaryIO, name: str, shape: tuple[int, ...], size: int | None, per_chunk: int):
+    """The data after an IDX header of ``shape``, ``per_chunk`` items at a time as uint8 arrays: memory stays
+    bounded whatever the file announces. ``size``: the file's length when known (not for a gzip stream),
+    checked against the header before anything is read."""
+    shown = "x".join(map(str, shape))
+    item = math.prod(shape[1:])  # exact: np.prod wraps around past 2**63
+    expected = 4 + 4 * len(shape) + shape[0] * item
+    if size is not None and size != expected:
+        raise PipelineError(f"{name}: IDX header says {shown} ({expected:,} bytes) but the file has {size:,}")
+    for start in range(0, shape[0], per_chunk):
+        count = min(per_chunk, shape[0] - start)
+        if size is None:  # a gzip stream: read() inflates into a new buffer, where readinto() would copy it again
+            buffer = stream.read(count * item)
+            got = len(buffer)
+        else:  # a plain file: read straight into a writable buffer (tensors can share its memory)
+            buffer = bytearray(count * item)
+            got = stream.readinto(buffer)
+        if got != count * item:
+            raise PipelineError(f"{name}: IDX header says {shown} but the data ends after item {start}")
+        yield np.frombuffer(buffer, dtype=np.uint8).reshape(count, *shape[1:])
+    if stream.read(1):
+        raise PipelineError(f"{name}: IDX header says {shown} but the file holds more data")
+
+
 def read_idx(path: Path, ndim: int) -> np.ndarray:
-    """Read an unsigned-byte IDX file with ``ndim`` dimensions into a uint8 array."""
+    """Read an unsigned-byte IDX file with ``ndim`` dimensions into a (writable) uint8 array."""
     try:
-        raw = np.fromfile(path, dtype=np.uint8)  # writable, no copy: tensors can share its memory
+        stream = path.open("rb")
     except FileNotFoundError:
         raise PipelineError(f"{path} is missing: run the download stage (`dvc repro download`)") from None
-    header = 4 + 4 * ndim
-    if len(raw) < header or raw[0] != 0 or raw[1] != 0 or raw[2] != _IDX_UBYTE or raw[3] != ndim:
-        raise PipelineError(f"{path} is not an IDX file of {ndim}-D unsigned bytes (bad header)")
-    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i].tobytes(), "big") for i in range(ndim))
-    expected = header + math.prod(shape)  # exact: np.prod wraps around past 2**63
-    if len(raw) != expected:
-        raise PipelineError(f"{path} holds {len(raw)} bytes but its header {shape} implies {expected}")
-    return raw[header:].reshape(shape)
+    with stream:
+        shape = idx_shape(stream, str(path), ndim)
+        chunks = list(idx_chunks(stream, str(path), shape, path.stat().st_size, max(shape[0], 1)))
+    return chunks[0] if chunks else np.zeros(shape, dtype=np.uint8)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 Nothing of ours stores a credential: MLflow's own client reads ``MLFLOW_TRACKING_USERNAME`` and
 ``MLFLOW_TRACKING_PASSWORD`` (or ``MLFLOW_TRACKING_TOKEN``), and without them the HTTP library it uses takes the
 server's entry in ``~/.netrc`` (or the file ``NETRC`` names). This module finds the same login, in the same order,
-for the pipeline's own first request to the server (`store.check_server`) and to say whose login a server refused.
+for the pipeline's own first request to the server (`server.check`) and to say whose login a server refused.
 It never returns or prints a password.
 """
 

@@ -15,10 +15,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from mnist_pipeline import config, names, network
+from mnist_pipeline import config, datasets, names, network
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.ml import data, runtime
-from mnist_pipeline.tracking import store
+from mnist_pipeline.tracking import server, store
 
 # No space on the disk, over the quota, or over the size a process may write (`ulimit -f`).
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -44,18 +44,18 @@ def publish(params: config.Params, result: Result) -> dict:
     uri = store.tracking_uri()
     artifacts: list[str] = []  # where the run's artifacts go, once it has begun
     try:
-        with store.exchange(uri):
+        with server.exchange(uri):
             store.configure()
             return _log_and_register(params, result, artifacts)
     except network.DeadlinePassed:
         raise PipelineError(
-            f"the MLflow tracking server {uri} did not answer within {store.server_deadline_s():g} s "
+            f"the MLflow tracking server {uri} did not answer within {server.deadline_s():g} s "
             "(MLFLOW_HTTP_REQUEST_TIMEOUT); nothing was registered: check the server, then rerun `dvc repro`"
         ) from None
     except MlflowException as exc:
-        if not store.is_server(uri):
+        if not server.is_server(uri):
             raise
-        raise store.server_failure(uri, exc) from None
+        raise server.failure(uri, exc) from None
     except OSError as exc:
         if exc.errno not in DISK_FULL:
             raise
@@ -69,7 +69,7 @@ def _log_and_register(params: config.Params, result: Result, artifacts: list[str
     from mnist_pipeline.tracking import registry, runs
 
     dataset = params.data.dataset
-    source = data.DATASETS[dataset].mirrors[0]
+    source = datasets.HOMEPAGES[dataset]
     test = data.load_split(result.data, "test")
     sizes = len(data.read_idx(result.data / "train-labels-idx1-ubyte", 1)), len(test.labels)  # for the model card
     digits = (test.images[: params.export.parity_samples, None] / np.float32(255)).astype(np.float32)  # (N, 1, 28, 28)

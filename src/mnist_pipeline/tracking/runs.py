@@ -23,7 +23,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_USER
 
 from mnist_pipeline import config, names
 from mnist_pipeline.errors import PipelineError
-from mnist_pipeline.tracking import credentials, store
+from mnist_pipeline.tracking import credentials, server, store
 
 
 def _ms(seconds: float) -> int:
@@ -113,7 +113,7 @@ def with_context(tags: Mapping[str, str]) -> dict[str, str]:
     from mlflow.tracking.context.registry import resolve_tags
 
     uri = mlflow.get_tracking_uri()
-    login = credentials.user(uri) if store.is_server(uri) else None
+    login = credentials.user(uri) if server.is_server(uri) else None
     return resolve_tags(dict(tags)) | ({MLFLOW_USER: login} if login else {})
 
 
@@ -130,7 +130,7 @@ def _end(client: MlflowClient, run_id: str, status: str) -> None:
     from mnist_pipeline import network
 
     try:
-        with store.exchange(mlflow.get_tracking_uri()), network.time_limit(END_DEADLINE_S, "ending the run"):
+        with server.exchange(mlflow.get_tracking_uri()), network.time_limit(END_DEADLINE_S, "ending the run"):
             experiment = client.get_run(run_id).info.experiment_id
             for model in client.search_logged_models([experiment], filter_string=f"source_run_id = '{run_id}'"):
                 if model.status == LoggedModelStatus.PENDING:

@@ -8,13 +8,9 @@ still log to the user's store rather than into a copy that is deleted afterwards
 
 from __future__ import annotations
 
-import http.client
 import logging
 import os
 import sys
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,7 +18,7 @@ from typing import TypeVar
 
 from mnist_pipeline import names
 from mnist_pipeline.errors import PipelineError
-from mnist_pipeline.tracking import credentials
+from mnist_pipeline.tracking import server
 
 T = TypeVar("T")
 
@@ -66,7 +62,7 @@ def configure(root: Path | None = None, writes: bool = True) -> str:
         # The embedded store; the artifacts go beside the database, in mlruns/<experiment name>/.
         folder.mkdir(exist_ok=True)
     _check_sqlite_path(uri)
-    check_server(uri)
+    server.check(uri)
     # MLflow announces at INFO level that it creates (or upgrades) the tables of a new SQLite store: noise in a
     # pipeline whose store is created on first use as a matter of course. Its warnings and errors still show.
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
@@ -263,90 +259,6 @@ def _check_sqlite_path(uri: str) -> None:
     )
 
 
-# MLflow retries an unanswered HTTP request 7 times with a doubling back-off: minutes before an error. A pipeline
-# should rather fail fast (or, mid-run, go on training without the server); values the user sets win.
-HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
-PROBE_TIMEOUT_S = 5
-
-
-def check_server(uri: str) -> None:
-    """Two quick requests to a tracking server before anything else: its /health, then one read as the user the
-    pipeline will log in as. A server that is down, or refuses the credentials, stops the caller in one line."""
-    if not is_server(uri):
-        return
-    for name, value in HTTP_RETRY_DEFAULTS.items():
-        os.environ.setdefault(name, value)
-    if "@" in urllib.parse.urlsplit(uri).netloc:
-        raise PipelineError(
-            "MLFLOW_TRACKING_URI holds credentials, which would show in logs and messages; put them "
-            "in MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or in ~/.netrc"
-        )
-    base = uri.rstrip("/")
-    status = _probe(uri, f"{base}/health", {})
-    if status is None:  # it answers; now as the user (a read every user may make)
-        query = urllib.parse.urlencode({"experiment_name": names.EXPERIMENT})
-        status = _probe(uri, f"{base}/api/2.0/mlflow/experiments/get-by-name?{query}", credentials.headers(uri))
-    if status in (401, 403):
-        raise PipelineError(
-            f"the MLflow tracking server {uri} refused {credentials.describe(uri)} ({status}: "
-            f"{'no valid login' if status == 401 else 'no permission to read'}); "
-            f"{credentials.HOW_TO}"
-        )
-
-
-def _probe(uri: str, url: str, headers: dict[str, str]) -> int | None:
-    """GET ``url``: None when it answered (any status but 401 and 403), else that status; a one-line error when the
-    server does not answer at all."""
-    from mnist_pipeline import network
-
-    with network.deadline(PROBE_TIMEOUT_S) as (urlopen, deadline):
-        try:
-            with urlopen(urllib.request.Request(url, headers=headers), timeout=PROBE_TIMEOUT_S) as response:
-                response.read(2**16)
-            reason = None
-        except urllib.error.HTTPError as exc:
-            if exc.code in (401, 403):
-                return exc.code
-            reason = None  # it answers
-        except (OSError, http.client.HTTPException) as exc:
-            reason = getattr(exc, "reason", None) or exc
-        if deadline.expired.is_set():  # cut off: what came may look whole but is not
-            reason = f"no whole answer within {PROBE_TIMEOUT_S} s"
-        if reason is None:
-            return None
-        raise PipelineError(
-            f"the MLflow tracking server {uri} does not answer ({reason}); check that it is running and "
-            "reachable from here, or unset MLFLOW_TRACKING_URI to use the local store in mlruns/"
-        ) from None
-
-
-def is_server(uri: str) -> bool:
-    return uri.startswith(("http://", "https://"))
-
-
-def server_failure(uri: str, exc: Exception) -> PipelineError:
-    """What a tracking server's error in the middle of an exchange means, in one line: a refused login or
-    permission, or a server that stopped answering (the half-done run is put right at the next start, `repair`)."""
-    status = exc.get_http_status_code() if hasattr(exc, "get_http_status_code") else None
-    if status == 401:
-        return PipelineError(
-            f"the MLflow tracking server {uri} refused {credentials.describe(uri)} (401: no valid "
-            f"login); {credentials.HOW_TO}"
-        )
-    if status == 403:
-        return PipelineError(
-            f"the MLflow tracking server {uri} refused {credentials.describe(uri)} a change (403: "
-            "permission denied); ask its admin for write access to the experiment and the "
-            "registered model (docs/operations.md)"
-        )
-    detail = str(exc).rsplit("failed with exception ", 1)[-1].splitlines()[0]
-    cause = detail.rsplit("Caused by ", 1)[-1].strip("()") if "Caused by " in detail else detail
-    return PipelineError(
-        f"the MLflow tracking server {uri} failed in the middle of the exchange ({cause[:160]}); "
-        "nothing half-done stays: check the server, then rerun `dvc repro`"
-    )
-
-
 RACE_ATTEMPTS = 3
 
 
@@ -378,25 +290,6 @@ def _lost_insert_race(exc: Exception) -> bool:
     return "UniqueViolation" in message or "IntegrityError" in message
 
 
-def server_deadline_s() -> float:
-    """How long the exchange with a tracking server may take, all of a stage's requests together: MLflow's own
-    ``MLFLOW_HTTP_REQUEST_TIMEOUT`` (default 120 s), which MLflow applies to each wait for data, not to a whole
-    exchange (a server that trickles its answer would hold a stage for ever)."""
-    return float(os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT") or 120)
-
-
-def exchange(uri: str):
-    """A context for the whole of a stage's exchange with the store: bounded by `server_deadline_s` when the store
-    is a server (`network.DeadlinePassed` when it ends), unbounded for a local database."""
-    from contextlib import nullcontext
-
-    from mnist_pipeline import network
-
-    if not is_server(uri):
-        return nullcontext()
-    return network.time_limit(server_deadline_s(), f"the MLflow tracking server {uri}")
-
-
 @contextmanager
 def reading() -> Iterator[None]:
     """A command's reads of the store (`exchange`), a server that does not finish answering in time one line."""
@@ -404,11 +297,11 @@ def reading() -> Iterator[None]:
 
     uri = tracking_uri()
     try:
-        with exchange(uri):
+        with server.exchange(uri):
             yield
     except network.DeadlinePassed:
         raise PipelineError(
-            f"the MLflow tracking server {uri} did not answer within {server_deadline_s():g} s "
+            f"the MLflow tracking server {uri} did not answer within {server.deadline_s():g} s "
             "(MLFLOW_HTTP_REQUEST_TIMEOUT, for all of a command's requests); check the server"
         ) from None
 
