@@ -21,7 +21,7 @@ from pathlib import Path
 
 import click
 
-from mnist_pipeline.errors import PipelineError, run_main
+from mnist_pipeline.errors import run_main
 from mnist_pipeline.ml import data
 from mnist_pipeline.ml.tensors import Tensors
 
@@ -161,14 +161,6 @@ def _main(seeds: int, loop: bool, params_file: Path, only: str | None, sets: lis
     import pandas as pd
 
     contenders = [only] if only else ["baseline", "pipeline"]
-    if "baseline" in contenders:
-        try:
-            import torchvision  # noqa: F401
-        except ImportError:
-            raise PipelineError(
-                "the tutorial baseline reads MNIST through torchvision, which is not installed (requirements/"
-                "lock.txt has it, the CPU lock leaves it out): pip install torchvision, or pass --only pipeline"
-            ) from None
     rows = []
     with tempfile.TemporaryDirectory(prefix="mnist-bench-") as tmp:
         params = write_params(params_file, sets, Path(tmp) / "params.yaml")

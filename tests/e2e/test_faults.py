@@ -258,7 +258,10 @@ def test_a_data_file_whose_header_lies_stops_the_download_stage_and_keeps_the_mo
 
     refused = run(repo, str(hostile), "dvc", "repro", "train")
     assert refused.returncode != 0 and "Traceback" not in refused.stderr
-    assert "IDX header says 2147483648x2147483648x4 (18,446,744,073,709,551,632 bytes) but the file has 16" in refused.stderr
+    assert (
+        "IDX header says 2147483648x2147483648x4 (18,446,744,073,709,551,632 bytes) but the file has 16"
+        in refused.stderr
+    )
     assert "train" not in ran_stages(refused)
     assert (repo / "models/model.pt").read_bytes() == model
 

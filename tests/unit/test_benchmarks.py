@@ -7,7 +7,6 @@ import sys
 import threading
 
 from benchmarks import loop as bench_loop
-from tests.helpers import REPO_ROOT
 
 # A stand-in for a stage's process: named like one, holding 300 MB for a moment, with a child that is not a stage
 # process (100 MB: not counted).
@@ -41,19 +40,6 @@ def test_the_report_gives_each_figure_as_a_ratio_to_the_floor():
     assert "| W | 30.00 | 6.00 |  |" in text
     assert "| stage train | 20.00 | 4.00 | 900 (2 ranks) |" in text
     assert "printed no warnings" in text
-
-
-def test_the_tutorial_baseline_without_torchvision_is_one_line():
-    """The CPU lock leaves torchvision out: the benchmark says so in one line instead of a ModuleNotFoundError."""
-    script = ("import sys; sys.modules['torchvision'] = None  # as on the CPU lock\n"
-              "from benchmarks import tutorial\n"
-              "tutorial.main(['--seeds', '1'])\n")  # fmt: skip
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
-    assert out.returncode == 1
-    assert out.stderr.strip().splitlines() == [
-        "error: the tutorial baseline reads MNIST through torchvision, which is not installed (requirements/lock.txt "
-        "has it, the CPU lock leaves it out): pip install torchvision, or pass --only pipeline"
-    ]
 
 
 def test_a_recipe_is_a_name_and_params_overrides_checked_as_params_yaml_is():

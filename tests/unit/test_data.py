@@ -174,5 +174,8 @@ def test_idx_dimensions_are_checked_in_exact_arithmetic(tmp_path):
     """2**31 x 2**31 x 4 images: the product wraps to 0 in int64, which a header alone would match."""
     path = tmp_path / "absurd-idx3-ubyte"
     path.write_bytes(b"\x00\x00\x08\x03" + (2**31).to_bytes(4, "big") * 2 + (4).to_bytes(4, "big"))
-    with pytest.raises(PipelineError, match=r"IDX header says 2147483648x2147483648x4 \(18,446,744,073,709,551,632 bytes\) but the file has 16"):
+    with pytest.raises(
+        PipelineError,
+        match=r"IDX header says 2147483648x2147483648x4 \(18,446,744,073,709,551,632 bytes\) but the file has 16",
+    ):
         data.read_idx(path, 3)

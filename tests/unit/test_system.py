@@ -54,3 +54,17 @@ def test_on_cuda_every_gpu_is_sampled_under_mlflows_names(monkeypatch):
 def test_on_the_cpu_no_gpu_is_read():
     values = system.Sampler(torch.device("cpu")).sample()["values"]
     assert not any(key.startswith("gpu_") for key in values) and values["process_memory_rss_megabytes"] > 0
+
+
+def test_the_system_cpu_counter_is_started_in_the_thread_that_reads_it(monkeypatch):
+    """psutil keeps the system's CPU counter per thread, and a thread's first reading is meaningless (0.0 as a
+    rule): started in another thread, the runs' first `cpu_utilization_percentage` read 0.0 while the process read
+    90%. Every thread that samples calls it once before the reading it keeps."""
+    import threading
+
+    calls, real = [], system.psutil.cpu_percent
+    monkeypatch.setattr(system.psutil, "cpu_percent", lambda: calls.append(threading.get_ident()) or real())
+    with system.Sampler(torch.device("cpu"), interval_s=0.05) as sampler:
+        while not sampler.samples:
+            threading.Event().wait(0.01)
+    assert calls.count(sampler._thread.ident) == len(sampler.samples) + 1  # started, then once per sample

@@ -32,8 +32,7 @@ class Sampler:
         self._gpus = gpu_monitor() if device.type == "cuda" else None
 
     def __enter__(self) -> Sampler:
-        psutil.cpu_percent()  # the first reading of a counter is 0: start the counters now
-        self._process.cpu_percent()
+        self._process.cpu_percent()  # the first reading of a counter is 0: start it now
         self._thread.start()
         return self
 
@@ -42,6 +41,7 @@ class Sampler:
         self._thread.join()
 
     def _run(self) -> None:
+        psutil.cpu_percent()  # psutil keeps the system's counter per thread: start this thread's before it reads
         while not self._stop.wait(self.interval_s):
             self.samples.append(self.sample())
         if not self.samples:
