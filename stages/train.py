@@ -28,7 +28,7 @@ def main(params, data, checkpoint, history, record, resume_state):
     server.check()  # an unreachable server fails now, in seconds, not after training
     # What makes a saved state stale: any edit to this script or to the package (a needless restart costs time only)
     code = [Path(__file__), *sorted(Path(stage.__file__).parent.rglob("*.py"))]
-    trained = trainer.train(params.model, params.train, data, resume_state, code)
+    trained = trainer.train(params.model, params.train, params.runtime, data, resume_state, code)
     if trained is None:  # a rank of several other than rank 0, which writes the outputs
         return
     save_checkpoint(checkpoint, trained.result.model, params.model, {"train_config": params.train.to_dict()})

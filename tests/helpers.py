@@ -120,7 +120,8 @@ AUGMENTATION_OFF = {"augment_shift": 0, "augment_rotation": 0, "augment_scale": 
                     "augment_elastic": 0, "augment_stroke": 0, "augment_noise": 0, "augment_clutter": 0}  # fmt: skip
 TINY = {
     "model": {"conv_channels": [4], "kernel_size": 3, "hidden": 16, "dropout": 0.0},
-    "train": {"epochs": 2, "batch_size": 100, "log_every": 5},
+    "train": {"epochs": 2, "batch_size": 100},
+    "runtime": {"log_every": 5},
     "evaluate": {"examples": 8},
     "export": {"parity_samples": 64},
 }

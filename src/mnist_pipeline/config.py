@@ -39,6 +39,7 @@ class Section(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
     SECTION: ClassVar[str]
+    SHAPES_RESULTS: ClassVar[bool] = True  # a stage's results depend on its values (DVC params, MLflow params)
 
     @classmethod
     def from_dict(cls, raw: Any):
@@ -97,19 +98,22 @@ class TrainConfig(Section):
     validation: Annotated[int, Field(ge=0, lt=MAX_BATCH)]
     precision: Literal[PRECISIONS]
     threads: Annotated[int, Field(ge=0, le=1024)]
-    log_every: Annotated[int, Field(ge=1)]
     nproc: Annotated[int, Field(ge=1, le=1024)]
-    resume: bool
-
-    # Keys that change what is printed or whether an interrupted training continues, never the trained model:
-    # they are not among the train stage's params in dvc.yaml, nor in the resume fingerprint.
-    NO_EFFECT_ON_MODEL: ClassVar[tuple[str, ...]] = ("log_every", "resume")
 
     @model_validator(mode="after")
     def _a_sample_per_process(self):
         if self.batch_size < self.nproc:
             raise ValueError(f"train.batch_size = {self.batch_size} is not allowed; expected at least train.nproc")
         return self
+
+
+class RuntimeConfig(Section):
+    """How a training runs and reports, never what it produces: no stage lists this section among its params."""
+
+    SECTION = "runtime"
+    SHAPES_RESULTS = False
+    log_every: Annotated[int, Field(ge=1)]
+    resume: bool
 
 
 class EvaluateConfig(Section):
@@ -150,6 +154,7 @@ class Params(BaseModel):
     train: TrainConfig
     evaluate: EvaluateConfig
     export: ExportConfig
+    runtime: RuntimeConfig
 
     def sections(self) -> tuple[Section, ...]:
         return tuple(getattr(self, name) for name in type(self).model_fields)

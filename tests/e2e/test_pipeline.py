@@ -280,7 +280,7 @@ def test_params_that_cannot_change_the_model_rerun_nothing(pipeline, http_mirror
     params_file = repo / "params.yaml"
     before = params_file.read_text()
     params = yaml.safe_load(before)
-    params["train"].update(log_every=7, resume=False)
+    params["runtime"].update(log_every=7, resume=False)
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
     try:
         again = run(repo, http_mirror, "dvc", "repro")

@@ -48,7 +48,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, http_
     # Batch norm off: on CPUs each rank normalises over its own half of the batch (SyncBatchNorm is CUDA's only),
     # so with it the ranks' statistics, and one process's, differ by design (docs/operations.md). fp32: the sums
     # in another order then differ by float32's rounding, which the bound below is for, not bf16's.
-    train = {"nproc": 2, "batch_size": 64, "epochs": 2, "log_every": 5, "precision": "fp32"}
+    train = {"nproc": 2, "batch_size": 64, "epochs": 2, "precision": "fp32"}
     repo = make_repo(tmp_path, mirror_md5, train=train, model={**TINY["model"], "batch_norm": False})
     out = run(repo, http_mirror, "dvc", "repro", "train")
     assert out.returncode == 0, out.stdout + out.stderr

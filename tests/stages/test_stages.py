@@ -22,7 +22,8 @@ def params() -> config.Params:
     return p.model_copy(
         update=dict(
             model=p.model.replace(conv_channels=(4,), kernel_size=3, hidden=16),
-            train=p.train.replace(epochs=2, batch_size=100, log_every=5),
+            train=p.train.replace(epochs=2, batch_size=100),
+            runtime=p.runtime.replace(log_every=5),
             evaluate=p.evaluate.replace(examples=8),
             export=p.export.replace(parity_samples=64),
         )

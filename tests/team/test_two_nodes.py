@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.team, pytest.mark.e2e]
 
 # fp32 and no batch norm, as in tests/e2e/test_scaling.py: on CPUs each rank normalises its own half of the batch,
 # and bf16's rounding is not the float32 rounding the comparison with one process allows for.
-TRAIN = {"nproc": 1, "batch_size": 64, "epochs": 2, "log_every": 5, "device": "cpu", "precision": "fp32"}
+TRAIN = {"nproc": 1, "batch_size": 64, "epochs": 2, "device": "cpu", "precision": "fp32"}
 MODEL = {**TINY["model"], "batch_norm": False}
 STAGE = [
     "stages/train.py",

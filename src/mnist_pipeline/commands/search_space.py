@@ -19,7 +19,7 @@ from mnist_pipeline.errors import PipelineError
 # Keys a trial may set: what shapes the model and its training. Not the device, threads or process count (where it
 # runs), the validation split (the tuner's own), nor printing and resuming.
 TUNABLE_SECTIONS = ("model", "train")
-NOT_TUNABLE = {"train.device", "train.threads", "train.nproc", "train.validation", "train.log_every", "train.resume"}
+NOT_TUNABLE = {"train.device", "train.threads", "train.nproc", "train.validation"}
 
 
 class SpaceError(PipelineError):

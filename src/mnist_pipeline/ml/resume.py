@@ -22,7 +22,7 @@ from mnist_pipeline.files import write_atomic
 def fingerprint(model_cfg: ModelConfig, cfg: TrainConfig, data_md5: str, code: list[Path]) -> str:
     """What a saved state must match to be resumed: the params that shape training, the data and the ``code``
     files (the train stage's code deps: whatever would rerun the stage makes a saved state useless)."""
-    settings = {k: v for k, v in cfg.to_dict().items() if k not in TrainConfig.NO_EFFECT_ON_MODEL}
+    settings = cfg.to_dict()
     digest = hashlib.sha256(json.dumps([model_cfg.to_dict(), settings, data_md5], sort_keys=True).encode())
     for path in sorted(code, key=str):
         digest.update(Path(path).name.encode() + b"\0" + Path(path).read_bytes())
@@ -54,6 +54,6 @@ def resumable(path: Path, key: str, wanted: bool) -> dict | None:
         return None
     if wanted and state.get("fingerprint") == key:
         return state
-    why = "from another training (params, data or code changed)" if wanted else "not resumed (train.resume: false)"
+    why = "from another training (params, data or code changed)" if wanted else "not resumed (runtime.resume: false)"
     print(f"{path} is {why}: starting over", file=sys.stderr)
     return None

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mnist_pipeline import names
-from mnist_pipeline.config import ModelConfig, TrainConfig
+from mnist_pipeline.config import ModelConfig, RuntimeConfig, TrainConfig
 from mnist_pipeline.ml import distributed, environment, resume, system, training
 from mnist_pipeline.ml.data import load_split, verify_folder
 from mnist_pipeline.ml.tensors import Tensors
@@ -33,10 +33,15 @@ class Trained:
 
 
 def train(
-    model_cfg: ModelConfig, train_cfg: TrainConfig, data_dir: Path, resume_path: Path, code: list[Path]
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    runtime: RuntimeConfig,
+    data_dir: Path,
+    resume_path: Path,
+    code: list[Path],
 ) -> Trained | None:
     """Train on the data in ``data_dir``, continuing the state at ``resume_path`` when it belongs to this very
-    training (params, data and the ``code`` files). None on every rank but rank 0."""
+    training (params, data and the ``code`` files) and ``runtime.resume`` allows. None on every rank but rank 0."""
     cluster = distributed.from_env()
     if not cluster.distributed:  # a torchrun started by hand spans machines: each checks its own GPUs
         distributed.check_processes(train_cfg.nproc, train_cfg.device)
@@ -54,7 +59,7 @@ def train(
     key = resume.fingerprint(model_cfg, train_cfg, data_md5, code)
 
     with distributed.process_group(cluster, device):
-        state = resume.resumable(resume_path, key, train_cfg.resume) if cluster.is_main else None
+        state = resume.resumable(resume_path, key, runtime.resume) if cluster.is_main else None
         state = distributed.broadcast(state, cluster)
 
         def checkpoint(loop_state: dict) -> None:
@@ -72,6 +77,7 @@ def train(
                     resume=state,
                     on_checkpoint=checkpoint if cluster.is_main else None,
                     validation_data=validation_data,
+                    log_every=runtime.log_every,
                 )
         except training.TrainingDiverged:
             resume_path.unlink(missing_ok=True)  # the epochs before led here: resuming would diverge again
@@ -80,7 +86,7 @@ def train(
             if cluster.is_main and resume_path.exists():
                 print(
                     f"the last completed epoch is saved in {resume_path}; `dvc repro` continues from it"
-                    + ("" if train_cfg.resume else " with train.resume: true"),
+                    + ("" if runtime.resume else " with runtime.resume: true"),
                     file=sys.stderr,
                 )
             raise

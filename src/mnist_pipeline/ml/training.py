@@ -160,8 +160,10 @@ def _train(
     resume: dict | None = None,
     on_checkpoint: Callable[[dict], None] | None = None,
     validation_data: Tensors | None = None,
+    log_every: int = 100,
 ) -> TrainResult:
-    """Train a fresh model, or continue the state ``resume`` (from ``on_checkpoint``) where it stopped.
+    """Train a fresh model, or continue the state ``resume`` (from ``on_checkpoint``) where it stopped, printing
+    the running loss every ``log_every`` steps.
 
     After each epoch: measure the model on the validation digits (if any) and the test split (if given: the tuner
     gives none), call ``on_epoch`` with the metrics, then hand the resumable state to ``on_checkpoint`` (rank 0).
@@ -195,7 +197,9 @@ def _train(
 
     start = time.perf_counter() - (history[-1].seconds if history else 0.0)
     for epoch in range(len(history) + 1, cfg.epochs + 1):
-        train_loss = _one_epoch(net, optimizer, scheduler, generator, train_data, cfg, epoch, amp_dtype, cluster, log)
+        train_loss = _one_epoch(
+            net, optimizer, scheduler, generator, train_data, cfg, epoch, amp_dtype, cluster, log, log_every
+        )
         (val_loss, val_accuracy), (test_loss, test_accuracy) = (
             evaluate_loss_accuracy(model, split, cluster=cluster) if split is not None else (None, None)
             for split in (validation_data, test_data)
@@ -244,6 +248,7 @@ def _one_epoch(
     amp_dtype: torch.dtype | None,
     cluster: Cluster,
     log: TextIO | None,
+    log_every: int,
 ) -> float:
     """One pass over the training digits in the generator's order; the mean training loss over every rank."""
     device = train_data.y.device
@@ -278,9 +283,9 @@ def _one_epoch(
         # A non-finite loss stays in the sum, so checking the sum is enough. One process on the CPU checks every
         # step (it costs nothing); on a GPU a check waits for the GPU, and across ranks all must agree, so there
         # it happens with the progress line and at the end of the epoch: at most log_every steps later.
-        if (not cluster.distributed and device.type != "cuda") or step % cfg.log_every == 0 or step == steps_per_epoch:
+        if (not cluster.distributed and device.type != "cuda") or step % log_every == 0 or step == steps_per_epoch:
             _stop_if_diverged(loss_sum, cfg, epoch, step, steps_per_epoch, cluster)
-        if step % cfg.log_every == 0 and log is not None:
+        if step % log_every == 0 and log is not None:
             _say(
                 log,
                 f"epoch {epoch}/{cfg.epochs}  batch {step}/{steps_per_epoch}  "

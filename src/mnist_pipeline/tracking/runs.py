@@ -118,7 +118,9 @@ def with_context(tags: Mapping[str, str]) -> dict[str, str]:
 
 
 def flat_params(params: config.Params) -> dict[str, Any]:
-    return {f"{s.SECTION}.{key}": value for s in params.sections() for key, value in s.to_dict().items()}
+    return {
+        f"{s.SECTION}.{key}": value for s in params.sections() if s.SHAPES_RESULTS for key, value in s.to_dict().items()
+    }
 
 
 END_DEADLINE_S = 10  # to end a failed run on a server that may be what failed
