@@ -167,7 +167,7 @@ def _repro(project: Path) -> tuple[float, StageWatch, str]:
 
 def _logged_train_seconds(project: Path) -> float:
     """The ``train_seconds`` of the training the pipeline just ran, from the train stage's record."""
-    return float(json.loads((project / "models" / "training.json").read_text())["metrics"]["train_seconds"])
+    return float(json.loads((project / "models" / "training_times.json").read_text())["metrics"]["train_seconds"])
 
 
 def machine() -> str:

@@ -18,8 +18,9 @@ from mnist_pipeline.files import write_atomic
 @stage.path("--checkpoint", "the trained model (weights and the model params)")
 @stage.path("--history", "per-epoch metrics CSV (a DVC plot)")
 @stage.path("--record", "the training's record for the export stage to log (JSON)")
+@stage.path("--times", "the training's times and usage, beside the record (JSON; no DVC output: they vary)")
 @stage.path("--resume-state", "the last completed epoch's state, while a training is unfinished")
-def main(params, data, checkpoint, history, record, resume_state):
+def main(params, data, checkpoint, history, record, times, resume_state):
     from mnist_pipeline.ml import trainer
     from mnist_pipeline.ml.history import write_history
     from mnist_pipeline.ml.model import save_checkpoint
@@ -33,7 +34,9 @@ def main(params, data, checkpoint, history, record, resume_state):
         return
     save_checkpoint(checkpoint, trained.result.model, params.model, {"train_config": params.train.to_dict()})
     write_history(history, trained.result.history)
-    write_atomic(record, json.dumps(trained.record, indent=1) + "\n")
+    fixed, varying = trainer.split_record(trained.record)
+    write_atomic(times, json.dumps(varying, indent=1) + "\n")
+    write_atomic(record, json.dumps(fixed, indent=1) + "\n")
     resume_state.unlink(missing_ok=True)  # finished: nothing left to resume
 
 

@@ -207,7 +207,7 @@ def test_a_tracking_server_lost_mid_run_keeps_the_training_and_the_next_repro_re
     assert again.returncode == 0, again.stdout + again.stderr
     assert ran_stages(again) == ["export"]  # not trained again
     client = store(repo, mlflow_server)
-    run_id = json.loads((repo / "reports/export.json").read_text())["run_id"]
+    run_id = json.loads((repo / "reports/last_run.json").read_text())["run_id"]
     assert client.get_run(run_id).info.status == "FINISHED"
     assert logged_steps(client, run_id) == list(range(1, LONG["epochs"] + 1))  # every epoch, once
     assert client.get_model_version_by_alias("outage-test", "champion").run_id == run_id
@@ -304,7 +304,7 @@ def test_killed_at_any_moment_of_export_the_next_repro_leaves_the_registry_whole
     """kill -9 of the whole pipeline before, during and right after registering: each following `dvc repro`
     repairs what the last one left (a RUNNING run, a PENDING logged model, a half-registered version), runs the
     export stage again (DVC's run cache may not skip it), and in the end the registry, the run and
-    reports/export.json agree.
+    reports/last_run.json agree.
 
     The kill lands a moment after its line is read, and the stage goes on meanwhile: right after "registered" it
     ends its run and DVC records the stage, so a busy machine may see both done before the kill. The test reads
@@ -314,7 +314,7 @@ def test_killed_at_any_moment_of_export_the_next_repro_leaves_the_registry_whole
     moments = [
         "ONNX parity on",  # in evaluate: the export stage has not opened the store
         "registering mnist-cnn version",  # the version has just been created: no tags, no aliases
-        "registered mnist-cnn version",  # registered with its aliases; reports/export.json not written
+        "registered mnist-cnn version",  # registered with its aliases; reports/last_run.json not written
     ]
     outputs, left = [], []
     for moment in moments:
@@ -333,7 +333,7 @@ def test_killed_at_any_moment_of_export_the_next_repro_leaves_the_registry_whole
     assert (GONE in final.stderr) == left[2][GONE] and HALF not in final.stderr  # registered whole, then killed
     assert ran_stages(final) == ([] if export_recorded else ["export"])
     assert "is cached - skipping run" not in final.stdout
-    report = json.loads((repo / "reports/export.json").read_text())
+    report = json.loads((repo / "reports/last_run.json").read_text())
     pipeline_run = client.get_run(report["run_id"])
     assert pipeline_run.info.status == "FINISHED"  # the killed exports' runs: ended, none left RUNNING
     assert all(
@@ -343,7 +343,7 @@ def test_killed_at_any_moment_of_export_the_next_repro_leaves_the_registry_whole
     assert all(m.status != LoggedModelStatus.PENDING for m in client.search_logged_models([experiment]))
     versions = client.search_model_versions("name='mnist-cnn'")
     assert versions and all("pipeline.registering" not in v.tags and "promotion" in v.tags for v in versions)
-    report = json.loads((repo / "reports/export.json").read_text())["registered"]
+    report = json.loads((repo / "reports/last_run.json").read_text())["registered"]
     candidate = client.get_model_version_by_alias("mnist-cnn", "candidate")
     assert int(candidate.version) == report["version"] == max(int(v.version) for v in versions)
     assert candidate.run_id == pipeline_run.info.run_id
@@ -358,7 +358,7 @@ def test_killed_at_any_moment_of_export_the_next_repro_leaves_the_registry_whole
     params_file.write_text(before)
     back = run(repo, http_mirror, "dvc", "repro")
     assert ran_stages(back) == ["params", "export"] and "skipping run" not in back.stdout
-    report = json.loads((repo / "reports/export.json").read_text())["registered"]
+    report = json.loads((repo / "reports/last_run.json").read_text())["registered"]
     assert int(client.get_model_version_by_alias("mnist-cnn", "candidate").version) == report["version"]
 
 

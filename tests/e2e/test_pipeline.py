@@ -60,8 +60,8 @@ def pipeline(tmp_path_factory, http_mirror, mirror_md5) -> Baseline:
     repo = make_repo(tmp_path_factory.mktemp("e2e"), mirror_md5)
     first = run(repo, http_mirror, "dvc", "repro", **SECRETS)
     assert first.returncode == 0, first.stdout + first.stderr
-    run_id = json.loads((repo / "reports/export.json").read_text())["run_id"]
-    export_report = json.loads((repo / "reports/export.json").read_text())
+    run_id = json.loads((repo / "reports/last_run.json").read_text())["run_id"]
+    export_report = json.loads((repo / "reports/last_run.json").read_text())
     return Baseline(repo, first, run_id, export_report, yaml.safe_load((repo / "params.yaml").read_text()))
 
 
@@ -74,7 +74,7 @@ def lower_lr(pipeline, http_mirror):
     exp = run(repo, http_mirror, "dvc", "exp", "run", "-S", "train.lr=0.002", "-n", "lower-lr")
     assert exp.returncode == 0, exp.stdout + exp.stderr
     (new,) = [r for r in runs(repo) if r.info.run_id not in before]
-    registered = json.loads((repo / "reports/export.json").read_text())["registered"]["version"]
+    registered = json.loads((repo / "reports/last_run.json").read_text())["registered"]["version"]
     candidate = int(client(repo).get_model_version_by_alias("mnist-cnn", "candidate").version)
     return exp, new, registered, candidate
 
@@ -762,3 +762,24 @@ def test_bad_param_stops_before_any_work(tmp_path, http_mirror, mirror_md5):
     assert "error: params.yaml: train.lr = -1 is not allowed: input should be greater than 0" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (repo / "models").exists() and not (repo / "mlruns/mlflow.db").exists()
+
+
+@pytest.mark.slow  # two pipelines
+def test_a_fresh_clones_first_repro_leaves_git_status_clean_and_records_in_its_own_store(
+    tmp_path, http_mirror, mirror_md5
+):
+    """The committed dvc.lock and reports are what a clone's first `dvc repro` writes on the same hardware: no
+    time and no run of another store in a tracked file. The clone's export stage still runs, into its own store."""
+    repo = make_repo(tmp_path / "origin", mirror_md5)
+    first = run(repo, http_mirror, "dvc", "repro")
+    assert first.returncode == 0, first.stdout + first.stderr
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "results")
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True)
+    again = run(clone, http_mirror, "dvc", "repro")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "export" in ran_stages(again)
+    assert git(clone, "status", "--porcelain") == "", git(clone, "diff")
+    last = json.loads((clone / "reports/last_run.json").read_text())
+    assert last["registered"]["version"] == 1 and client(clone).get_run(last["run_id"]).info.status == "FINISHED"

@@ -20,6 +20,7 @@ from mnist_pipeline.ml import training
 from mnist_pipeline.ml.data import load_split
 from mnist_pipeline.ml.model import load_checkpoint
 from mnist_pipeline.ml.tensors import Tensors
+from mnist_pipeline.tracking import runs
 from tests.helpers import TINY, make_repo, ran_stages, run
 
 pytestmark = pytest.mark.e2e
@@ -55,7 +56,8 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, http_
     assert ran_stages(out) == ["params", "download", "train"] and "Traceback" not in out.stderr
     assert out.stderr.count("epoch 2/2 done: train loss (epoch mean)") == 1  # rank 0 alone reports
 
-    record = json.loads((repo / "models/training.json").read_text())  # what the export stage will log
+    models = repo / "models"
+    record = runs.read_record(models / "training.json", models / "training_times.json")  # as the export stage reads it
     assert record["tags"]["world_size"] == "2"
     assert record["metrics"]["ddp_weight_spread"] == 0.0  # weights identical on both ranks, to the bit
     rank_seconds = [record["metrics"][f"train_seconds_rank{r}"] for r in (0, 1)]  # both ranks finished
@@ -103,7 +105,7 @@ def rest(server: str, endpoint: str, **query) -> dict:
 def test_the_server_holds_the_run_its_metrics_and_the_registered_version(served_pipeline, mlflow_server):
     repo = served_pipeline
     assert not (repo / "mlruns/mlflow.db").exists()  # nothing went to the local store
-    run_id = json.loads((repo / "reports/export.json").read_text())["run_id"]
+    run_id = json.loads((repo / "reports/last_run.json").read_text())["run_id"]
     experiment = rest(mlflow_server, "experiments/get-by-name", experiment_name="mnist-pipeline")["experiment"]
     request = urllib.request.Request(f"{mlflow_server}/api/2.0/mlflow/runs/search",
                                      json.dumps({"experiment_ids": [experiment["experiment_id"]]}).encode(),
@@ -137,7 +139,7 @@ def test_compare_reads_the_runs_from_the_server(served_pipeline, http_mirror, ml
     out = run(served_pipeline, http_mirror, "mnist-pipeline", "compare", "--csv", MLFLOW_TRACKING_URI=mlflow_server)
     assert out.returncode == 0, out.stderr
     table = pd.read_csv(io.StringIO(out.stdout), dtype={"commit": str, "run_id": str})  # "82946536" is an id
-    run_id = json.loads((served_pipeline / "reports/export.json").read_text())["run_id"]
+    run_id = json.loads((served_pipeline / "reports/last_run.json").read_text())["run_id"]
     (row,) = table[table["run_id"] == run_id[:8]].itertuples()
     assert row.registered.startswith("served-test v1")
 

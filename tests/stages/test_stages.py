@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from mnist_pipeline import config, names
 from mnist_pipeline.ml import resume
+from mnist_pipeline.tracking import runs
 from tests.helpers import REPO_ROOT, run_stage
 
 
@@ -42,6 +43,7 @@ def paths(tmp_path, raw_dir, monkeypatch) -> SimpleNamespace:
         checkpoint=tmp_path / "model.pt",
         history=tmp_path / "history.csv",
         record=tmp_path / "training.json",
+        times=tmp_path / "training_times.json",
         resume_state=tmp_path / "resume" / "state.pt",
     )
 
@@ -68,7 +70,7 @@ def test_an_interrupted_training_continues_where_it_stopped_without_any_store(pa
 
     run_stage("train", params, **vars(paths))
     assert "resuming after epoch 1/2" in capsys.readouterr().err
-    record = json.loads(paths.record.read_text())
+    record = runs.read_record(paths.record, paths.times)  # as the export stage reads it
     assert [m["epoch"] for m in record["history"]] == [1, 2]
     assert all(m["measured_at"] >= record["started"] for m in record["history"])  # when each was measured
     assert record["tags"]["env.threads"] and record["tags"]["data_md5"] and record["system"]
@@ -112,24 +114,26 @@ def test_the_export_stage_records_the_whole_pipeline_in_one_run(params, paths, t
     )  # fmt: skip
     run_stage("evaluate", params, **vars(evaluated))
     exported = SimpleNamespace(
-        data=paths.data, onnx=evaluated.onnx, record=paths.record, metrics=evaluated.metrics,
+        data=paths.data, onnx=evaluated.onnx, record=paths.record, times=paths.times, metrics=evaluated.metrics,
         robustness=evaluated.robustness_metrics, parity=evaluated.parity,
         evaluation=[evaluated.confusion_png, evaluated.predictions_png, evaluated.per_class, paths.history,
                     evaluated.robustness],
-        report=reports / "export.json",
+        report=reports / "export.json", last_run=reports / "last_run.json",
     )  # fmt: skip
     try:
         run_stage("export", params, **vars(exported))
     finally:
         mlflow.set_tracking_uri(None)
-    report = json.loads(exported.report.read_text())
+    report = json.loads(exported.last_run.read_text())
+    checks = json.loads(exported.report.read_text())
+    assert set(checks) == {"onnx", "mlflow_model"}  # no run id, no version: the same for the same model
     client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")  # the project's own store
     run = client.get_run(report["run_id"])
     # every param as it is, lists as their values
     assert run.data.params["model.conv_channels"] == "4" and run.data.params["train.epochs"] == "2"
     assert run.data.params["evaluate.examples"] == "8" and run.data.params["data.dataset"] == "mnist"
     # the training: its epochs at the times they were measured, its tags, the system metrics sampled meanwhile
-    record = json.loads(paths.record.read_text())
+    record = runs.read_record(paths.record, paths.times)
     history = client.get_metric_history(run.info.run_id, names.TEST_ACCURACY)
     assert [m.step for m in history] == [1, 2]
     assert [m.timestamp for m in history] == [int(e["measured_at"] * 1000) for e in record["history"]]
@@ -151,7 +155,7 @@ def test_the_export_stage_records_the_whole_pipeline_in_one_run(params, paths, t
     # metrics; no metric that is constant by construction (the parity checks must pass: they are in the report)
     robust = json.loads(evaluated.robustness_metrics.read_text())
     assert len(robust) == 37 and not any(key.startswith("robust_") for key in run.data.metrics)
-    assert not any("logit_diff" in key for key in run.data.metrics) and "max_abs_logit_diff" in report["onnx"]
+    assert not any("logit_diff" in key for key in run.data.metrics) and "max_abs_logit_diff" in checks["onnx"]
     assert by_key["final_robust_accuracy"].value == pytest.approx(sum(robust.values()) / len(robust))
     assert evaluated.robustness.read_text().splitlines()[0] == "distortion,strength,unit,accuracy"
     logged = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}

@@ -192,7 +192,7 @@ def two_machines(tmp_path_factory, team_server, http_mirror, mirror_md5):
 def test_two_machines_at_once_each_land_a_whole_run_and_version(two_machines, as_user):
     alice = as_user("alice")
     versions = check_registry(alice, MODEL)
-    runs = [json.loads((clone / "reports/export.json").read_text())["run_id"] for clone in two_machines]
+    runs = [json.loads((clone / "reports/last_run.json").read_text())["run_id"] for clone in two_machines]
     assert sorted(v.run_id for v in versions) == sorted(runs)  # one version each, from its own run
     for run_id in runs:
         finished = alice.get_run(run_id)

@@ -35,6 +35,8 @@ STAGE = [
     "reports/history.csv",
     "--record",
     "models/training.json",
+    "--times",
+    "models/training_times.json",
     "--resume-state",
     "models/resume/train_state.pt",
 ]  # fmt: skip  (dvc.yaml's train command)
@@ -82,7 +84,7 @@ def test_two_nodes_train_like_one_and_one_run_records_both(tmp_path, team_server
     rest = run(main, http_mirror, "dvc", "repro", **team_server.env("alice"))
     assert rest.returncode == 0, rest.stdout + rest.stderr
     assert ran_stages(rest) == ["evaluate", "export"]
-    run_id = json.loads((main / "reports/export.json").read_text())["run_id"]
+    run_id = json.loads((main / "reports/last_run.json").read_text())["run_id"]
     logged = as_user("carol").get_run(run_id).data
     assert logged.tags[names.WORLD_SIZE] == "2" and logged.tags[names.NODES] == "2"
     for node in (0, 1):

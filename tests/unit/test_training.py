@@ -100,7 +100,7 @@ def test_history_file(tmp_path, tensors):
     result = training.train(MODEL, TRAIN.replace(epochs=1), *tensors, torch.device("cpu"), log=io.StringIO())
     write_history(tmp_path / "h.csv", result.history)
     lines = (tmp_path / "h.csv").read_text().splitlines()
-    assert lines[0] == "epoch,train_loss,test_loss,test_accuracy,seconds" and len(lines) == 2
+    assert lines[0] == "epoch,train_loss,test_loss,test_accuracy" and len(lines) == 2
 
 
 def test_random_shift_moves_each_digit_within_bounds_and_keeps_it_whole():
@@ -252,6 +252,6 @@ def test_a_validation_split_is_drawn_by_the_seed_and_measured_each_epoch_without
     assert set(last.metrics()) == {"train_loss", "val_loss", "val_accuracy"}
     assert "validation accuracy" in log.getvalue() and "test" not in log.getvalue()
     write_history(tmp_path / "h.csv", result.history)
-    assert (tmp_path / "h.csv").read_text().splitlines()[0] == "epoch,train_loss,seconds,val_loss,val_accuracy"
+    assert (tmp_path / "h.csv").read_text().splitlines()[0] == "epoch,train_loss,val_loss,val_accuracy"
     with pytest.raises(PipelineError, match="train.validation 1000 must leave digits"):
         train.hold_out(len(train), seed=0)

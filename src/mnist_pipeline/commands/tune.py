@@ -353,7 +353,7 @@ def apply(command: list[str], tracking: studies.Tracking, root: Path) -> int:
     done = subprocess.run(command, cwd=root, check=False)
     if done.returncode != 0:
         raise PipelineError(f"the pipeline run with the best params failed (exit status {done.returncode})")
-    run_id = json.loads((root / "reports" / "export.json").read_text())["run_id"]
+    run_id = json.loads((root / "reports" / "last_run.json").read_text())["run_id"]
     tracking.client.set_tag(run_id, names.TUNE_STUDY, tracking.study)
     tracking.client.set_tag(tracking.parent, names.TUNE_APPLIED_RUN, run_id)
     print(f"the pipeline's MLflow run {run_id[:8]} is tagged {names.TUNE_STUDY}={tracking.study}", file=sys.stderr)

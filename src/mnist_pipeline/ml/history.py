@@ -49,11 +49,12 @@ class EpochMetrics:
 
 def write_history(path: Path, history: list[EpochMetrics]) -> None:
     """Per-epoch metrics as CSV, the file DVC plots as the training curves (six significant digits); the
-    validation columns only when there was a validation split."""
+    validation columns only when there was a validation split. No times: git holds the file, and the same training
+    on the same hardware must write the same bytes (the times are in the training's record, and in MLflow)."""
     columns = [
         f.name
         for f in dataclasses.fields(EpochMetrics)
-        if f.name != "measured_at" and any(getattr(m, f.name) is not None for m in history)
+        if f.name not in ("seconds", "measured_at") and any(getattr(m, f.name) is not None for m in history)
     ]
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")

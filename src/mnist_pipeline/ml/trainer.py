@@ -13,9 +13,10 @@ has succeeded: its presence means a training that did not finish, which the next
 
 from __future__ import annotations
 
+import hashlib
+import json
 import sys
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,7 +110,6 @@ def record(result: training.TrainResult, cluster, device, threads: int, data_md5
             file=sys.stderr,
         )
     return {
-        "id": uuid.uuid4().hex,  # tells the runs that record this training from those of another
         "started": started,
         "ended": time.time(),
         "tags": {
@@ -122,3 +122,21 @@ def record(result: training.TrainResult, cluster, device, threads: int, data_md5
         "history": [vars(m) for m in result.history],
         "system": [sample for rank_samples in samples for sample in rank_samples],
     }
+
+
+# What differs from one run of the same training to the next (times, usage): kept out of the record that DVC hashes,
+# so that dvc.lock stays as committed where the training gives the same digits, in a file beside it that names the
+# record it belongs to (`runs.read_record` puts the two together again).
+TIMES = ("started", "ended", "metrics", "system")
+EPOCH_TIMES = ("seconds", "measured_at")
+
+
+def split_record(record: dict) -> tuple[dict, dict]:
+    """(what the same training on the same hardware always records, its times). The first's ``id``, a digest of it,
+    tells the runs that record this training from those of another; the second names it in ``of``."""
+    fixed = {key: value for key, value in record.items() if key not in TIMES}
+    fixed["history"] = [{k: v for k, v in epoch.items() if k not in EPOCH_TIMES} for epoch in record["history"]]
+    fixed = {"id": hashlib.sha256(json.dumps(fixed, sort_keys=True).encode()).hexdigest()[:32], **fixed}
+    times = {key: record[key] for key in TIMES}
+    times["epochs"] = [{k: epoch[k] for k in EPOCH_TIMES} for epoch in record["history"]]
+    return fixed, {"of": fixed["id"], **times}

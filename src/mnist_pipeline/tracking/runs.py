@@ -253,9 +253,13 @@ def log_artifacts(paths: list[str | Path], artifact_path: str | None = None) -> 
         mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
 
-def read_record(path: Path) -> dict[str, Any]:
-    """The train stage's record of its training (see `mnist_pipeline.ml.trainer.record`)."""
+def read_record(path: Path, times: Path | None = None) -> dict[str, Any]:
+    """The train stage's record of its training with its ``times`` (`mnist_pipeline.ml.trainer.split_record`).
+    Times of another training, or none (DVC restored the train stage from its run cache, which holds no times),
+    leave the run its epochs and tags without times or usage, and say so."""
     import json
+    import sys
+    import time
 
     try:
         record = json.loads(Path(path).read_text())
@@ -266,4 +270,14 @@ def read_record(path: Path) -> dict[str, Any]:
         raise PipelineError(
             f"{path} is not a training record written by the train stage; rerun `dvc repro -f train`"
         ) from None
-    return record
+    try:
+        varying = json.loads(Path(times).read_text()) if times else {}
+    except (OSError, ValueError):
+        varying = {}
+    if varying.get("of") != record["id"]:
+        print(f"note: {times} holds no times of this training: the run records it without times", file=sys.stderr)
+        now = time.time()
+        varying = {"started": now, "ended": now, "metrics": {}, "system": [], "epochs": [{}] * len(record["history"])}
+    for epoch, epoch_times in zip(record["history"], varying["epochs"], strict=True):
+        epoch.update({"seconds": None, "measured_at": None, **epoch_times})
+    return {**record, **{key: varying[key] for key in ("started", "ended", "metrics", "system")}}
