@@ -103,7 +103,7 @@ def test_a_report_on_no_digits_is_empty_and_still_draws(tmp_path):
     table = robustness.report(build(tiny_model_config()), batch()[:0], torch.tensor([], dtype=torch.int64), seed=0)
     assert table.empty and tuple(table.columns) == robustness.COLUMNS
     assert robustness.metrics(table) == {}
-    assert list(robustness.by_level(table, 0.99).columns) == ["level"]
+    assert list(robustness.by_level(table, 0.99).columns) == ["level", "distortion", "accuracy"]
     robustness.plot(table, tmp_path / "robustness.png")
     assert (tmp_path / "robustness.png").read_bytes().startswith(b"\x89PNG")
 

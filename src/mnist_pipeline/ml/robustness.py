@@ -123,13 +123,12 @@ def robust_accuracy(table: pd.DataFrame) -> float:
 
 
 def by_level(table: pd.DataFrame, clean_accuracy: float) -> pd.DataFrame:
-    """A column per distortion, a row per strength level (0: none, the clean accuracy): DVC draws one line per
-    column."""
-    if table.empty:
-        return pd.DataFrame({"level": [0]})
-    wide = table.pivot(index="level", columns="distortion", values="accuracy")[list(dict.fromkeys(table.distortion))]
-    clean = pd.DataFrame({name: [clean_accuracy] for name in wide.columns}, index=pd.Index([0], name="level"))
-    return pd.concat([clean, wide]).reset_index()
+    """A row per distortion and strength level (0: none, the clean accuracy), in the report's order: DVC's chart
+    (template ``by_distortion``) draws a line per distortion the report has, with no list of them to keep."""
+    clean = pd.DataFrame({"level": 0, "distortion": list(dict.fromkeys(table.distortion)), "accuracy": clean_accuracy})
+    rows = pd.concat([clean, table[["level", "distortion", "accuracy"]]])
+    order = {name: i for i, name in enumerate(clean.distortion)}
+    return rows.sort_values(["distortion", "level"], key=lambda c: c.map(order) if c.name == "distortion" else c)
 
 
 def plot(table: pd.DataFrame, path: Path) -> None:
