@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import resource
 import shlex
 import shutil
@@ -265,6 +266,31 @@ def test_rest_serving_round_trip(pipeline, http_mirror):
         assert np.allclose(np.array(answer["predictions"]["probabilities"]).sum(1), 1, atol=1e-5)
     finally:
         stop_server(server)
+
+
+@pytest.mark.slow  # MLflow's own server
+def test_the_model_cards_serving_command_works_as_written_from_the_project_folder(pipeline, http_mirror):
+    """The card of a registered version says how to serve it with MLflow alone; run as written from the project
+    folder, with no MLFLOW_TRACKING_URI of one's own, it serves that version, and leaves no stray ./mlflow.db."""
+    repo, _ = pipeline
+    version = client(repo).get_model_version_by_alias("mnist-cnn", "champion")
+    (command,) = [c for c in re.findall(r"`([^`]+)`", version.description) if "mlflow models serve" in c]
+    port = free_port()
+    assignment, *cmd = shlex.split(command)  # MLFLOW_TRACKING_URI=... mlflow models serve -m ...
+    name, value = assignment.split("=", 1)
+    server = start_server([*cmd, "--port", str(port)], cwd=repo, env=user_env(**{name: value}))
+    try:
+        wait_until_up(server, f"http://127.0.0.1:{port}/ping")
+        images = np.fromfile(repo / "data/raw/t10k-images-idx3-ubyte", np.uint8, offset=16).reshape(-1, 1, 28, 28)
+        body = json.dumps({"inputs": (images[:4] / 255.0).astype("float32").tolist()}).encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", body, {"Content-Type": "application/json"}
+        )
+        answer = json.loads(urllib.request.urlopen(request, timeout=60).read())
+        assert answer["predictions"]["digit"] == evaluated_predictions(repo, 4)
+    finally:
+        stop_server(server)
+    assert not (repo / "mlflow.db").exists()
 
 
 def test_second_repro_runs_nothing(pipeline, http_mirror):

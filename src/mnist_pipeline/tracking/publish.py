@@ -137,12 +137,26 @@ def model_card(uri: str, result: Result, dataset: str, digest: str, run_id: str,
             f"report's {len(result.robustness)} distortions, evaluation/robustness.csv); reads worst: "
             f"{named}."
         )
+    # MLflow finds the registry through MLFLOW_TRACKING_URI: unset, it would look in ./mlflow.db (and make one).
+    store = mlflow_store()
     lines += [
-        f'Call it: mlflow.pyfunc.load_model("{uri}").predict(x), x float32 (N, 1, 28, 28) in [0, 1], a light '
-        "digit on a dark background; it answers logits, probabilities and digit. Any image: "
-        f"mnist-pipeline predict digit.png --model {uri}. Served: mlflow models serve -m {uri}.",
+        f"Call it, from the project folder: `MLFLOW_TRACKING_URI={store}`, then "
+        f'`mlflow.pyfunc.load_model("{uri}").predict(x)`, x float32 (N, 1, 28, 28) in [0, 1], a light digit on a '
+        "dark background; it answers logits, probabilities and digit. Any image: "
+        f"`mnist-pipeline predict digit.png --model {uri}`. Served: `mnist-pipeline serve --model {uri}`, or by "
+        f"MLflow's own server: `MLFLOW_TRACKING_URI={store} mlflow models serve -m {uri} --env-manager local`.",
     ]
     return "\n\n".join(lines)
+
+
+def mlflow_store() -> str:
+    """The store as a command run from the project folder names it: the project's own database by its path from
+    there, any other store (a server, a database elsewhere) as it is."""
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    own = f"sqlite:///{store.project_root() / store.STORE_DIR / store.DATABASE}"
+    return f"sqlite:///{store.STORE_DIR}/{store.DATABASE}" if uri == own else uri
 
 
 def disk_full(exc: OSError, artifacts: str | None, logged: list[Path]) -> PipelineError:
