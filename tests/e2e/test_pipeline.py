@@ -681,6 +681,8 @@ def test_reproduce_a_run_exactly_without_touching_the_workspace(pipeline, http_m
     assert out.returncode == 0, out.stdout + out.stderr
     assert "final_test_accuracy: reproduced" in out.stdout and out.stdout.count("exactly equal") == 2
     assert "the download stage reads it from there (no network)" in out.stderr
+    assert "Running stage 'train'" in out.stderr and "epoch 2/2 done" in out.stderr  # DVC's and the stages' lines
+    assert not any(advice in out.stderr for advice in ("git add", "autostage", "dvc push"))  # the worktree's
     assert registry_state(repo) == registry_before  # no version registered, no alias moved
     (latest,) = [r for r in runs(repo) if r.data.tags.get("reproduces") == original.info.run_id
                  and r.info.run_id not in earlier]  # fmt: skip

@@ -33,6 +33,16 @@ from mnist_pipeline.ml import environment
 from mnist_pipeline.ml.data import MIRROR_ENV
 from mnist_pipeline.tracking import store
 
+# What `dvc repro` advises at its end (stage the lock, turn autostage on, push): for the user's workspace, not for
+# the temporary worktree a reproduction runs in.
+DVC_WORKSPACE_ADVICE = (
+    b"To track the changes with git",
+    b"git add ",
+    b"To enable auto staging",
+    b"dvc config core.autostage",
+    b"Use `dvc push`",
+)
+
 
 def _git(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=False)
@@ -193,8 +203,12 @@ def _rerun(original, commit: str, name: str, root: Path, uri: str, log) -> None:
             env[MIRROR_ENV] = str(mirror)  # tried first; the download stage still verifies every file
         print(f"reproducing run {run_id} (commit {commit[:12]}) as run {name!r}, in a worktree of its own", file=log)
         command = ["dvc", "repro", "--force"] + ([] if registers else ["evaluate"])
-        result = subprocess.run(command, cwd=worktree, env=env, check=False)
-        if result.returncode != 0:
+        process = subprocess.Popen(command, cwd=worktree, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for line in process.stdout:  # as it comes, but DVC's advice for a workspace: this one is removed at once
+            if line.strip() and not line.lstrip().startswith(DVC_WORKSPACE_ADVICE):
+                log.write(line.decode(errors="replace"))
+                log.flush()
+        if process.wait() != 0:
             raise PipelineError(f"the pipeline failed while reproducing run {run_id} (see the output above)")
     finally:
         _git("worktree", "remove", "--force", str(worktree), cwd=root)
