@@ -4,6 +4,7 @@ stops all of them, and a server about to listen beyond this machine says so."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -71,6 +72,8 @@ def test_ui_stopped_by_its_pid_leaves_no_server_behind(tmp_path, sig):
         if ui.poll() is None:
             ui.kill()
     assert ui.returncode == 128 + sig and f"interrupted ({sig.name})" in err
+    # the only address it shows opens the model-training view (the server's own bare one opens the GenAI home)
+    assert all("workflowType=machine_learning" in url for url in re.findall(r"http://\S+", err)), err
     deadline = time.monotonic() + 30  # the group is gone when the command returns; the kernel may lag (busy machine)
     while (port_open(port) or alive(server)) and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 
 from mnist_pipeline import names
 from mnist_pipeline.errors import PipelineError, interrupts_held
@@ -23,10 +24,12 @@ def main(host: str, port: int) -> None:
     bind(host, port).close()  # a port another program holds: one line now, before any address is printed
     uri = store.configure(writes=False)  # a moved store is pointed at its folder; a read-only one read via a copy
     warn_if_exposed(host, port, "the MLflow UI (every run, metric, artifact and model, readable and changeable)")
-    print(
-        f"MLflow UI on {address(host, port, mlflow.get_experiment_by_name(names.EXPERIMENT))} for {uri}",
-        file=sys.stderr,
-    )
+    opened = address(host, port, mlflow.get_experiment_by_name(names.EXPERIMENT))
+    print(f"MLflow UI on {opened} for {uri}", file=sys.stderr)
+
+    def ours(line: str) -> str:  # the server's own address opens MLflow's GenAI home: name the page to open instead
+        return f"MLflow UI ready: {opened}\n" if "Uvicorn running on" in line else line
+
     cmd = [
         sys.executable,
         "-m",
@@ -43,7 +46,7 @@ def main(host: str, port: int) -> None:
     ]
     # MLflow's server imports a module Starlette deprecates, and each worker says so: nothing for users to act on.
     quiet = {**os.environ, "PYTHONWARNINGS": "ignore:starlette.middleware.wsgi is deprecated"}
-    sys.exit(run_server(cmd, quiet))
+    sys.exit(run_server(cmd, quiet, ours))
 
 
 def address(host: str, port: int, experiment) -> str:
@@ -107,8 +110,9 @@ def warn_if_exposed(host: str, port: int, what: str) -> None:
         )
 
 
-def run_server(cmd: list[str], env: dict[str, str] | None = None) -> int:
-    """Run a server command in a process group of its own until it ends; return its exit status.
+def run_server(cmd: list[str], env: dict[str, str] | None = None, rewrite: Callable[[str], str] | None = None) -> int:
+    """Run a server command in a process group of its own until it ends; return its exit status. ``rewrite``: each
+    line the server prints (stdout and stderr), as it is to be shown.
 
     MLflow's servers start workers and job runners of their own; stopping only the first process would leave them
     listening. Ctrl-C or SIGTERM sent to this command (run_main turns both into KeyboardInterrupt) is passed on to
@@ -116,8 +120,12 @@ def run_server(cmd: list[str], env: dict[str, str] | None = None) -> int:
     """
     server = None
     try:
+        piped = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True} if rewrite else {}
         with interrupts_held():  # a signal while the child starts is acted on once there is a group to stop
-            server = subprocess.Popen(cmd, env=env, start_new_session=True)
+            server = subprocess.Popen(cmd, env=env, start_new_session=True, **piped)
+        for line in server.stdout if rewrite else ():
+            sys.stderr.write(rewrite(line))
+            sys.stderr.flush()
         return server.wait()
     except KeyboardInterrupt:
         if server is not None:
