@@ -36,6 +36,7 @@ TUNE_ROLE = "tune.role"  # "study" (the parent) or "trial"
 TUNE_STATE = "tune.state"  # a trial's end: complete, pruned, failed, killed
 TUNE_TRIAL = "tune.trial"  # a trial's number
 TUNE_STORAGE = "tune.storage"  # the study's storage URL, without its password
+BEST_VAL_ACCURACY = "best_val_accuracy"  # on a study's run: the best trial's so far, step = trials finished
 TUNE_BEST_TRIAL = "tune.best_trial"
 TUNE_BEST = "tune.best."  # + a param's key: the best trial's value
 TUNE_APPLIED_RUN = "tune.applied_run"  # the pipeline run --apply made

@@ -98,6 +98,12 @@ def test_a_search_prunes_resumes_and_never_reads_the_test_split(searched):
     assert trials[1].params["train.lr"] == 1.0e-6 and trials[1].state == TrialState.PRUNED
     assert trials[1].last_step == 1  # stopped after its first epoch
     assert "pruned" in first.stderr and "best " in first.stderr  # the progress line of each trial
+    said = first.stderr.index  # no silence before the first epoch ends: what it does, then each trial as it starts
+    assert (
+        said("reading the training digits")
+        < said("trial 0: training [train.epochs=3, train.lr=")
+        < said("trial 0: epoch 1/")
+    )
     for trial in trials[:3]:  # and a line at every epoch of every trial, as it ends
         assert all(f"trial {trial.number}: epoch {e}/" in first.stderr for e in range(1, trial.last_step + 1))
     assert "Warning" not in first.stderr + second.stderr  # no library's warning reaches the user
@@ -122,6 +128,8 @@ def test_each_trial_is_a_child_run_of_the_studys_run_with_its_figures(searched):
         assert steps == list(range(1, trial.last_step + 1))
         assert "test_accuracy" not in child.data.metrics
     assert parent.data.metrics["best_val_accuracy"] == max(t.value for t in by_trial.values() if t.value is not None)
+    steps = {m.step for m in client.get_metric_history(parent.info.run_id, "best_val_accuracy")}
+    assert steps >= {3, 4, 5}  # logged as the search went (step: trials finished), so the study's row shows it
     figures = {a.path for a in client.list_artifacts(parent.info.run_id, "optuna")}
     assert {"optuna/optimization_history.png", "optuna/parallel_coordinate.png"} <= figures
 

@@ -164,6 +164,7 @@ def main(options: Options) -> int:
     config.load(options.params)  # params.yaml itself must be valid before any trial is built on it
     search = load_search(options.space, base, options.sets)
     _check(options)
+    print("reading the training digits and opening the study", file=sys.stderr, flush=True)
     params = with_params(base, {})
     device, train_data, validation_data = _data(root, params, search, options.jobs)
     storage = options.storage or default_storage(root)
@@ -239,6 +240,8 @@ def _objective(search: Search, base, tracking: studies.Tracking, train_data, val
         values = {dimension.key: dimension.suggest(trial) for dimension in search.space}
         trial_params = with_params(base, {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()})
         run_id = tracking.start_trial(trial.number, trial_params)
+        shown = ", ".join(f"{d.key}={_short(d.value(trial.params))}" for d in search.space if d.key in trial.params)
+        print(f"trial {trial.number}: training [{shown}]", file=sys.stderr, flush=True)
         trial.set_user_attr("mlflow_run_id", run_id)
         trial.set_user_attr("worker", tracking.owner)  # which process ran it (several may share a study)
 
@@ -287,7 +290,7 @@ def _optimize(study, objective, options: Options, search: Search, tracking: stud
     from optuna.study import MaxTrialsCallback
     from optuna.trial import TrialState
 
-    callbacks, remaining = [_progress(options, search)], None
+    callbacks, remaining = [_progress(options, search, tracking)], None
     if options.trials is not None:
         finished = studies.counts(study)["complete"] + studies.counts(study)["pruned"]
         remaining = max(0, options.trials - finished)
@@ -316,7 +319,7 @@ def _optimize(study, objective, options: Options, search: Search, tracking: stud
         tracking.finish(study, status, values)
 
 
-def _progress(options: Options, search: Search):
+def _progress(options: Options, search: Search, tracking: studies.Tracking):
     """Optuna callback: one line per finished trial."""
     started = time.perf_counter()
 
@@ -329,6 +332,8 @@ def _progress(options: Options, search: Search):
         )
         shown = ", ".join(f"{d.key}={_short(d.value(trial.params))}" for d in search.space if d.key in trial.params)
         best_text = f"best {100 * best.value:.2f}% (trial {best.number})" if best else "no trial finished yet"
+        if best is not None:
+            tracking.log_best(best.value, finished)
         print(
             f"trial {trial.number} ({of}): {outcome} [{shown}]  |  {best_text}  |  pruned {done['pruned']}  |  "
             f"{time.perf_counter() - started:.0f} s",

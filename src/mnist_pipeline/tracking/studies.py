@@ -93,6 +93,14 @@ class Tracking:
         now = int(time.time() * 1000)
         self.client.log_batch(run_id, metrics=[Metric(k, v, now, epoch) for k, v in metrics.items()])
 
+    def log_best(self, accuracy: float, finished: int) -> None:
+        """The best validation accuracy so far on the study's run, step = trials finished: its row in the runs
+        table shows a figure (and a chart of the search) while its trials are collapsed under it."""
+        from mlflow.entities import Metric
+
+        best = Metric(names.BEST_VAL_ACCURACY, accuracy, int(time.time() * 1000), finished)
+        store.despite_insert_races(lambda: self.client.log_batch(self.parent, metrics=[best]))
+
     def end_trial(self, run_id: str, state: str) -> None:
         self.client.set_tag(run_id, names.TUNE_STATE, state)
         status = {"complete": "FINISHED", "pruned": "FINISHED", "failed": "FAILED", "killed": "KILLED"}[state]
@@ -117,7 +125,8 @@ class Tracking:
         tags = []
         winner = best(study)
         if winner is not None:
-            metrics.append(Metric("best_val_accuracy", winner.value, now, 0))
+            finished = done["complete"] + done["pruned"]
+            metrics.append(Metric(names.BEST_VAL_ACCURACY, winner.value, now, finished))
             tags.append(RunTag(names.TUNE_BEST_TRIAL, str(winner.number)))
             tags += [RunTag(names.TUNE_BEST + key, value) for key, value in best_values.items()]
         # Machines of one study may finish on its parent run at the same moment: one batch, not set_tag (a SQL
