@@ -50,6 +50,7 @@ ROBUST_REPORT = "robust_report"  # the robustness report robust_accuracy was mea
 # Registered model aliases.
 ALIAS_CANDIDATE = "candidate"  # the newest version
 ALIAS_CHAMPION = "champion"  # the best version so far; what `predict` and `serve` use by default
+CHAMPION = "champion"  # tag of the run whose model the champion alias names: "<model> v<version>"
 REPRODUCES = "reproduces"  # tag of a run made by `mnist-pipeline reproduce`: the run id it reproduces
 
 

@@ -687,6 +687,9 @@ def test_reproduce_a_run_exactly_without_touching_the_workspace(pipeline, http_m
     (latest,) = [r for r in runs(repo) if r.data.tags.get("reproduces") == original.info.run_id
                  and r.info.run_id not in earlier]  # fmt: skip
     assert latest.data.metrics["final_test_loss"] == original.data.metrics["final_test_loss"]
+    assert latest.data.tags["mlflow.parentRunId"] == original.info.run_id  # folded under it in the runs table
+    listed = run(repo, http_mirror, "mnist-pipeline", "compare", "--csv")
+    assert latest.info.run_id[:8] not in listed.stdout and "export.register" not in listed.stdout.splitlines()[0]
     assert git(repo, "status", "--porcelain") == status_before and (repo / "dvc.lock").read_text() == lock_before
     assert "mnist-reproduce" not in git(repo, "worktree", "list")
     # a run whose commit this repository does not have gets an explanation, not a traceback

@@ -117,3 +117,15 @@ def test_robust_accuracies_of_different_reports_are_not_compared_and_the_reason_
            "one: 37 (b))" in grown.champion_reason  # fmt: skip
     assert MlflowClient().get_model_version("m", "2").tags["robust_report"] == "37 (b)"
     assert same.aliases == ("candidate",) and "robust accuracy 0.8000 < its 0.9000" in same.champion_reason
+
+
+def test_the_champions_run_is_marked_and_the_one_before_is_not(local_store, tmp_path):
+    """The runs table shows which run holds the champion (its tag ``champion``): it moves with the alias."""
+    model = build(tiny_model_config(hidden=8)).eval()
+    runs = []
+    for accuracy in (0.95, 0.97, 0.96):  # champion, a better one, a worse one
+        with mlflow.start_run() as run:
+            registry.register(log_onnx(model, tmp_path / str(accuracy)), "m", registry.Scores(accuracy))
+        runs.append(run.info.run_id)
+    tags = [MlflowClient().get_run(run_id).data.tags for run_id in runs]
+    assert "champion" not in tags[0] and tags[1]["champion"] == "m v2" and "champion" not in tags[2]

@@ -11,7 +11,8 @@ from mnist_pipeline.tracking import store
 
 def runs_table(last: int | None = None, sort_by: str = names.TEST_ACCURACY) -> pd.DataFrame:
     """One row per run of the experiment (newest first before sorting): name, commit, differing params, metrics,
-    registry versions with their aliases."""
+    registry versions with their aliases. Runs of `mnist-pipeline reproduce` are left out (they repeat a run's
+    figures: ``reproduces`` says which run's); ``attrs["reproductions"]`` counts them."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -21,6 +22,8 @@ def runs_table(last: int | None = None, sort_by: str = names.TEST_ACCURACY) -> p
         order_by=["attributes.start_time DESC"],
         max_results=last or 10_000,
     )
+    reproductions = runs.get(f"tags.{names.REPRODUCES}", pd.Series(index=runs.index, dtype=object)).notna()
+    runs = runs[~reproductions].reset_index(drop=True)
     if runs.empty:
         return pd.DataFrame()
     table = pd.DataFrame(
@@ -48,6 +51,7 @@ def runs_table(last: int | None = None, sort_by: str = names.TEST_ACCURACY) -> p
         raise PipelineError(f"--sort {sort_by}: expected one of {', '.join(shown)}")
     table["registered"] = runs["run_id"].map(_registered_versions(MlflowClient())).fillna("")
     table.attrs["run_ids"] = dict(zip(table["run_id"], runs["run_id"], strict=True))  # shown -> whole
+    table.attrs["reproductions"] = int(reproductions.sum())
     if sort_by not in table:
         return table
     return table.sort_values(
@@ -96,6 +100,8 @@ def _print(table: pd.DataFrame, fmt: str) -> None:
             print(for_people(table).to_string(index=False))
         for line in ui_links(table):
             print(line)
+        if reproduced := table.attrs.get("reproductions"):
+            print(f"(and {reproduced} runs of `mnist-pipeline reproduce`, each under the run it reproduces)")
 
 
 SIDE_BY_SIDE = 10  # runs the UI's compare page is given: the best ones of the table

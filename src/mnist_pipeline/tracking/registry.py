@@ -171,6 +171,14 @@ def register(
         return _register(client, model_uri, name, scores, rule, log, card)
 
 
+def _mark_champion_run(client: MlflowClient, name: str, version: int, before: int | None) -> None:
+    """The champion's run carries the tag ``champion`` (a column of the runs table), the one before no longer."""
+    if before is not None and before != version:
+        with suppress(MlflowException):  # its run deleted meanwhile: nothing to unmark
+            client.delete_tag(client.get_model_version(name, str(before)).run_id, names.CHAMPION)
+    client.set_tag(mlflow.active_run().info.run_id, names.CHAMPION, f"{name} v{version}")
+
+
 TURN_WAIT_S = 300  # the longest a version waits for earlier ones to decide (a registration takes seconds)
 POLL_S = 0.5
 
@@ -249,12 +257,14 @@ def _register(
         client.update_model_version(name, str(version), description=card(f"models:/{name}/{version}"))
         client.delete_model_version_tag(name, str(version), names.REGISTERING)  # complete: now it may get aliases
         _wait_for_turn(client, name, version, log)
-        promote, reason = promotion(scores, _champion(client, name), rule)
+        champion = _champion(client, name)
+        promote, reason = promotion(scores, champion, rule)
         client.set_registered_model_alias(name, names.ALIAS_CANDIDATE, str(version))
         aliases = [names.ALIAS_CANDIDATE]
         if promote:
             client.set_registered_model_alias(name, names.ALIAS_CHAMPION, str(version))
             aliases.append(names.ALIAS_CHAMPION)
+            _mark_champion_run(client, name, version, champion and champion[0])
         client.set_model_version_tag(name, str(version), names.PROMOTION, reason)  # decided: the next one's turn
     except BaseException:  # interrupted or failed half-way: no version without its tags and aliases
         with suppress(Exception):

@@ -218,7 +218,8 @@ def runs_view() -> str:
     """The runs table's view (see RUNS_VIEW_KEY), as MLflow's "Share" button stores it."""
     import json
 
-    columns = [f"metrics.`{m}`" for m in RUNS_VIEW_METRICS] + [f"params.`{p}`" for p in RUNS_VIEW_PARAMS]
+    columns = [f"tags.`{names.CHAMPION}`"]
+    columns += [f"metrics.`{m}`" for m in RUNS_VIEW_METRICS] + [f"params.`{p}`" for p in RUNS_VIEW_PARAMS]
     return json.dumps(
         {
             "orderByKey": f"metrics.`{names.FINAL + names.TEST_ACCURACY}`",
