@@ -88,7 +88,7 @@ def find_run(client, reference: str, uri: str) -> str:
         client.search_runs([experiment.experiment_id], max_results=50_000, run_view_type=ViewType.ALL)
         if experiment
         else []
-    )  # fmt: skip  (a deleted run too: `_original` says it is deleted)
+    )  # a deleted run too: `_original` says it is deleted
     matches = {
         r.info.run_id: r.info.run_name
         for r in runs

@@ -69,6 +69,42 @@ def param_value(value: Any) -> str:
     return str(value)
 
 
+# The colours the UI draws runs in (MLflow's run colour tag; unset, it picks one by the run's id, and two of three
+# runs may share one): the 20 of Vega's category20, each new run one its 19 latest runs do not have.
+RUN_COLOURS = (
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+    "#aec7e8",
+    "#ffbb78",
+    "#98df8a",
+    "#ff9896",
+    "#c5b0d5",
+    "#c49c94",
+    "#f7b6d2",
+    "#c7c7c7",
+    "#dbdb8d",
+    "#9edae5",
+)
+MLFLOW_RUN_COLOR = "mlflow.runColor"
+
+
+def colour(client: MlflowClient, experiment_id: str) -> str:
+    """The colour of a new run: the first of RUN_COLOURS none of the experiment's latest 19 runs is drawn in."""
+    latest = client.search_runs(
+        [experiment_id], max_results=len(RUN_COLOURS) - 1, order_by=["attributes.start_time DESC"]
+    )
+    taken = {run.data.tags.get(MLFLOW_RUN_COLOR) for run in latest}
+    return next(c for c in RUN_COLOURS if c not in taken)
+
+
 @contextmanager
 def pipeline_run(params: config.Params, record: Mapping[str, Any]) -> Iterator[str]:
     """A new run of the pipeline's experiment for the length of the block, with every param and the training's
@@ -85,6 +121,7 @@ def pipeline_run(params: config.Params, record: Mapping[str, Any]) -> Iterator[s
     if first:
         tags[names.TRAINING_RUN] = first[0].info.run_id
     start = None if first else _ms(record["started"])  # the training is part of this run's time only the first time
+    tags[MLFLOW_RUN_COLOR] = colour(client, experiment.experiment_id)
     run = client.create_run(
         experiment.experiment_id,
         start_time=start,
