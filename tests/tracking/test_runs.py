@@ -13,7 +13,7 @@ def test_every_run_is_drawn_in_a_colour_none_of_its_19_latest_neighbours_has(loc
     client = MlflowClient()
     experiment = client.get_experiment_by_name(names.EXPERIMENT).experiment_id
     colours = []
-    for n in range(45):
+    for n in range(25):
         colours.append(runs.colour(client, experiment))
         client.create_run(experiment, start_time=1_000 * (n + 1), tags={runs.MLFLOW_RUN_COLOR: colours[-1]})
     assert all(len(set(colours[i : i + 20])) == 20 for i in range(len(colours) - 19))

@@ -6,7 +6,7 @@ import optuna
 import pytest
 
 from mnist_pipeline import config
-from mnist_pipeline.commands import search_space, tune
+from mnist_pipeline.commands import search_space, tune_study
 from mnist_pipeline.tracking import studies
 from tests.helpers import REPO_ROOT
 
@@ -69,10 +69,10 @@ def test_a_resumed_study_draws_new_params_instead_of_repeating_its_first_trials(
     storage = f"sqlite:///{tmp_path}/study.db"
     drawn = []
     for _ in range(2):  # the same command twice
-        study = tune.open_study("s", storage, search, seed=0)
+        study = tune_study.open_study("s", storage, search, seed=0)
         study.optimize(lambda trial: drawn.append(search.space[0].suggest(trial)) or 0.5, n_trials=3)
     assert len(set(drawn)) == 6, drawn
-    again = tune.open_study("fresh", storage, search, seed=0)  # a new study with the same seed: repeatable
+    again = tune_study.open_study("fresh", storage, search, seed=0)  # a new study with the same seed: repeatable
     again.optimize(lambda trial: search.space[0].suggest(trial) or 0.5, n_trials=3)
     assert [t.params["train.lr"] for t in again.get_trials()] == drawn[:3]
 

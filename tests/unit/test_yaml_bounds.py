@@ -14,7 +14,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mnist_pipeline import config
+from mnist_pipeline import config, yaml_files
 from mnist_pipeline.commands import search_space
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.ml import training
@@ -110,10 +110,10 @@ def test_any_alias_expansion_is_read_or_refused_by_its_size(levels, width):
     lines += [f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * width) + "]" for i in range(1, levels)]
     size = sum(sum(width**j for j in range(1, i + 2)) + 2 for i in range(levels)) + 1
     try:
-        value = config.load_yaml("\n".join(lines))
-        assert size <= config.MAX_YAML_NODES and len(value) == levels
-    except config.YamlBeyondBounds:
-        assert size > config.MAX_YAML_NODES or levels > config.MAX_YAML_DEPTH
+        value = yaml_files.load_yaml("\n".join(lines))
+        assert size <= yaml_files.MAX_YAML_NODES and len(value) == levels
+    except yaml_files.YamlBeyondBounds:
+        assert size > yaml_files.MAX_YAML_NODES or levels > yaml_files.MAX_YAML_DEPTH
 
 
 OVERCOMMIT = Path("/proc/sys/vm/overcommit_memory")

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from mnist_pipeline import config
+from mnist_pipeline import config, yaml_files
 from mnist_pipeline.errors import PipelineError
 
 # Keys a trial may set: what shapes the model and its training. Not the device, threads or process count (where it
@@ -138,13 +138,13 @@ def _label(choice: Any) -> Any:
 def load_search(path: Path, base: Mapping[str, Any], sets: list[str]) -> Search:
     """tune.yaml with the --set entries on top, every entry checked: a SpaceError before anything is created."""
     try:
-        raw = config.read_yaml_file(path)
+        raw = yaml_files.read_yaml_file(path)
     except FileNotFoundError:
         raise SpaceError(f"{path} is missing: it holds the search space (see the project's tune.yaml)") from None
     except config.ConfigError as exc:
         raise SpaceError(str(exc)) from None
     except yaml.YAMLError as exc:
-        raise SpaceError(config.yaml_problem(path, exc)) from None
+        raise SpaceError(yaml_files.yaml_problem(path, exc)) from None
     try:
         tune = TuneFile.model_validate(raw or {})
     except ValidationError as exc:
