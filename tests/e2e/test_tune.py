@@ -225,8 +225,9 @@ def test_a_bad_storage_is_one_line_and_creates_nothing(searched, http_mirror, tm
     for storage in (f"sqlite:///{tmp_path}/missing/folder/optuna.db", "nosuchdb://host/x", f"sqlite:///{damaged}"):
         out = run(repo, http_mirror, *tune_cmd("--trials", "1", "--storage", storage))
         assert out.returncode == 1, out.stderr
-        lines = out.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith(f"error: --storage {storage}: cannot open"), out.stderr
+        said, error = out.stderr.strip().splitlines()  # what it set out to do, then why it cannot
+        assert said == "reading the training digits and opening the study", out.stderr
+        assert error.startswith(f"error: --storage {storage}: cannot open"), out.stderr
     assert not (tmp_path / "missing").exists()
     assert damaged.read_bytes() == b"not a database" * 100
     assert len(tuner_runs(repo)) == runs_before  # no MLflow run either
