@@ -216,6 +216,7 @@ def test_a_tracking_server_lost_mid_run_keeps_the_training_and_the_next_repro_re
 # --- corrupt data ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # two pipelines: the default suite's budget
 def test_a_flipped_byte_in_the_data_is_caught_before_training_and_repro_restores_the_file(tmp_path, http_mirror,
                                                                                           mirror_md5):  # fmt: skip
     repo = make_repo(tmp_path, mirror_md5)
@@ -239,6 +240,7 @@ def test_a_flipped_byte_in_the_data_is_caught_before_training_and_repro_restores
     assert images.read_bytes() == good
 
 
+@pytest.mark.slow  # two pipelines: the default suite's budget
 def test_a_data_file_whose_header_lies_stops_the_download_stage_and_keeps_the_model(tmp_path, mirror_dir,
                                                                                    mirror_md5):  # fmt: skip
     """An IDX header declaring 2**31 x 2**31 x 4 images (the product wraps to 0 in int64), its checksum given in

@@ -42,6 +42,7 @@ def test_more_processes_than_cores_is_refused_in_one_line_before_any_starts(tmp_
     assert "epoch" not in out.stderr and not (repo / "models").exists()
 
 
+@pytest.mark.slow  # two ranks under torchrun, then one process: the default suite's budget
 def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, http_mirror, mirror_md5):
     """`dvc repro train` with train.nproc=2: torchrun starts two gloo ranks that each train on half of every
     batch of 64 (1000 digits: the last batch of 40 is split 20/20). Rank 0 alone logs and writes; the ranks end
