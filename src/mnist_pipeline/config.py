@@ -14,7 +14,7 @@ from typing import Annotated, Any, ClassVar, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from mnist_pipeline.datasets import FILE_NAMES, NAMES
+from mnist_pipeline.datasets import DATASETS, FILE_NAMES
 from mnist_pipeline.yaml_files import ConfigError, load_yaml, quoted, read_yaml_file, yaml_problem
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -53,7 +53,7 @@ MD5 = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
 
 class DataConfig(Section):
     SECTION = "data"
-    dataset: Literal[NAMES]
+    dataset: Literal[tuple(DATASETS)]
     expected_md5: dict[Literal[FILE_NAMES], MD5]
 
 

@@ -1,49 +1,21 @@
-"""The data sets the pipeline knows, all in MNIST's format.
-
-Their mirrors and the MD5s of their published ``.gz`` files are torchvision's: its dataset classes list them, and
-`catalogue` reads them there (importing torchvision, so only the download stage calls it). The MD5s of the
-decompressed content are ours: a mirror that recompresses the files (which changes the ``.gz`` bytes, not the data)
-is accepted on them.
-"""
+"""The data sets the pipeline knows, all in MNIST's format: their files, checksums and mirrors."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-NAMES = ("mnist", "fashion_mnist", "kmnist")
-FILE_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-TRAIN_FILE_NAMES = FILE_NAMES[:2]
-TEST_FILE_NAMES = FILE_NAMES[2:]
-# Where each data set is published: the source its MLflow dataset entries name.
-HOMEPAGES = {
-    "mnist": "http://yann.lecun.com/exdb/mnist/",
-    "fashion_mnist": "https://github.com/zalandoresearch/fashion-mnist",
-    "kmnist": "https://github.com/rois-codh/kmnist",
-}
-# MD5 of each decompressed file, in FILE_NAMES' order. Fashion-MNIST's: of the files as decompressed from Debian's
-# dataset-fashion-mnist package, which recompresses the published ones. KMNIST publishes only its .gz MD5s.
-CONTENT_MD5 = {
-    "mnist": (
-        "6bbc9ace898e44ae57da46a324031adb",
-        "a25bea736e30d166cdddb491f175f624",
-        "2646ac647ad5339dbf082846283269ea",
-        "27ae3e4e09519cfbb04c329615203637",
-    ),
-    "fashion_mnist": (
-        "f4a8712d7a061bf5bd6d2ca38dc4d50a",
-        "9018921c3c673c538a1fc5bad174d6f9",
-        "8181f5470baa50b63fa0f6fddb340f0a",
-        "15d484375f8d13e6eb1aabb0c3f46965",
-    ),
-}
-
 
 @dataclass(frozen=True)
 class IdxFile:
     name: str  # decompressed file name; the mirrors serve it as ``name + ".gz"``
-    gz_md5: str  # MD5 of the .gz as published ("" where none is known)
-    md5: str  # MD5 of the decompressed content ("" where none is known)
+    gz_md5: str  # MD5 of the original .gz as published
+    md5: str  # MD5 of the decompressed content ("" where only the .gz checksum is published)
     dataset: str = "mnist"
+
+
+def _files(dataset: str, checksums: tuple[tuple[str, str], ...]) -> tuple[IdxFile, ...]:
+    names = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+    return tuple(IdxFile(name, gz, raw, dataset) for name, (gz, raw) in zip(names, checksums, strict=True))
 
 
 @dataclass(frozen=True)
@@ -55,14 +27,51 @@ class Dataset:
     files: tuple[IdxFile, ...]
 
 
-def catalogue(name: str) -> Dataset:
-    """The data set ``name`` as torchvision lists it (mirrors, published .gz MD5s), with our content MD5s."""
-    from torchvision.datasets import KMNIST, MNIST, FashionMNIST
-
-    source = {"mnist": MNIST, "fashion_mnist": FashionMNIST, "kmnist": KMNIST}[name]
-    published = dict(source.resources)
-    content = CONTENT_MD5.get(name, ("",) * len(FILE_NAMES))
-    files = tuple(
-        IdxFile(file, published[f"{file}.gz"], md5, name) for file, md5 in zip(FILE_NAMES, content, strict=True)
-    )
-    return Dataset(name, tuple(source.mirrors), files)
+DATASETS = {
+    "mnist": Dataset(
+        "mnist",
+        ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"),
+        _files(
+            "mnist",
+            (
+                ("f68b3c2dcbeaaa9fbdd348bbdeb94873", "6bbc9ace898e44ae57da46a324031adb"),
+                ("d53e105ee54ea40749a09fcbcd1e9432", "a25bea736e30d166cdddb491f175f624"),
+                ("9fb629c4189551a2d022fa330f9573f3", "2646ac647ad5339dbf082846283269ea"),
+                ("ec29112dd5afa0611ce80d1b7f02629c", "27ae3e4e09519cfbb04c329615203637"),
+            ),
+        ),
+    ),
+    "fashion_mnist": Dataset(
+        "fashion_mnist",
+        ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
+        # Content MD5s: of the files as decompressed from Debian's dataset-fashion-mnist package, which recompresses
+        # the published ones (its .gz MD5s differ; the IDX files inside are the published data).
+        _files(
+            "fashion_mnist",
+            (
+                ("8d4fb7e6c68d591d4c3dfef9ec88bf0d", "f4a8712d7a061bf5bd6d2ca38dc4d50a"),
+                ("25c81989df183df01b3e8a0aad5dffbe", "9018921c3c673c538a1fc5bad174d6f9"),
+                ("bef4ecab320f06d8554ea6380940ec79", "8181f5470baa50b63fa0f6fddb340f0a"),
+                ("bb300cfdad3c16e7a12a480ee83cd310", "15d484375f8d13e6eb1aabb0c3f46965"),
+            ),
+        ),
+    ),
+    "kmnist": Dataset(
+        "kmnist",
+        ("https://codh.rois.ac.jp/kmnist/dataset/kmnist/", "http://codh.rois.ac.jp/kmnist/dataset/kmnist/"),
+        _files(
+            "kmnist",
+            (
+                ("bdb82020997e1d708af4cf47b453dcf7", ""),
+                ("e144d726b3acfaa3e44228e80efcd344", ""),
+                ("5c965bf0a639b31b8f53240b1b52f4d7", ""),
+                ("7320c461ea6c1c855c0b718fb2a4b134", ""),
+            ),
+        ),
+    ),
+}
+MNIST_FILES = DATASETS["mnist"].files
+DEFAULT_MIRRORS = DATASETS["mnist"].mirrors
+FILE_NAMES = tuple(f.name for f in MNIST_FILES)
+TRAIN_FILE_NAMES = tuple(name for name in FILE_NAMES if name.startswith("train-"))
+TEST_FILE_NAMES = tuple(name for name in FILE_NAMES if name.startswith("t10k-"))

@@ -15,7 +15,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from mnist_pipeline import config, datasets, names, network
+from mnist_pipeline import config, names, network
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.ml import data, runtime
 from mnist_pipeline.tracking import server, store
@@ -69,7 +69,7 @@ def _log_and_register(params: config.Params, result: Result, artifacts: list[str
     from mnist_pipeline.tracking import registry, runs
 
     dataset = params.data.dataset
-    source = datasets.HOMEPAGES[dataset]
+    source = data.DATASETS[dataset].mirrors[0]
     test = data.load_split(result.data, "test")
     sizes = len(data.read_idx(result.data / "train-labels-idx1-ubyte", 1)), len(test.labels)  # for the model card
     digits = (test.images[: params.export.parity_samples, None] / np.float32(255)).astype(np.float32)  # (N, 1, 28, 28)
