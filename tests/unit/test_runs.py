@@ -45,3 +45,32 @@ def test_the_record_dvc_hashes_holds_no_time_and_its_times_join_it_only_when_the
     alone = runs.read_record(tmp_path / "record.json", tmp_path / "times.json")
     assert alone["system"] == [] and alone["metrics"] == {} and alone["history"][0]["measured_at"] is None
     assert alone["history"][0]["test_accuracy"] == 0.9 and "holds no times of this training" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "times",
+    [
+        "[1, 2, 3]",  # not a mapping
+        "{",  # not JSON
+        '{"of": "ID", "started": "yesterday", "ended": 1, "metrics": {}, "system": [], "epochs": [{}]}',
+        '{"of": "ID", "started": 1, "ended": 2, "metrics": {}, "system": [], "epochs": [{}, {}]}',  # another length
+        '{"of": "ID", "started": 1, "ended": 2, "metrics": {}, "system": [{"time": 1}], "epochs": [{}]}',
+        '{"of": "ID", "started": 1, "ended": 2, "metrics": {"x": "y"}, "system": [], "epochs": [{}]}',
+    ],
+    ids=["a list", "not JSON", "a time of text", "other epochs", "a sample without values", "a metric of text"],
+)
+def test_times_that_are_damaged_or_made_by_hand_are_set_aside_in_one_note(tmp_path, capsys, times):
+    """The times file is no DVC output: whatever lies there leaves the run its epochs, never a traceback."""
+    import json
+
+    record = {"id": "ID", "tags": {}, "history": [{"epoch": 1, "train_loss": 0.5}]}
+    (tmp_path / "record.json").write_text(json.dumps(record))
+    (tmp_path / "times.json").write_text(times)
+    read = runs.read_record(tmp_path / "record.json", tmp_path / "times.json")
+    assert read["system"] == [] and read["history"][0] == {
+        "epoch": 1,
+        "train_loss": 0.5,
+        "seconds": None,
+        "measured_at": None,
+    }
+    assert "holds no times of this training" in capsys.readouterr().err

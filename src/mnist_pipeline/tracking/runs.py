@@ -308,14 +308,32 @@ def read_record(path: Path, times: Path | None = None) -> dict[str, Any]:
         raise PipelineError(
             f"{path} is not a training record written by the train stage; rerun `dvc repro -f train`"
         ) from None
-    try:
-        varying = json.loads(Path(times).read_text()) if times else {}
-    except (OSError, ValueError):
-        varying = {}
-    if varying.get("of") != record["id"]:
+    varying = _times_of(record, times) if times else None
+    if varying is None:
         print(f"note: {times} holds no times of this training: the run records it without times", file=sys.stderr)
         now = time.time()
         varying = {"started": now, "ended": now, "metrics": {}, "system": [], "epochs": [{}] * len(record["history"])}
     for epoch, epoch_times in zip(record["history"], varying["epochs"], strict=True):
-        epoch.update({"seconds": None, "measured_at": None, **epoch_times})
+        epoch.update({key: epoch_times.get(key) for key in ("seconds", "measured_at")})
     return {**record, **{key: varying[key] for key in ("started", "ended", "metrics", "system")}}
+
+
+def _times_of(record: Mapping[str, Any], path: Path) -> dict[str, Any] | None:
+    """The times in ``path`` when they are whole and this record's own (``of`` is its id), else None: the file is
+    not read by DVC, so anything may be there (another training's, a damaged or a hand-made one)."""
+    import json
+
+    try:
+        varying = json.loads(Path(path).read_text())
+        whole = (
+            varying["of"] == record["id"]
+            and all(isinstance(varying[key], (int, float)) for key in ("started", "ended"))
+            and all(isinstance(value, (int, float)) for value in varying["metrics"].values())
+            and all(isinstance(s["time"], (int, float)) and isinstance(s["values"], dict) for s in varying["system"])
+            and all(isinstance(s["rank"], int) for s in varying["system"])
+            and len(varying["epochs"]) == len(record["history"])
+            and all(isinstance(epoch, dict) for epoch in varying["epochs"])
+        )
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return varying if whole else None
