@@ -98,10 +98,10 @@ def _print(table: pd.DataFrame, fmt: str) -> None:
     else:
         with pd.option_context("display.width", 200, "display.max_columns", None, "display.max_colwidth", 40):
             print(for_people(table).to_string(index=False))
-        for line in ui_links(table):
-            print(line)
         if reproduced := table.attrs.get("reproductions"):
             print(f"(and {reproduced} runs of `mnist-pipeline reproduce`, each under the run it reproduces)")
+        for line in ui_links(table):  # last: where to look further
+            print(line)
 
 
 SIDE_BY_SIDE = 10  # runs the UI's compare page is given: the best ones of the table
