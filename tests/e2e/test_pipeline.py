@@ -519,6 +519,8 @@ def test_every_ui_link_opens_the_model_training_view_where_runs_read_apart(pipel
     assert positions == sorted(positions), [r.info.run_name for r in best_first]
     for r in chosen:
         assert str(int(r.data.metrics["final_test_errors"])) in table
+    assert "champion" in shown and "mnist-cnn v" in table  # the run that holds the champion, marked
+    assert "repro-" not in table  # reproductions left out by the view's filter (they repeat a run's figures)
     # the chart view: each run's accuracy in percent reads apart at the charts' two places; no chart per
     # distortion, none of a metric constant by construction
     charts = texts["chart view"]

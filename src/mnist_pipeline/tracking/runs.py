@@ -261,6 +261,9 @@ def runs_view() -> str:
         {
             "orderByKey": f"metrics.`{names.FINAL + names.TEST_ACCURACY}`",
             "orderByAsc": False,
+            # Reproductions repeat a run's figures (MLflow nests them under it only in a table sorted by time): the
+            # filter, shown in the search box, leaves them out; clearing it shows them.
+            "searchFilter": f"tags.`{names.REPRODUCES}` IS NULL",
             "selectedColumns": columns,
             "columnOrder": columns,  # as listed, not alphabetically
         }
