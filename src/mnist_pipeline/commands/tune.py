@@ -145,7 +145,7 @@ def _objective(search: Search, base, tracking: studies.Tracking, train_data, val
         values = {dimension.key: dimension.suggest(trial) for dimension in search.space}
         trial_params = with_params(base, {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()})
         run_id = tracking.start_trial(trial.number, trial_params)
-        shown = ", ".join(f"{d.key}={_short(d.value(trial.params))}" for d in search.space if d.key in trial.params)
+        shown = _drawn(search, trial)
         print(f"trial {trial.number}: training [{shown}]", file=sys.stderr, flush=True)
         trial.set_user_attr("mlflow_run_id", run_id)
         trial.set_user_attr("worker", tracking.owner)  # which process ran it (several may share a study)
@@ -235,7 +235,7 @@ def _progress(options: Options, search: Search, tracking: studies.Tracking):
         outcome = (
             f"validation accuracy {100 * trial.value:.2f}%" if trial.value is not None else trial.state.name.lower()
         )
-        shown = ", ".join(f"{d.key}={_short(d.value(trial.params))}" for d in search.space if d.key in trial.params)
+        shown = _drawn(search, trial)
         best_text = f"best {100 * best.value:.2f}% (trial {best.number})" if best else "no trial finished yet"
         if best is not None:
             tracking.log_best(best.value, finished)
@@ -247,6 +247,11 @@ def _progress(options: Options, search: Search, tracking: studies.Tracking):
         )
 
     return progress
+
+
+def _drawn(search: Search, trial) -> str:
+    """A trial's drawn params as the progress lines show them: ``train.lr=0.003, ...``."""
+    return ", ".join(f"{d.key}={_short(d.value(trial.params))}" for d in search.space if d.key in trial.params)
 
 
 def _short(value: Any) -> str:
